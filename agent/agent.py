@@ -1,0 +1,203 @@
+"""The agent: config and plugins in, a running classification loop out.
+
+Start order: plugins configured -> model loaded with the delegate -> one warm-up inference
+(the agent is "ready" only after it) -> sinks opened -> source started -> loop running ->
+``edgefleet_start``. Stop order is the reverse, bounded so a SIGTERM ends within 2 s.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import types
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from edgefleet import __version__, logs
+from edgefleet.classifier import Classifier, load_classifier
+from edgefleet.config import AgentConfig
+from edgefleet.delegates import Delegate
+from edgefleet.errors import ModelError, UserError
+from edgefleet.factory import factory_model_path
+from edgefleet.pipeline import LoopSettings, Pipeline
+from edgefleet.pluginmanager import Plugins
+from edgefleet.registry import PluginConfig
+from edgefleet.sinks import Sink
+from edgefleet.sources import Source
+from edgefleet.stats import LoopStats
+
+log = structlog.get_logger(__name__)
+STOP_BUDGET_S = 1.8
+
+
+class Agent:
+    """One device's classification agent."""
+
+    def __init__(
+        self, config: AgentConfig, plugins: Plugins, extra_sinks: Sequence[Sink] = ()
+    ) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.boot_id = uuid.uuid4().hex
+        self.extra_sinks = list(extra_sinks)
+        self.stop_requested = threading.Event()
+        self.pipeline: Pipeline | None = None
+        self.source_choice: dict[str, Any] = {}
+        self.sinks: list[Sink] = []
+        self.delegate: Delegate | None = None
+        self.ready_at: float | None = None
+        self._started = False
+        self.on_ready: list[Callable[[Agent], None]] = []
+
+    # -- building blocks ---------------------------------------------------------------
+    def model_path(self) -> Path:
+        return self.config.core.model.path or factory_model_path()
+
+    def make_delegate(self) -> Delegate:
+        delegate: Delegate = self.plugins.registries.delegates.create(self.config.delegate)
+        available = delegate.availability()
+        if not available.ok:
+            raise UserError(f"delegate {self.config.delegate.type}: {available.reason}")
+        return delegate
+
+    def load_model(self, delegate: Delegate) -> Classifier:
+        model = self.config.core.model
+        classifier = load_classifier(
+            self.model_path(), delegate, labels_file=model.labels, crop=model.crop == "center"
+        )
+        # The first inference proves the model runs here; "ready" means exactly that.
+        h, w = classifier.input_shape
+        scores = classifier.classify(np.full((h, w, 3), 127, dtype=np.uint8))
+        if not np.all(np.isfinite(scores)):
+            raise ModelError(f"{classifier.info.path}: warm-up inference gave non-finite output")
+        return classifier
+
+    def resolve_source_config(self) -> PluginConfig:
+        section = self.config.source
+        if section.type != "auto":
+            self.source_choice = {"type": section.type, "reason": "configured"}
+            return section
+        offers = self.plugins.offer_sources()
+        chosen = self.plugins.choose_source(offers, section)
+        if chosen is None:
+            raise UserError("source auto: no source available and no fallback configured")
+        registry = self.plugins.registries.sources
+        entry = registry.get(str(chosen.section.get("type")))
+        if entry is None or entry.type == "auto":
+            raise UserError(f"source auto: chosen type {chosen.section.get('type')!r} unknown")
+        resolved = entry.config_model.model_validate(chosen.section)
+        self.source_choice = {
+            "type": resolved.type,
+            "reason": chosen.reason,
+            "score": chosen.score,
+            "offers": [
+                {"type": o.section.get("type"), "score": o.score, "reason": o.reason}
+                for o in offers
+            ],
+        }
+        log.info("source chosen", **self.source_choice)
+        return resolved
+
+    def make_source(self) -> Source:
+        source: Source = self.plugins.registries.sources.create(self.resolve_source_config())
+        return source
+
+    def make_sinks(self) -> list[Sink]:
+        sinks: list[Sink] = [self.plugins.registries.sinks.create(s) for s in self.config.sinks]
+        return sinks + self.extra_sinks
+
+    # -- lifecycle ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Load, warm up and start the loop; raises UserError when the agent cannot start."""
+        core = self.config.core
+        logs.bind_global(device_id=core.device.id)
+        self.plugins.configure(self.config)
+        self.delegate = self.make_delegate()
+        classifier = self.load_model(self.delegate)
+        logs.bind_global(model=classifier.info.name, model_version=classifier.info.version)
+        source = self.make_source()
+        self.sinks = self.make_sinks()
+        context = {
+            "device_id": core.device.id,
+            "boot_id": self.boot_id,
+            "model": classifier.info.describe(),
+            "agent_version": __version__,
+        }
+        for sink in self.sinks:
+            sink.open(context)
+        settings = LoopSettings(
+            top_k=core.model.top_k, threshold=core.model.threshold, fps_cap=core.loop.fps_cap
+        )
+        self.pipeline = Pipeline(
+            source=source,
+            classifier=classifier,
+            sinks=self.sinks,
+            filters=self.plugins.result_filters(self.config),
+            settings=settings,
+            stats=LoopStats(core.loop.stats_window),
+            boot_id=self.boot_id,
+        )
+        self.pipeline.start()
+        self.ready_at = time.monotonic()
+        self._started = True
+        log.info(
+            "agent running",
+            agent_version=__version__,
+            boot_id=self.boot_id,
+            model_path=str(classifier.info.path),
+            sha256=classifier.info.sha256[:16],
+            delegate=classifier.delegate,
+            source=self.source_choice.get("type"),
+        )
+        self.plugins.lifecycle("edgefleet_start", self)
+        for callback in self.on_ready:
+            callback(self)
+
+    def stop(self) -> None:
+        """Stop the loop, tell the plugins, flush and close sinks; idempotent."""
+        if not self._started:
+            return
+        self._started = False
+        if self.pipeline is not None:
+            self.pipeline.stop(timeout=STOP_BUDGET_S / 2)
+        self.plugins.lifecycle("edgefleet_stop", self)
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - close the others regardless
+                log.warning("sink close failed", sink=sink.name, error=str(exc))
+        log.info("agent stopped", results=self.pipeline.stats.inferences if self.pipeline else 0)
+
+    def run(self, duration: float | None = None, install_signals: bool = True) -> int:
+        """Start, serve until a signal, the end of the input or ``duration``; then stop."""
+        if install_signals:
+            self._install_signals()
+        self.start()
+        deadline = time.monotonic() + duration if duration else None
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise RuntimeError("start() returned without a pipeline")
+        try:
+            while not self.stop_requested.is_set():
+                if pipeline.finished.is_set():
+                    log.info("input ended")
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                self.stop_requested.wait(0.2)
+        finally:
+            self.stop()
+        return 0
+
+    def _install_signals(self) -> None:
+        def handler(signum: int, _frame: types.FrameType | None) -> None:
+            log.info("signal received, stopping", signal=signal.Signals(signum).name)
+            self.stop_requested.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

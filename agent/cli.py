@@ -1,0 +1,252 @@
+"""The ``edgefleet`` command line.
+
+User errors (bad config, missing model, unusable input) print one line per problem and
+exit 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgefleet import __version__, logs
+from edgefleet.errors import ConfigError, UserError
+
+DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+def _config_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("EDGEFLEET_CONFIG") or DEFAULT_CONFIG)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edgefleet.config import load_config
+    from edgefleet.pluginmanager import make_plugin_manager
+
+    path = Path(args.file)
+    plugins = make_plugin_manager()
+    config = load_config(path, plugins.registries)
+    # A second pass honours the file's own block list, as `run` will.
+    if config.core.plugins.block:
+        plugins = make_plugin_manager(block=config.core.plugins.block)
+        load_config(path, plugins.registries)
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from edgefleet.pluginmanager import make_plugin_manager
+    from rich.console import Console
+    from rich.table import Table
+
+    block: list[str] = []
+    if args.config:
+        from edgefleet.config import load_config
+
+        config = load_config(Path(args.config), make_plugin_manager().registries)
+        block = config.core.plugins.block
+    plugins = make_plugin_manager(block=block)
+    console = Console(width=max(100, Console().width))
+    table = Table(title="edgefleet plugins")
+    for column in ("plugin", "origin", "status", "provides", "hooks"):
+        table.add_column(column)
+    provided: dict[str, list[str]] = {}
+    for registry in (
+        plugins.registries.sources,
+        plugins.registries.delegates,
+        plugins.registries.sinks,
+    ):
+        for entry in registry.entries():
+            provided.setdefault(entry.plugin, []).append(f"{registry.kind}:{entry.type}")
+    for record in plugins.records:
+        status = record.status if not record.error else f"{record.status}: {record.error}"
+        table.add_row(
+            record.name,
+            record.origin,
+            status,
+            ", ".join(provided.get(record.name, [])),
+            ", ".join(h.removeprefix("edgefleet_") for h in record.hooks),
+        )
+    console.print(table)
+    failed = [r for r in plugins.records if r.status == "failed"]
+    if failed:
+        console.print(f"{len(failed)} plugin(s) failed to load; the agent runs without them.")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgefleet.agent import Agent
+    from edgefleet.config import load_config
+    from edgefleet.pluginmanager import make_plugin_manager
+
+    path = _config_path(args.config)
+    config = load_config(path, make_plugin_manager().registries)
+    logs.configure(config.core.logging.level, config.core.logging.format)
+    plugins = make_plugin_manager(block=config.core.plugins.block)
+    config = load_config(path, plugins.registries)
+    return Agent(config, plugins).run(duration=args.duration)
+
+
+def _iter_inputs(inputs: list[str]) -> Iterator[Path]:
+    from edgefleet_plugins.sources.images import IMAGE_SUFFIXES, list_images
+
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            yield from list_images(str(path))
+        elif path.suffix.lower() in VIDEO_SUFFIXES or path.suffix.lower() in IMAGE_SUFFIXES:
+            yield path
+        elif path.exists():
+            yield path  # let the decoder say what is wrong with it
+        else:
+            matches = list_images(raw)
+            if not matches:
+                print(f"error: {raw}: no such file", file=sys.stderr)
+            yield from matches
+
+
+def _video_frames(path: Path, every: int) -> Iterator[tuple[int, Any]]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"{path}: cannot open video")
+    index = 0
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            if index % every == 0:
+                yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+    if index == 0:
+        raise ValueError(f"{path}: no decodable frames")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from edgefleet.classifier import load_classifier
+    from edgefleet.factory import factory_model_path
+    from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
+    from edgefleet_plugins.sources.images import decode_image
+
+    model = Path(args.model) if args.model else factory_model_path()
+    delegate = CpuDelegate(CpuConfig(threads=args.threads))
+    classifier = load_classifier(model, delegate, labels_file=args.labels)
+    failures = 0
+    seen = 0
+
+    def emit(record: dict[str, Any], image: Any) -> None:
+        started = time.perf_counter()
+        scores = classifier.classify(image)
+        top = classifier.top(scores, args.top_k)
+        record["top"] = [
+            {"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in top
+        ]
+        record["ms"] = round((time.perf_counter() - started) * 1e3, 3)
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+
+    for path in _iter_inputs(args.inputs):
+        seen += 1
+        try:
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                for index, frame in _video_frames(path, args.every):
+                    emit({"input": str(path), "frame": index}, frame)
+            else:
+                emit({"input": str(path)}, decode_image(path))
+        except ValueError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    if seen == 0:
+        raise UserError("no inputs to classify")
+    return 1 if failures else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgefleet.demo import run_demo
+
+    return run_demo(duration=args.duration)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from edgefleet.config import json_schema
+    from edgefleet.pluginmanager import make_plugin_manager
+
+    text = json.dumps(json_schema(make_plugin_manager().registries), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgefleet", description="Edge vision agent for fleets of Pi and Coral devices."
+    )
+    parser.add_argument("--version", action="version", version=f"edgefleet {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the agent (the daemon)")
+    run.add_argument(
+        "-c", "--config", help=f"config file (default $EDGEFLEET_CONFIG or {DEFAULT_CONFIG})"
+    )
+    run.add_argument("--duration", type=float, help="stop after this many seconds")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate a config file (exit 0 when valid)")
+    check.add_argument("file")
+    check.set_defaults(func=cmd_check_config)
+
+    plugins = sub.add_parser("plugins", help="list plugins, what they provide, load failures")
+    plugins.add_argument("-c", "--config", help="apply this config's block list")
+    plugins.set_defaults(func=cmd_plugins)
+
+    classify = sub.add_parser("classify", help="classify images, folders or videos (JSON lines)")
+    classify.add_argument("inputs", nargs="+", metavar="INPUT")
+    classify.add_argument("--model", help="model file (default: the factory model)")
+    classify.add_argument("--labels", type=Path, help="labels file overriding embedded labels")
+    classify.add_argument("--top-k", type=int, default=5)
+    classify.add_argument("--threads", type=int, default=None)
+    classify.add_argument("--every", type=int, default=1, help="video: every Nth frame")
+    classify.set_defaults(func=cmd_classify)
+
+    demo = sub.add_parser("demo", help="classify the bundled sample photos live")
+    demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
+    demo.set_defaults(func=cmd_demo)
+
+    schema = sub.add_parser("schema", help="print the config JSON schema")
+    schema.add_argument("--out", help="write to this file")
+    schema.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Until `run` reads its config, log to stderr: stdout carries results.
+    logs.configure("info" if args.command in ("run", "demo") else "warning")
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

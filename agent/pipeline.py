@@ -1,0 +1,260 @@
+"""The classification loop: capture and preprocessing overlap inference.
+
+Two threads besides the source's own capture thread:
+
+* ``prepare`` takes the newest frame from the source, crops/resizes/converts it into a
+  buffer from a small pool and puts it in a one-slot mailbox (latest wins, drops counted);
+* ``infer`` copies the prepared buffer into the interpreter, returns the buffer to its pool,
+  invokes (the runtime releases the GIL), reads top-k and hands the result to the filters
+  and sinks.
+
+So while frame N is inferred, frame N+1 is already being captured and prepared. The
+classifier can be swapped between two frames (``swap``); a buffer prepared for the old
+model is dropped, never fed to the new one.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+from edgefleet.classifier import Classifier
+from edgefleet.frames import Frame, LatestSlot
+from edgefleet.results import Result, ResultFilter
+from edgefleet.sinks import Sink
+from edgefleet.sources import Source
+from edgefleet.stats import LoopStats
+
+log = structlog.get_logger(__name__)
+POOL_SIZE = 3  # one being written, one waiting in the slot, one being copied in
+
+
+class _BufferPool:
+    def __init__(self, classifier: Classifier) -> None:
+        self.classifier = classifier
+        self._free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()
+        for _ in range(POOL_SIZE):
+            self._free.put(classifier.preprocessor.new_buffer())
+
+    def acquire(self) -> np.ndarray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            return self.classifier.preprocessor.new_buffer()
+
+    def release(self, buffer: np.ndarray) -> None:
+        self._free.put(buffer)
+
+
+@dataclass(slots=True)
+class _Prepared:
+    buffer: np.ndarray
+    pool: _BufferPool
+    frame: Frame
+    preprocess_s: float
+
+
+@dataclass
+class LoopSettings:
+    """Knobs the loop reads per frame; may be changed at run time (remote ``set``)."""
+
+    top_k: int = 5
+    threshold: float = 0.0
+    fps_cap: float | None = None
+    paused: bool = False
+
+
+class Pipeline:
+    """Runs source -> prepare -> infer -> filters -> sinks until stopped or the input ends."""
+
+    def __init__(
+        self,
+        source: Source,
+        classifier: Classifier,
+        sinks: Sequence[Sink],
+        filters: Sequence[ResultFilter] = (),
+        settings: LoopSettings | None = None,
+        stats: LoopStats | None = None,
+        boot_id: str | None = None,
+        on_result: Callable[[Result], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sinks = list(sinks)
+        self.filters = list(filters)
+        self.settings = settings or LoopSettings()
+        self.stats = stats or LoopStats()
+        self.boot_id = boot_id or uuid.uuid4().hex
+        self.on_result = on_result
+        self._pool = _BufferPool(classifier)
+        self._slot: LatestSlot[_Prepared] = LatestSlot()
+        self._stop = threading.Event()
+        self.finished = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._seq = 0
+        self.last_progress = time.monotonic()
+        self.last_frame: Frame | None = None
+        self.last_result: Result | None = None
+        self._errors_logged = 0
+
+    @property
+    def classifier(self) -> Classifier:
+        return self._pool.classifier
+
+    @property
+    def dropped(self) -> int:
+        """Frames that never reached the model: displaced at the source or after preparing."""
+        return self.source.status().dropped + self._slot.stats.dropped
+
+    def swap(self, classifier: Classifier) -> None:
+        """Serve ``classifier`` from the next frame on; the loop does not pause."""
+        self._pool = _BufferPool(classifier)
+
+    def start(self) -> None:
+        self.source.start()
+        for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self, timeout: float = 1.5) -> None:
+        """Stop all threads; the frame in flight is finished or dropped."""
+        self._stop.set()
+        self._slot.close()
+        self.source.stop()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self.finished.set()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    # -- prepare thread --------------------------------------------------------------
+    def _prepare_loop(self) -> None:
+        while not self._stop.is_set():
+            frame = self.source.get(timeout=0.1)
+            if frame is None:
+                if self.source.ended:
+                    break
+                continue
+            pool = self._pool
+            buffer = pool.acquire()
+            started = time.perf_counter()
+            try:
+                pool.classifier.preprocessor(frame.image, buffer)
+            except (ValueError, RuntimeError) as exc:
+                pool.release(buffer)
+                self._count_error("bad frame skipped", exc, origin=frame.origin)
+                continue
+            elapsed = time.perf_counter() - started
+            displaced = self._slot.put(_Prepared(buffer, pool, frame, elapsed))
+            if displaced is not None:
+                displaced.pool.release(displaced.buffer)
+        self._slot.close()
+
+    # -- infer thread ----------------------------------------------------------------
+    def _infer_loop(self) -> None:
+        next_due = 0.0
+        while not self._stop.is_set():
+            item = self._slot.take(timeout=0.1)
+            if item is None:
+                if self._slot.closed:
+                    break
+                continue
+            if self.settings.paused:
+                item.pool.release(item.buffer)
+                self.last_progress = time.monotonic()
+                continue
+            self._infer_one(item)
+            cap = self.settings.fps_cap
+            if cap:
+                next_due = max(next_due + 1.0 / cap, time.monotonic() - 1.0 / cap)
+                delay = next_due - time.monotonic()
+                if delay > 0 and self._stop.wait(delay):
+                    break
+        self.finished.set()
+
+    def _infer_one(self, item: _Prepared) -> None:
+        classifier = self._pool.classifier
+        if item.pool.classifier is not classifier:
+            self.stats.stale_dropped += 1  # prepared for a model that was swapped out
+            return
+        t0 = time.perf_counter()
+        try:
+            classifier.set_input(item.buffer)
+            item.pool.release(item.buffer)
+            scores = classifier.invoke()
+        except (ValueError, RuntimeError) as exc:
+            self.stats.errors += 1
+            self._count_error("inference failed", exc)
+            return
+        t1 = time.perf_counter()
+        settings = self.settings
+        top = classifier.top(scores, settings.top_k, settings.threshold)
+        frame = item.frame
+        info = classifier.info
+        result = Result(
+            seq=0,
+            boot_id=self.boot_id,
+            ts=time.time(),
+            model=info.name,
+            model_version=info.version,
+            top=top,
+            timings_ms={},
+            frame=frame.index,
+            origin=frame.origin,
+        )
+        t2 = time.perf_counter()
+        result.timings_ms = {
+            "capture_wait": frame.capture_wait * 1e3,
+            "preprocess": item.preprocess_s * 1e3,
+            "inference": (t1 - t0) * 1e3,
+            "postprocess": (t2 - t1) * 1e3,
+            "total": (time.monotonic() - frame.captured) * 1e3,
+        }
+        self.last_frame = frame
+        self.last_progress = time.monotonic()
+        self.stats.record(result.timings_ms)
+        self._deliver(result)
+
+    def _deliver(self, result: Result) -> None:
+        passed = result
+        for fltr in self.filters:
+            try:
+                filtered = fltr(passed)
+            except Exception as exc:  # noqa: BLE001 - a plugin filter must not stop the loop
+                self._count_error("result filter failed", exc)
+                continue
+            if filtered is None:
+                self.stats.vetoed += 1
+                return
+            passed = filtered
+        # seq counts delivered results only, so sinks see no gaps from vetoes.
+        self._seq += 1
+        passed.seq = self._seq
+        self.last_result = passed
+        for sink in self.sinks:
+            try:
+                sink.emit(passed)
+            except Exception as exc:  # noqa: BLE001 - one sink failing must not stop the others
+                self.stats.sink_errors += 1
+                self._count_error("sink failed", exc, sink=sink.name)
+        if self.on_result is not None:
+            self.on_result(passed)
+
+    def _count_error(self, message: str, exc: BaseException, **fields: object) -> None:
+        # Log the first few in full, then every 100th, so a broken camera cannot flood journald.
+        self._errors_logged += 1
+        if self._errors_logged <= 5 or self._errors_logged % 100 == 0:
+            log.warning(
+                message,
+                error=f"{type(exc).__name__}: {exc}",
+                occurrences=self._errors_logged,
+                **fields,
+            )

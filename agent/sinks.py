@@ -1,0 +1,28 @@
+"""The result-sink interface. The loop calls ``emit`` per result, directly."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from edgefleet.results import Result
+
+
+class Sink(ABC):
+    """Where results go. ``emit`` runs on the loop thread: keep it short, never block long."""
+
+    name: str = "sink"
+
+    def open(self, context: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """Called once before the first result with device/model context."""
+
+    @abstractmethod
+    def emit(self, result: Result) -> None:
+        """Take one result."""
+
+    def flush(self) -> None:  # noqa: B027 - optional
+        """Push out anything buffered."""
+
+    def close(self) -> None:
+        """Flush and release resources; idempotent."""
+        self.flush()

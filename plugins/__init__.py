@@ -1,0 +1,1 @@
+"""Built-in edgefleet plugins, loaded through the ``edgefleet.plugins`` entry-point group."""

@@ -1,0 +1,65 @@
+"""Deterministic generated frames: the default for tests and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from edgefleet.hookspecs import hookimpl
+from edgefleet.registry import PluginConfig, Registry
+from edgefleet.sourceoffers import SourceOffer
+from edgefleet.sources import EndOfStream, ThreadedSource
+from pydantic import Field
+
+
+class SyntheticConfig(PluginConfig):
+    """``source: {type: synthetic}``: moving gradients, identical for the same seed."""
+
+    type: Literal["synthetic"] = "synthetic"
+    width: int = Field(default=640, ge=8, le=8192)
+    height: int = Field(default=480, ge=8, le=8192)
+    fps: float | None = Field(default=30.0, gt=0, description="null = as fast as consumed")
+    frames: int | None = Field(default=None, ge=1, description="stop after this many")
+    seed: int = 0
+    variants: int = Field(default=8, ge=1, le=256, description="distinct frames in the cycle")
+
+
+class SyntheticSource(ThreadedSource):
+    def __init__(self, config: SyntheticConfig) -> None:
+        super().__init__("synthetic", fps=config.fps)
+        self.config = config
+        self._frames: list[np.ndarray] = []
+        self._n = 0
+
+    def open(self) -> None:
+        if self._frames:
+            return
+        cfg = self.config
+        rng = np.random.default_rng(cfg.seed)
+        ys = np.linspace(0, 1, cfg.height, dtype=np.float32)[:, None]
+        xs = np.linspace(0, 1, cfg.width, dtype=np.float32)[None, :]
+        for _ in range(cfg.variants):
+            a, b, c = rng.uniform(0.5, 6.0, 3)
+            phase = rng.uniform(0, 2 * np.pi, 3)
+            r = np.sin(a * xs * np.pi + phase[0]) * np.cos(b * ys * np.pi)
+            g = np.sin(b * ys * np.pi + phase[1]) + 0 * xs
+            bl = np.cos(c * (xs + ys) * np.pi + phase[2])
+            img = np.stack([r + 0 * ys, g, bl + 0 * ys], axis=-1)
+            self._frames.append(((img + 1.0) * 127.5).clip(0, 255).astype(np.uint8))
+
+    def read(self) -> tuple[np.ndarray, str]:
+        if self.config.frames is not None and self._n >= self.config.frames:
+            raise EndOfStream
+        frame = self._frames[self._n % len(self._frames)]
+        self._n += 1
+        return frame, f"synthetic:{(self._n - 1) % len(self._frames)}"
+
+
+@hookimpl
+def edgefleet_register_sources(registry: Registry[Any]) -> None:
+    registry.add("synthetic", SyntheticConfig, SyntheticSource, "generated test frames")
+
+
+@hookimpl
+def edgefleet_offer_sources() -> list[SourceOffer]:
+    return [SourceOffer({"type": "synthetic"}, 1, "always available (generated frames)")]

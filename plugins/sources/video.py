@@ -1,0 +1,70 @@
+"""A video file through OpenCV, at its own frame rate, once or looping."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from edgefleet.errors import SourceError
+from edgefleet.hookspecs import hookimpl
+from edgefleet.registry import PluginConfig, Registry
+from edgefleet.sources import EndOfStream, ThreadedSource
+from pydantic import Field
+
+
+class VideoConfig(PluginConfig):
+    """``source: {type: video, path: FILE}``."""
+
+    type: Literal["video"] = "video"
+    path: Path
+    loop: bool = False
+    fps: float | None = Field(default=None, gt=0, description="null = the file's own rate")
+    realtime: bool = Field(default=True, description="false = as fast as consumed")
+
+
+class VideoSource(ThreadedSource):
+    def __init__(self, config: VideoConfig) -> None:
+        super().__init__("video", fps=config.fps)
+        self.config = config
+        self._cap: Any = None
+
+    def open(self) -> None:
+        path = self.config.path
+        if not path.is_file():
+            raise SourceError(f"video file not found: {path}")
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video {path}")
+        self._cap = cap
+        if self.config.realtime and self.config.fps is None:
+            native = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+            self._fps = native if 0 < native < 1000 else 30.0
+        elif not self.config.realtime:
+            self._fps = None
+        self._status.detail["path"] = str(path)
+
+    def read(self) -> tuple[np.ndarray, str]:
+        ok, bgr = self._cap.read()
+        if not ok:
+            if not self.config.loop:
+                raise EndOfStream
+            self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+            ok, bgr = self._cap.read()
+            if not ok:
+                raise SourceError(f"cannot read frames from {self.config.path}")
+        index = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES))
+        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return rgb, f"{self.config.path.name}#{index}"
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
+
+
+@hookimpl
+def edgefleet_register_sources(registry: Registry[Any]) -> None:
+    registry.add("video", VideoConfig, VideoSource, "a video file (OpenCV)")

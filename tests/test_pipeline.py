@@ -1,0 +1,146 @@
+"""The loop: results carry seq and timings; drops counted; filters; sinks isolated; swap."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from edgefleet.classifier import Classifier, load_classifier
+from edgefleet.factory import factory_model_path
+from edgefleet.pipeline import LoopSettings, Pipeline
+from edgefleet.results import Result
+from edgefleet.sinks import Sink
+from edgefleet_plugins.delegates.cpu import CpuDelegate
+from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
+
+
+class Collect(Sink):
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.results: list[Result] = []
+        self.event = threading.Event()
+        self.want = 0
+
+    def emit(self, result: Result) -> None:
+        self.results.append(result)
+        if len(self.results) >= self.want:
+            self.event.set()
+
+
+class Broken(Sink):
+    name = "broken"
+
+    def emit(self, result: Result) -> None:
+        raise OSError("disk full")
+
+
+def _run(pipeline: Pipeline, sink: Collect, count: int, limit: float = 20.0) -> None:
+    sink.want = count
+    pipeline.start()
+    try:
+        assert sink.event.wait(limit), f"only {len(sink.results)} results"
+    finally:
+        pipeline.stop()
+
+
+def test_results_carry_seq_timings_and_model(classifier: Classifier) -> None:
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=40, width=320, height=240))
+    pipeline = Pipeline(source, classifier, [sink, Broken()], settings=LoopSettings(top_k=3))
+    _run(pipeline, sink, 15)
+    results = sink.results
+    assert [r.seq for r in results] == list(range(1, len(results) + 1))
+    assert len({r.boot_id for r in results}) == 1
+    first = results[0]
+    assert first.model == "efficientnet-lite0"
+    assert len(first.top) == 3
+    assert set(first.timings_ms) == {
+        "capture_wait",
+        "preprocess",
+        "inference",
+        "postprocess",
+        "total",
+    }
+    assert first.timings_ms["inference"] > 0
+    assert first.timings_ms["total"] >= first.timings_ms["inference"]
+    assert all(0 <= t.score <= 1 for r in results for t in r.top)
+    # The broken sink failed every time and never stopped the loop.
+    assert pipeline.stats.sink_errors == len(results)
+    snap = pipeline.stats.snapshot()
+    assert snap["inferences"] >= 15
+    assert set(snap["latency_ms"]["inference"]) == {"p50", "p90", "p99", "max"}
+    assert snap["fps"] > 0
+
+
+def test_drops_counted_when_model_is_slower_than_source(classifier: Classifier) -> None:
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
+    pipeline = Pipeline(source, classifier, [sink])
+    _run(pipeline, sink, 20)
+    assert pipeline.dropped > 0
+    # Latest wins: the frames that were inferred are recent, not a backlog.
+    assert max(r.timings_ms["total"] for r in sink.results[5:]) < 1000
+
+
+def test_fps_cap(classifier: Classifier) -> None:
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=None, width=64, height=64))
+    pipeline = Pipeline(source, classifier, [sink], settings=LoopSettings(fps_cap=10))
+    pipeline.start()
+    time.sleep(1.05)
+    pipeline.stop()
+    assert 8 <= len(sink.results) <= 13
+
+
+def test_filters_enrich_and_veto(classifier: Classifier) -> None:
+    def enrich(result: Result) -> Result:
+        result.extra["site"] = "lab"
+        return result
+
+    def veto_odd_frames(result: Result) -> Result | None:
+        return result if result.frame % 2 == 0 else None
+
+    def explode(result: Result) -> Result:
+        raise RuntimeError("filter bug")
+
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=30, width=64, height=64))
+    pipeline = Pipeline(source, classifier, [sink], filters=[enrich, explode, veto_odd_frames])
+    _run(pipeline, sink, 6)
+    assert all(r.frame % 2 == 0 for r in sink.results)
+    assert all(r.extra == {"site": "lab"} for r in sink.results)
+    assert [r.seq for r in sink.results] == list(range(1, len(sink.results) + 1))
+    assert pipeline.stats.vetoed > 0
+
+
+def test_swap_between_frames(classifier: Classifier, cpu_delegate: CpuDelegate) -> None:
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=50, width=64, height=64))
+    pipeline = Pipeline(source, classifier, [sink])
+    sink.want = 5
+    pipeline.start()
+    try:
+        assert sink.event.wait(10)
+        replacement = load_classifier(factory_model_path(), cpu_delegate)
+        sink.event.clear()
+        before = len(sink.results)
+        pipeline.swap(replacement)
+        sink.want = before + 5
+        assert sink.event.wait(10)
+    finally:
+        pipeline.stop()
+    assert pipeline.classifier is replacement
+    seqs = [r.seq for r in sink.results]
+    assert seqs == list(range(1, len(seqs) + 1))
+
+
+def test_stop_is_prompt(classifier: Classifier) -> None:
+    source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
+    pipeline = Pipeline(source, classifier, [])
+    pipeline.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    pipeline.stop()
+    assert time.monotonic() - started < 1.0
+    assert not pipeline.alive()
