@@ -18,15 +18,17 @@ from typing import Any
 
 import numpy as np
 import structlog
+
 from edgefleet import __version__, logs
 from edgefleet.classifier import Classifier, load_classifier
-from edgefleet.config import AgentConfig
+from edgefleet.config import AgentConfig, load_config
 from edgefleet.delegates import Delegate
 from edgefleet.errors import ModelError, UserError
 from edgefleet.factory import factory_model_path
 from edgefleet.pipeline import LoopSettings, Pipeline
 from edgefleet.pluginmanager import Plugins
 from edgefleet.registry import PluginConfig
+from edgefleet.runtime import available_runtimes
 from edgefleet.sinks import Sink
 from edgefleet.sources import Source
 from edgefleet.stats import LoopStats
@@ -111,6 +113,47 @@ class Agent:
         sinks: list[Sink] = [self.plugins.registries.sinks.create(s) for s in self.config.sinks]
         return sinks + self.extra_sinks
 
+    def capabilities(self) -> dict[str, Any]:
+        """Runtimes present and each delegate type's availability (for the birth message)."""
+        delegates: dict[str, Any] = {}
+        for entry in self.plugins.registries.delegates.entries():
+            try:
+                delegate: Delegate = entry.factory(entry.config_model(type=entry.type))
+                available = delegate.availability()
+                delegates[entry.type] = {"available": available.ok, "reason": available.reason}
+            except Exception as exc:  # noqa: BLE001 - a probe must never break the birth message
+                delegates[entry.type] = {"available": False, "reason": str(exc)}
+        return {"runtimes": [r.name for r in available_runtimes()], "delegates": delegates}
+
+    def reload_settings(self) -> dict[str, Any]:
+        """Re-read the config file and apply what can change without a restart."""
+        path = Path(self.config.origin)
+        if not path.is_file():
+            raise UserError("the agent was not started from a config file")
+        fresh = load_config(path, self.plugins.registries)
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise UserError("the loop is not running")
+        model, loop = fresh.core.model, fresh.core.loop
+        settings = pipeline.settings
+        changed: dict[str, Any] = {}
+        for name, value in (
+            ("top_k", model.top_k),
+            ("threshold", model.threshold),
+            ("fps_cap", loop.fps_cap),
+        ):
+            if getattr(settings, name) != value:
+                setattr(settings, name, value)
+                changed[name] = value
+        for sink, section in zip(self.sinks, fresh.sinks, strict=False):
+            report = getattr(sink, "report", None)
+            policy = getattr(section, "report", None)
+            if report is not None and policy is not None and report.policy != policy:
+                changed["report"] = report.update(policy.model_dump())
+        self.config = fresh
+        log.info("settings reloaded", changed=changed)
+        return {"changed": changed}
+
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
         """Load, warm up and start the loop; raises UserError when the agent cannot start."""
@@ -122,14 +165,6 @@ class Agent:
         logs.bind_global(model=classifier.info.name, model_version=classifier.info.version)
         source = self.make_source()
         self.sinks = self.make_sinks()
-        context = {
-            "device_id": core.device.id,
-            "boot_id": self.boot_id,
-            "model": classifier.info.describe(),
-            "agent_version": __version__,
-        }
-        for sink in self.sinks:
-            sink.open(context)
         settings = LoopSettings(
             top_k=core.model.top_k, threshold=core.model.threshold, fps_cap=core.loop.fps_cap
         )
@@ -142,6 +177,17 @@ class Agent:
             stats=LoopStats(core.loop.stats_window),
             boot_id=self.boot_id,
         )
+        context = {
+            "device_id": core.device.id,
+            "boot_id": self.boot_id,
+            "groups": list(core.device.groups),
+            "state_dir": str(core.state_dir),
+            "model": classifier.info.describe(),
+            "agent_version": __version__,
+            "agent": self,
+        }
+        for sink in self.sinks:
+            sink.open(context)
         self.pipeline.start()
         self.ready_at = time.monotonic()
         self._started = True

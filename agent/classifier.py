@@ -14,6 +14,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from edgefleet.delegates import Delegate
 from edgefleet.errors import ModelError
 from edgefleet.modelpack import ModelMetadata, is_tflite, read_packed

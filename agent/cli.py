@@ -42,9 +42,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from edgefleet.pluginmanager import make_plugin_manager
     from rich.console import Console
     from rich.table import Table
+
+    from edgefleet.pluginmanager import make_plugin_manager
 
     block: list[str] = []
     if args.config:
@@ -177,6 +178,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(duration=args.duration)
 
 
+def cmd_collect(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from edgefleet.collector import Collector, CollectorSettings
+
+    password = None
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    settings = CollectorSettings(
+        broker=args.broker,
+        db=args.db,
+        prefix=args.prefix,
+        protocol=args.protocol,
+        share_group=args.share_group or None,
+        username=args.username,
+        password=password,
+        ca=args.ca,
+        cert=args.cert,
+        key=args.key,
+    )
+
+    def echo(kind: str, device: str, body: dict[str, Any]) -> None:
+        if kind == "predictions":
+            for result in body.get("results", []):
+                top = result.get("top") or [{}]
+                print(
+                    f"{device} #{result.get('seq')} {top[0].get('label')} "
+                    f"{top[0].get('score', 0):.2f}",
+                    flush=True,
+                )
+
+    collector = Collector(settings, echo=echo if args.print else None)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    collector.start()
+    done.wait()
+    collector.stop()
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from edgefleet.config import json_schema
     from edgefleet.pluginmanager import make_plugin_manager
@@ -223,6 +266,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="classify the bundled sample photos live")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
+
+    collect = sub.add_parser("collect", help="store the fleet's reports in a database, ack them")
+    collect.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://...")
+    collect.add_argument(
+        "--db",
+        default="sqlite:///edgefleet-collector.db",
+        help="sqlite:///PATH or postgresql://user@host/db",
+    )
+    collect.add_argument("--prefix", default="edgefleet/v1")
+    collect.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    collect.add_argument(
+        "--share-group",
+        default="edgefleet-collectors",
+        help="MQTT 5 shared-subscription group ('' to disable)",
+    )
+    collect.add_argument("--username")
+    collect.add_argument("--password-file")
+    collect.add_argument("--ca", type=Path)
+    collect.add_argument("--cert", type=Path)
+    collect.add_argument("--key", type=Path)
+    collect.add_argument("--print", action="store_true", help="print predictions as they come")
+    collect.set_defaults(func=cmd_collect)
 
     schema = sub.add_parser("schema", help="print the config JSON schema")
     schema.add_argument("--out", help="write to this file")

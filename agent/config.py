@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from edgefleet.errors import ConfigError
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.yamlsource import Loc, Located, apply_env_overrides, load_yaml, parse_yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "EDGEFLEET_"
 _ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"

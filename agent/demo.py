@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+
 from edgefleet.agent import Agent
 from edgefleet.config import load_config
 from edgefleet.pluginmanager import make_plugin_manager
 from edgefleet.results import Result
 from edgefleet.samples import sample_dir
 from edgefleet.sinks import Sink
-from rich.console import Console
 
 
 class ConsoleSink(Sink):

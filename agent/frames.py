@@ -66,7 +66,19 @@ class LatestSlot(Generic[T]):
             item, self._item = self._item, None
             if item is not None:
                 self.stats.taken += 1
+                self._cond.notify_all()
             return item
+
+    def wait_empty(self, timeout: float) -> bool:
+        """Wait until the consumer took the item (or the slot closed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._item is not None and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
 
     def close(self) -> None:
         with self._cond:

@@ -14,8 +14,9 @@ import zipfile
 from pathlib import Path
 from typing import Literal
 
-from edgefleet.errors import ModelError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgefleet.errors import ModelError
 
 LABELS_NAME = "labels.txt"
 SIDECAR_NAME = "edgefleet.json"

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import structlog
+
 from edgefleet.classifier import Classifier
 from edgefleet.frames import Frame, LatestSlot
 from edgefleet.results import Result, ResultFilter

@@ -14,6 +14,7 @@ from typing import Any
 
 import pluggy
 import structlog
+
 from edgefleet import hookspecs
 from edgefleet.config import AgentConfig, Registries
 from edgefleet.errors import UserError

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+
 from edgefleet.errors import SourceError
 from edgefleet.frames import Backoff, Frame, LatestSlot
 
@@ -153,6 +154,13 @@ class ThreadedSource(Source):
             self._index += 1
             self._status.frames += 1
             self._slot.put(Frame(image=image, index=self._index, captured=now, origin=origin))
+            if not period:
+                # Unpaced (files, synthetic): make the next frame when this one is taken,
+                # instead of spinning a core on frames nobody will see.
+                while not self._slot.wait_empty(0.1):
+                    if self._stop.is_set():
+                        return
+                continue
             if period:
                 next_due = max(next_due + period, now - period)
                 delay = next_due - time.monotonic()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from edgefleet.errors import ConfigError
 
 Loc = tuple[str | int, ...]

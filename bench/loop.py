@@ -30,6 +30,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
 from edgefleet.classifier import load_classifier
 from edgefleet.factory import factory_model_path
 from edgefleet.pipeline import Pipeline

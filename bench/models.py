@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet.classifier import Classifier, load_classifier
 from edgefleet.factory import factory_model_path
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate

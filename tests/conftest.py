@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from edgefleet.classifier import Classifier, load_classifier
 from edgefleet.factory import factory_model_path
 from edgefleet.pluginmanager import Plugins, make_plugin_manager

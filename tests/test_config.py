@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from edgefleet.config import AgentConfig, json_schema, load_config
 from edgefleet.errors import ConfigError
 from edgefleet.pluginmanager import Plugins

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from edgefleet.classifier import load_classifier
 from edgefleet.errors import ModelError
 from edgefleet.factory import factory_model_path

@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from edgefleet.classifier import read_model_info
 from edgefleet.errors import ModelError
 from edgefleet.factory import factory_model_path

@@ -75,7 +75,7 @@ def test_results_carry_seq_timings_and_model(classifier: Classifier) -> None:
 
 def test_drops_counted_when_model_is_slower_than_source(classifier: Classifier) -> None:
     sink = Collect()
-    source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
+    source = SyntheticSource(SyntheticConfig(fps=1000, width=640, height=480))
     pipeline = Pipeline(source, classifier, [sink])
     _run(pipeline, sink, 20)
     assert pipeline.dropped > 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from edgefleet.hookspecs import ENTRY_POINT_GROUP, hookimpl
 from edgefleet.pluginmanager import make_plugin_manager
 from edgefleet.registry import PluginConfig, Registry

@@ -7,6 +7,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+
 from edgefleet.classifier import Classifier, InputPlan, ModelInfo, Preprocessor
 from edgefleet.errors import ModelError
 

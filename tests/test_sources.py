@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
 from edgefleet.errors import SourceError
 from edgefleet.frames import Backoff, Frame, LatestSlot
 from edgefleet.sources import EndOfStream, Source, ThreadedSource

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.modelpack import InputSpec, ModelMetadata, pack

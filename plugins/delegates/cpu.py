@@ -6,12 +6,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from edgefleet.delegates import Availability, Delegate
 from edgefleet.errors import UserError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.runtime import get_runtime
-from pydantic import Field
 
 EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
 

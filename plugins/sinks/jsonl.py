@@ -6,11 +6,12 @@ import time
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from pydantic import Field
+
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.results import Result
 from edgefleet.sinks import Sink
-from pydantic import Field
 
 
 class JsonlConfig(PluginConfig):

@@ -7,11 +7,12 @@ import sys
 import time
 from typing import Any, Literal, TextIO
 
+from pydantic import Field
+
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.results import Result
 from edgefleet.sinks import Sink
-from pydantic import Field
 
 
 class StdoutConfig(PluginConfig):

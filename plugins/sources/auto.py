@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from edgefleet.errors import UserError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sourceoffers import SourceOffer
 from edgefleet.sources import Source
-from pydantic import Field
 
 FALLBACK_SCORE = 10
 

@@ -7,12 +7,13 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
+
 from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sourceoffers import SourceOffer
 from edgefleet.sources import ThreadedSource
-from pydantic import Field
 
 
 class CameraConfig(PluginConfig):

@@ -9,11 +9,12 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import structlog
+from pydantic import Field
+
 from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sources import EndOfStream, ThreadedSource
-from pydantic import Field
 
 log = structlog.get_logger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}

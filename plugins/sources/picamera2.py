@@ -12,12 +12,13 @@ import importlib.util
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
+
 from edgefleet.errors import SourceError, UserError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sourceoffers import SourceOffer
 from edgefleet.sources import ThreadedSource
-from pydantic import Field
 
 
 class Picamera2Config(PluginConfig):

@@ -7,11 +7,12 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
+from pydantic import Field
+
 from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sources import ThreadedSource
-from pydantic import Field
 
 
 class RtspConfig(PluginConfig):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
+
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sourceoffers import SourceOffer
 from edgefleet.sources import EndOfStream, ThreadedSource
-from pydantic import Field
 
 
 class SyntheticConfig(PluginConfig):
