@@ -75,19 +75,33 @@ class Preprocessor:
         x0 = (width - side) // 2
         return y0, y0 + side, x0, x0 + side
 
+    def _shrink(self, region: np.ndarray) -> np.ndarray:
+        """Box-filter by the largest whole factor first: anti-aliased and cheap.
+
+        OpenCV's INTER_AREA is fast only for whole factors (1.9 ms for 420->224 here, 0.1 ms
+        for 420->210); the remaining factor below 2 is left to bilinear resizing.
+        """
+        factor = min(region.shape[0] // self.plan.height, region.shape[1] // self.plan.width)
+        if factor < 2:
+            return region
+        h = region.shape[0] // factor * factor
+        w = region.shape[1] // factor * factor
+        small: np.ndarray = cv2.resize(
+            region[:h, :w], (w // factor, h // factor), interpolation=cv2.INTER_AREA
+        )
+        return small
+
     def __call__(self, image: np.ndarray, out: np.ndarray) -> None:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 RGB frame, got {image.shape} {image.dtype}")
         y0, y1, x0, x1 = self.crop_box(image.shape[0], image.shape[1])
-        region = image[y0:y1, x0:x1]
+        region = self._shrink(image[y0:y1, x0:x1])
         size = (self.plan.width, self.plan.height)
-        shrink = region.shape[0] > self.plan.height
-        interp = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         target = out[0]
         if self._identity:
-            cv2.resize(region, size, dst=target, interpolation=interp)
+            cv2.resize(region, size, dst=target, interpolation=cv2.INTER_LINEAR)
             return
-        cv2.resize(region, size, dst=self._scratch, interpolation=interp)
+        cv2.resize(region, size, dst=self._scratch, interpolation=cv2.INTER_LINEAR)
         if self._lut is not None:
             cv2.LUT(self._scratch, self._lut, dst=target.view(np.uint8))
             return

@@ -139,6 +139,11 @@ class Pipeline:
     # -- prepare thread --------------------------------------------------------------
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
+            # Prepare one frame ahead, no more: wait until the model took the last one, then
+            # fetch the freshest frame. Preparing frames the model will never see would only
+            # steal cores from invoke().
+            if not self._slot.wait_empty(0.1):
+                continue
             frame = self.source.get(timeout=0.1)
             if frame is None:
                 if self.source.ended:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -30,7 +30,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str = "condition") -> None:
+def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -123,9 +123,10 @@ class Subscriber:
 
     port: int
     topics: list[str]
-    protocol: int = mqtt.MQTTv5
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
     messages: list[Received] = field(default_factory=list)
     client_id: str = ""
+    tls: tuple[Path, Path, Path] | None = None  # CA, client certificate, key
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
@@ -137,6 +138,9 @@ class Subscriber:
         self.client.on_subscribe = lambda *a: self.ready.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(1, 2)
+        if self.tls is not None:
+            ca, cert, key = self.tls
+            self.client.tls_set(ca_certs=str(ca), certfile=str(cert), keyfile=str(key))
 
     def _on_connect(self, client: mqtt.Client, *_: Any) -> None:
         client.subscribe([(t, 1) for t in self.topics])

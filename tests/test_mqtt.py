@@ -18,7 +18,15 @@ from paho.mqtt.properties import Properties
 
 from edgefleet.collector import Collector, CollectorSettings
 
-from .mqtt_helpers import AgentProcess, Broker, Subscriber, agent_config, running, wait_for
+from .mqtt_helpers import (
+    AgentProcess,
+    Broker,
+    Subscriber,
+    agent_config,
+    free_port,
+    running,
+    wait_for,
+)
 
 PREFIX = "edgefleet/v1/devices/dev-1"
 
@@ -282,7 +290,7 @@ def _command(
     time.sleep(0.2)
     props = None
     if v5:
-        props = Properties(PacketTypes.PUBLISH)
+        props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         props.ResponseTopic = "test/replies/1"
         props.CorrelationData = b"corr-42"
     client.publish(f"{target}/cmd/{name}", payload, qos=1, properties=props)
@@ -293,7 +301,8 @@ def _command(
         client.disconnect()
     msg = replies[0]
     if v5:
-        assert msg.properties.CorrelationData == b"corr-42"
+        assert msg.properties is not None
+        assert msg.properties.CorrelationData == b"corr-42"  # type: ignore[attr-defined]
     body: dict[str, object] = json.loads(msg.payload)
     return body
 
@@ -419,3 +428,49 @@ def test_corrupt_spool_is_moved_aside(tmp_path: Path, broker: Broker, sub: Subsc
     assert len(aside) == 1
     assert aside[0].read_bytes().startswith(b"this is not a database")
     assert any("moved aside" in str(e.get("event")) for e in AgentProcess.logs(agent))
+
+
+def test_tls_with_client_certificate(tmp_path: Path) -> None:
+    from .certs import CA
+
+    ca = CA(tmp_path)
+    server_cert, server_key = ca.issue("localhost", server=True)
+    client_cert, client_key = ca.issue("dev-1")
+    port = free_port()
+    extra = (
+        f"cafile {ca.cert_path}\ncertfile {server_cert}\nkeyfile {server_key}\n"
+        "require_certificate true\nuse_identity_as_username true\n"
+    )
+    broker = Broker(tmp_path, extra=extra, port=port)
+    broker.start()
+    observer_cert, observer_key = ca.issue("observer")
+    observer = Subscriber(
+        broker.port, ["edgefleet/v1/#"], tls=(ca.cert_path, observer_cert, observer_key)
+    ).start()
+    try:
+        tls = (
+            f"    tls:\n      ca: {ca.cert_path}\n      cert: {client_cert}\n"
+            f"      key: {client_key}\n"
+        )
+        config = agent_config(tmp_path, f"mqtts://127.0.0.1:{port}", fps=20, mqtt_extra=tls)
+        with running(config) as agent:
+            wait_for(lambda: len(observer.result_seqs()) > 10, 30, "results over mTLS")
+            agent.terminate()
+        assert broker.log_lines("as dev-1") == 1
+        assert observer.on("/status")[0].json()["state"] == "online"
+
+        rogue = CA(tmp_path, name="rogue CA")
+        rogue_cert, rogue_key = rogue.issue("dev-1")
+        bad_tls = (
+            f"    tls:\n      ca: {ca.cert_path}\n      cert: {rogue_cert}\n"
+            f"      key: {rogue_key}\n"
+        )
+        before = broker.log_lines("New client connected")
+        config = agent_config(tmp_path, f"mqtts://127.0.0.1:{port}", fps=20, mqtt_extra=bad_tls)
+        with running(config) as agent:
+            wait_for(lambda: len(agent.truth()) > 20, 30, "classifying while refused")
+            agent.terminate()
+        assert broker.log_lines("New client connected") == before
+    finally:
+        observer.stop()
+        broker.kill()

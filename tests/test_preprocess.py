@@ -39,7 +39,13 @@ def _reference_pixels(plan: InputPlan, frame: np.ndarray) -> np.ndarray:
     pre = Preprocessor(plan)
     y0, y1, x0, x1 = pre.crop_box(*frame.shape[:2])
     region = frame[y0:y1, x0:x1]
-    return cv2.resize(region, (plan.width, plan.height), interpolation=cv2.INTER_AREA)
+    # Box filter by the whole factor (here 42 -> 21, exactly 2x), then bilinear to 16.
+    k = region.shape[0] // plan.height
+    if k >= 2:
+        region = region[: region.shape[0] // k * k, : region.shape[1] // k * k]
+        size = (region.shape[1] // k, region.shape[0] // k)
+        region = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
+    return cv2.resize(region, (plan.width, plan.height), interpolation=cv2.INTER_LINEAR)
 
 
 def test_center_crop_box() -> None:

@@ -91,7 +91,7 @@ class ReportState:
         self.batch: list[dict[str, Any]] = []
         self.batch_started = 0.0
         self.last_label: str | None = None
-        self.last_sent = 0.0
+        self.last_sent = float("-inf")
         self.skipped = 0
 
     def update(self, changes: dict[str, Any]) -> dict[str, Any]:
