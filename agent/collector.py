@@ -263,7 +263,8 @@ class Collector:
         self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self.connected.clear()
-        log.warning("collector disconnected", reason=str(rc))
+        if not self._stop.is_set():
+            log.warning("collector disconnected", reason=str(rc))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         try:

@@ -1,11 +1,25 @@
-"""``edgefleet demo``: the factory model on the bundled sample photos, printed live."""
+"""``edgefleet demo``: a local broker, an agent on the bundled photos, and a collector.
+
+What is printed is what came back *through the broker* into the collector's database:
+predictions as they are stored, and each metrics message. Without mosquitto on the machine,
+the demo classifies locally and says so. Ctrl-C stops everything.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from edgefleet import logs
 from edgefleet.agent import Agent
 from edgefleet.config import load_config
 from edgefleet.pluginmanager import make_plugin_manager
@@ -13,9 +27,11 @@ from edgefleet.results import Result
 from edgefleet.samples import sample_dir
 from edgefleet.sinks import Sink
 
+MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
+
 
 class ConsoleSink(Sink):
-    """One readable line per result."""
+    """One readable line per result (the offline demo)."""
 
     name = "console"
 
@@ -39,16 +55,122 @@ class ConsoleSink(Sink):
         )
 
 
-def run_demo(duration: float | None = None) -> int:
-    console = Console()
-    plugins = make_plugin_manager()
-    text = (
-        "device: {id: demo-device}\n"
-        f"source: {{type: images, path: '{sample_dir()}', loop: true, fps: 2}}\n"
-        "sinks: []\n"
-        "model: {top_k: 3}\n"
+def find_mosquitto() -> str | None:
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return next((p for p in MOSQUITTO_PATHS if Path(p).exists()), None)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def local_broker(binary: str, workdir: Path) -> Iterator[int]:
+    port = _free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+        "persistence false\nlog_dest none\n"
     )
-    config = load_config(None, plugins.registries, text=text, environ={})
-    agent = Agent(config, plugins, extra_sinks=[ConsoleSink(console)])
-    console.print("[dim]Classifying the bundled sample photos; Ctrl-C stops.[/]")
-    return agent.run(duration=duration)
+    proc = subprocess.Popen(
+        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+                break
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+def _config_text(broker_port: int | None, state: Path) -> str:
+    sinks = "sinks: []\n"
+    if broker_port is not None:
+        sinks = (
+            "sinks:\n"
+            "  - type: mqtt\n"
+            f"    url: mqtt://127.0.0.1:{broker_port}\n"
+            "    metrics_interval_s: 5\n"
+            "    ack_mode: collector\n"
+        )
+    return (
+        "device: {id: demo-device, groups: [demo]}\n"
+        f"source: {{type: images, path: '{sample_dir()}', loop: true, fps: 2}}\n"
+        "model: {top_k: 3}\n"
+        f"state_dir: '{state}'\n"
+        "logging: {level: warning}\n"
+        f"{sinks}"
+    )
+
+
+def _echo(console: Console) -> Any:
+    def echo(kind: str, device: str, body: dict[str, Any]) -> None:
+        if kind == "predictions":
+            for result in body.get("results", []):
+                best = ", ".join(f"{t['label']} {t['score']:.2f}" for t in result["top"][:3])
+                timings = result.get("timings_ms", {})
+                console.print(
+                    f"[cyan]{device}[/] #{result['seq']:<4} {result.get('origin', ''):<14} "
+                    f"[bold]{best}[/]  [dim]infer {timings.get('inference', 0):.1f} ms[/]"
+                )
+        elif kind == "metrics":
+            inference = body.get("latency_ms", {}).get("inference", {})
+            console.print(
+                f"[magenta]{device} metrics[/] fps {body.get('fps')} "
+                f"inference p50 {inference.get('p50')} ms p99 {inference.get('p99')} ms, "
+                f"spool depth {body.get('spool', {}).get('depth')}, "
+                f"dropped frames {body.get('dropped_frames')}"
+            )
+
+    return echo
+
+
+def run_demo(duration: float | None = None) -> int:
+    from edgefleet.collector import Collector, CollectorSettings
+
+    console = Console()
+    logs.configure("warning", "console")
+    binary = find_mosquitto()
+    plugins = make_plugin_manager()
+    with tempfile.TemporaryDirectory(prefix="edgefleet-demo-") as tmp:
+        work = Path(tmp)
+        if binary is None:
+            console.print(
+                "[yellow]mosquitto not found: classifying locally, no broker.[/] "
+                "(apt install mosquitto for the full demo)"
+            )
+            config = load_config(
+                None, plugins.registries, environ={}, text=_config_text(None, work)
+            )
+            agent = Agent(config, plugins, extra_sinks=[ConsoleSink(console)])
+            return agent.run(duration=duration)
+        with local_broker(binary, work) as port:
+            console.print(
+                f"[dim]local mosquitto on 127.0.0.1:{port}; agent -> broker -> "
+                "collector (SQLite); Ctrl-C stops.[/]"
+            )
+            collector = Collector(
+                CollectorSettings(
+                    broker=f"mqtt://127.0.0.1:{port}", db=f"sqlite:///{work / 'fleet.db'}"
+                ),
+                echo=_echo(console),
+            )
+            collector.start()
+            config = load_config(
+                None, plugins.registries, environ={}, text=_config_text(port, work)
+            )
+            agent = Agent(config, plugins)
+            try:
+                return agent.run(duration=duration)
+            finally:
+                time.sleep(0.3)
+                collector.stop()
+                console.print(f"[dim]collector stored {collector.stored} messages[/]")

@@ -330,7 +330,7 @@ class MqttLink:
         self.online.clear()
         if self.state != "refused":
             self.state = "disconnected"
-        if was_online:
+        if was_online and not self._closing.is_set():
             log.warning("mqtt link down", reason=str(reason_code))
 
     def _on_publish(

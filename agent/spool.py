@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -162,10 +163,15 @@ class Spool:
             self._enforce_bounds(now)
 
     def _enforce_bounds(self, now: float) -> None:
-        dropped = self.db.execute(
-            "DELETE FROM outbox WHERE created < ? RETURNING length(payload)",
-            (now - self.max_age_s,),
-        ).fetchall()
+        dropped: list[Any] = []
+        oldest = self.db.execute("SELECT created FROM outbox ORDER BY id LIMIT 1").fetchone()
+        if oldest is not None and oldest[0] < now - self.max_age_s:
+            # Rows are created in id order, so the expired ones are a prefix of the table.
+            dropped = self.db.execute(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE created < ? "
+                "ORDER BY id) RETURNING length(payload)",
+                (now - self.max_age_s,),
+            ).fetchall()
         while self._bytes - sum(r[0] for r in dropped) > self.max_bytes:
             oldest = self.db.execute(
                 "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT 64) "

@@ -37,7 +37,7 @@ def test_example_config_is_valid(plugins: Plugins) -> None:
     config = load_config(REPO / "configs" / "agent.example.yaml", plugins.registries, environ={})
     assert config.device.id == "pi-kitchen-01"
     assert config.source.type == "auto"
-    assert [s.type for s in config.sinks] == ["stdout", "jsonl"]
+    assert [s.type for s in config.sinks] == ["stdout", "jsonl", "mqtt"]
 
 
 def test_defaults_without_file(plugins: Plugins) -> None:

@@ -1,0 +1,220 @@
+"""Telemetry throughput: agent -> spool -> mosquitto -> collector (a benchmark: prints only).
+
+    .venv/bin/python bench/telemetry.py [--results 20000] [--seconds 6]
+
+Needs mosquitto (started here on a free loopback port). Prints:
+  1. spool write cost per message (SQLite WAL, batched as the outbox thread does);
+  2. sustained results/s from the link's queue through the spool and a local mosquitto into
+     the collector's SQLite database, QoS 1, one result per message (per-frame reporting),
+     in ``broker`` and ``collector`` ack modes;
+  3. the loop ratio of bench/loop.py with MQTT reporting on: the agent's pipeline with the
+     mqtt sink against bare invoke(), side by side.
+Targets (issue 4): >= 2000 results/s; loop ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from edgefleet.classifier import load_classifier
+from edgefleet.demo import _free_port, find_mosquitto
+from edgefleet.factory import factory_model_path
+from edgefleet.mqttlink import LinkSettings, MqttLink
+from edgefleet.pipeline import Pipeline
+from edgefleet.spool import Spool
+from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
+from edgefleet_plugins.sinks.mqtt import MqttConfig, MqttSink
+from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
+
+RESULT = {
+    "seq": 0,
+    "boot_id": "",
+    "ts": 0.0,
+    "model": "efficientnet-lite0",
+    "model_version": 0,
+    "top": [
+        {"label": "espresso", "index": 967, "score": 0.95312},
+        {"label": "cup", "index": 968, "score": 0.01172},
+        {"label": "consomme", "index": 925, "score": 0.00781},
+        {"label": "eggnog", "index": 969, "score": 0.0039},
+        {"label": "coffee mug", "index": 504, "score": 0.0039},
+    ],
+    "timings_ms": {
+        "capture_wait": 0.4,
+        "preprocess": 0.9,
+        "inference": 6.1,
+        "postprocess": 0.1,
+        "total": 7.8,
+    },
+    "frame": 0,
+}
+
+
+def spool_cost(tmp: Path, count: int = 20000, batch: int = 50) -> float:
+    spool = Spool(tmp / "cost.sqlite", "boot")
+    payload = json.dumps({"results": [RESULT]}).encode()
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        spool.put_many(
+            [(spool.next_seq(), "t", payload, 1) for _ in range(min(batch, count - start))]
+        )
+    elapsed = time.perf_counter() - started
+    spool.close()
+    return elapsed / count * 1e6
+
+
+def _stored(db: Path, device: str) -> int:
+    if not db.exists():
+        return 0
+    conn = sqlite3.connect(db, timeout=5)
+    try:
+        row = conn.execute("SELECT count(*) FROM messages WHERE device = ?", (device,)).fetchone()
+        return int(row[0])
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        conn.close()
+
+
+def throughput(tmp: Path, port: int, count: int, ack_mode: str) -> tuple[float, int]:
+    # The collector runs in its own process, as it would on its own machine.
+    db = tmp / f"fleet-{ack_mode}.db"
+    collector = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edgefleet",
+            "collect",
+            "--broker",
+            f"mqtt://127.0.0.1:{port}",
+            "--db",
+            f"sqlite:///{db}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1.5)
+    device = f"bench-{ack_mode}"
+    boot = uuid.uuid4().hex
+    link = MqttLink(
+        LinkSettings(
+            url=f"mqtt://127.0.0.1:{port}",
+            device=device,
+            groups=[],
+            prefix="edgefleet/v1",
+            boot_id=boot,
+            spool_path=tmp / f"spool-{ack_mode}.sqlite",
+            ack_mode=ack_mode,
+            max_inflight=1000,
+        ),
+        birth=dict,
+    )
+    link.start()
+    link.online.wait(10)
+    started = time.perf_counter()
+    for seq in range(1, count + 1):
+        link.enqueue("predictions", {"results": [{**RESULT, "seq": seq, "boot_id": boot}]})
+    deadline = time.monotonic() + 120
+    while _stored(db, device) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    stored = _stored(db, device)
+    spool_left = link.spool.depth()
+    link.stop()
+    collector.terminate()
+    collector.wait(10)
+    if ack_mode == "collector":
+        print(f"  (collector mode: {spool_left} messages still unconfirmed in the spool)")
+    return stored / elapsed, stored
+
+
+def loop_ratio(tmp: Path, port: int, seconds: float, threads: int) -> tuple[float, float]:
+    clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
+    buf = clf.preprocessor.new_buffer()
+    buf[...] = 127
+    clf.set_input(buf)
+    for _ in range(10):
+        clf.interpreter.invoke()
+    n, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        clf.interpreter.invoke()
+        n += 1
+    bare = n / (time.perf_counter() - started)
+
+    sink = MqttSink(MqttConfig(url=f"mqtt://127.0.0.1:{port}", metrics_interval_s=1))
+    source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
+    pipeline = Pipeline(source, clf, [sink])
+    context: dict[str, Any] = {
+        "device_id": "bench-loop",
+        "boot_id": pipeline.boot_id,
+        "state_dir": str(tmp),
+        "model": clf.info.describe(),
+    }
+    sink.open(context)
+    pipeline.start()
+    time.sleep(1.0)
+    n0, t0 = pipeline.stats.inferences, time.perf_counter()
+    time.sleep(seconds)
+    rate = (pipeline.stats.inferences - n0) / (time.perf_counter() - t0)
+    pipeline.stop()
+    sink.close()
+    return bare, rate
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", type=int, default=20000)
+    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    cv2.setNumThreads(1)
+    binary = find_mosquitto()
+    if binary is None:
+        print("mosquitto not found; install it to run this benchmark")
+        return 0
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        port = _free_port()
+        conf = tmp / "m.conf"
+        conf.write_text(
+            f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+            "persistence false\nlog_dest none\nmax_queued_messages 1000000\n"
+            "max_inflight_messages 1000\n"
+        )
+        broker = subprocess.Popen([binary, "-c", str(conf)])
+        time.sleep(0.5)
+        try:
+            cost = spool_cost(tmp)
+            print(
+                f"spool write: {cost:.1f} us per message (batches of 50, WAL, synchronous=NORMAL)"
+            )
+            for mode in ("broker", "collector"):
+                rate, stored = throughput(tmp, port, args.results, mode)
+                print(
+                    f"{mode:9} ack mode: {rate:8.0f} results/s end to end "
+                    f"({stored}/{args.results} stored by the collector)"
+                )
+            bare, with_mqtt = loop_ratio(tmp, port, args.seconds, args.threads)
+            print(
+                f"loop with MQTT reporting: {with_mqtt:.1f}/s vs bare invoke {bare:.1f}/s, "
+                f"ratio {with_mqtt / bare:.3f} (threads={args.threads})"
+            )
+        finally:
+            broker.terminate()
+            broker.wait(5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
