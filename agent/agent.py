@@ -29,6 +29,7 @@ from edgefleet.pipeline import LoopSettings, Pipeline
 from edgefleet.pluginmanager import Plugins
 from edgefleet.registry import PluginConfig
 from edgefleet.runtime import available_runtimes
+from edgefleet.sdnotify import Notifier, Watchdog
 from edgefleet.sinks import Sink
 from edgefleet.sources import Source
 from edgefleet.stats import LoopStats
@@ -48,6 +49,8 @@ class Agent:
         self.boot_id = uuid.uuid4().hex
         self.extra_sinks = list(extra_sinks)
         self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.notifier = Notifier()
         self.pipeline: Pipeline | None = None
         self.source_choice: dict[str, Any] = {}
         self.sinks: list[Sink] = []
@@ -219,11 +222,37 @@ class Agent:
                 log.warning("sink close failed", sink=sink.name, error=str(exc))
         log.info("agent stopped", results=self.pipeline.stats.inferences if self.pipeline else 0)
 
+    def healthy(self, within_s: float) -> bool:
+        """For the watchdog: the loop turns and every sink's threads live."""
+        pipeline = self.pipeline
+        if pipeline is None or not pipeline.healthy(within_s / 2):
+            return False
+        return all(sink.alive() for sink in self.sinks)
+
+    def status_line(self) -> str:
+        pipeline = self.pipeline
+        if pipeline is None:
+            return "starting"
+        info, delegate = pipeline.classifier.info, pipeline.classifier.delegate
+        parts = [
+            f"model {info.name} v{info.version}",
+            f"{delegate.get('type')}/{delegate.get('runtime')} x{delegate.get('threads')}",
+            f"{pipeline.stats.fps():.1f} fps",
+        ]
+        if pipeline.settings.paused:
+            parts.append("paused")
+        parts += [text for sink in self.sinks if (text := sink.status_text())]
+        return ", ".join(parts)
+
     def run(self, duration: float | None = None, install_signals: bool = True) -> int:
         """Start, serve until a signal, the end of the input or ``duration``; then stop."""
         if install_signals:
             self._install_signals()
         self.start()
+        # Ready means: model loaded, first inference done. Not: broker reachable.
+        self.notifier.ready(self.status_line())
+        watchdog = Watchdog(self.notifier, self.healthy, self.status_line)
+        watchdog.start()
         deadline = time.monotonic() + duration if duration else None
         pipeline = self.pipeline
         if pipeline is None:
@@ -235,15 +264,34 @@ class Agent:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self._reload()
                 self.stop_requested.wait(0.2)
         finally:
+            self.notifier.stopping()
+            watchdog.stop()
             self.stop()
+            self.notifier.close()
         return 0
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            self.reload_settings()
+        except UserError as exc:
+            # A broken file on reload must not stop a running agent: keep the old settings.
+            log.error("reload refused, keeping the running settings", error=str(exc))
+        self.notifier.ready(self.status_line())
 
     def _install_signals(self) -> None:
         def handler(signum: int, _frame: types.FrameType | None) -> None:
             log.info("signal received, stopping", signal=signal.Signals(signum).name)
             self.stop_requested.set()
 
+        def hup(_signum: int, _frame: types.FrameType | None) -> None:
+            self.reload_requested.set()  # handled by the main loop within 0.2 s
+
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGHUP, hup)

@@ -99,6 +99,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._seq = 0
         self.last_progress = time.monotonic()
+        self.last_beat = time.monotonic()  # the infer thread is not stuck (watchdog)
         self.last_frame: Frame | None = None
         self.last_result: Result | None = None
         self._errors_logged = 0
@@ -136,6 +137,12 @@ class Pipeline:
     def alive(self) -> bool:
         return any(t.is_alive() for t in self._threads)
 
+    def healthy(self, within_s: float) -> bool:
+        """Both loop threads alive and the infer thread turned within ``within_s``."""
+        if self.finished.is_set() or not all(t.is_alive() for t in self._threads):
+            return False
+        return time.monotonic() - self.last_beat < within_s
+
     # -- prepare thread --------------------------------------------------------------
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
@@ -168,6 +175,7 @@ class Pipeline:
     def _infer_loop(self) -> None:
         next_due = 0.0
         while not self._stop.is_set():
+            self.last_beat = time.monotonic()
             item = self._slot.take(timeout=0.1)
             if item is None:
                 if self._slot.closed:

@@ -20,6 +20,14 @@ class Sink(ABC):
     def emit(self, result: Result) -> None:
         """Take one result."""
 
+    def alive(self) -> bool:
+        """False when a background thread of this sink died (the watchdog stops pinging)."""
+        return True
+
+    def status_text(self) -> str:
+        """A few words for the systemd STATUS line; empty for none."""
+        return ""
+
     def flush(self) -> None:  # noqa: B027 - optional
         """Push out anything buffered."""
 

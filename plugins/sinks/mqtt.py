@@ -268,6 +268,13 @@ class MqttSink(Sink):
         if batch and self.link is not None:
             self.link.enqueue("predictions", {"results": batch})
 
+    def alive(self) -> bool:
+        """The link's threads are running (the watchdog asks)."""
+        return self.link is None or self.link.alive()
+
+    def status_text(self) -> str:
+        return f"broker {self.link.state}" if self.link is not None else "broker off"
+
     def _tick(self) -> None:
         # Runs on the outbox thread: a batch waiting longer than batch_ms goes out.
         with self.report.lock:
