@@ -220,6 +220,31 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_device(args: argparse.Namespace) -> int:
+    from edgefleet.brokeradmin import add_device
+
+    password = None
+    if args.password_file:
+        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    groups = [g for g in (args.groups or "").split(",") if g]
+    written = add_device(
+        args.device,
+        Path(args.acl),
+        groups,
+        prefix=args.prefix,
+        passwd=Path(args.passwd) if args.passwd else None,
+        password=password,
+        ca_cert=args.ca_cert,
+        ca_key=args.ca_key,
+        out=args.out,
+    )
+    for key, value in written.items():
+        print(f"{key}: {value}")
+    if "password" in written:
+        print("store the password on the device as its mqtt-password credential")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from edgefleet.config import json_schema
     from edgefleet.pluginmanager import make_plugin_manager
@@ -230,6 +255,44 @@ def cmd_schema(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _add_fleet_commands(sub: Any) -> None:
+    collect = sub.add_parser("collect", help="store the fleet's reports in a database, ack them")
+    collect.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://...")
+    collect.add_argument(
+        "--db",
+        default="sqlite:///edgefleet-collector.db",
+        help="sqlite:///PATH or postgresql://user@host/db",
+    )
+    collect.add_argument("--prefix", default="edgefleet/v1")
+    collect.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
+    collect.add_argument(
+        "--share-group",
+        default="edgefleet-collectors",
+        help="MQTT 5 shared-subscription group ('' to disable)",
+    )
+    collect.add_argument("--username")
+    collect.add_argument("--password-file")
+    collect.add_argument("--ca", type=Path)
+    collect.add_argument("--cert", type=Path)
+    collect.add_argument("--key", type=Path)
+    collect.add_argument("--print", action="store_true", help="print predictions as they come")
+    collect.set_defaults(func=cmd_collect)
+
+    broker = sub.add_parser("broker", help="broker administration")
+    broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
+    add = broker_sub.add_parser("add-device", help="password or client certificate + ACL")
+    add.add_argument("device")
+    add.add_argument("--acl", required=True, help="the mosquitto ACL file to extend")
+    add.add_argument("--groups", help="comma-separated groups the device belongs to")
+    add.add_argument("--prefix", default="edgefleet/v1")
+    add.add_argument("--passwd", help="mosquitto password file (password mode)")
+    add.add_argument("--password-file", help="read the password here (default: generate)")
+    add.add_argument("--ca-cert", type=Path, help="fleet CA certificate (mTLS mode)")
+    add.add_argument("--ca-key", type=Path, help="fleet CA private key (mTLS mode)")
+    add.add_argument("--out", type=Path, help="where to write the device's certificate and key")
+    add.set_defaults(func=cmd_add_device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,27 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
     demo.set_defaults(func=cmd_demo)
 
-    collect = sub.add_parser("collect", help="store the fleet's reports in a database, ack them")
-    collect.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://...")
-    collect.add_argument(
-        "--db",
-        default="sqlite:///edgefleet-collector.db",
-        help="sqlite:///PATH or postgresql://user@host/db",
-    )
-    collect.add_argument("--prefix", default="edgefleet/v1")
-    collect.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
-    collect.add_argument(
-        "--share-group",
-        default="edgefleet-collectors",
-        help="MQTT 5 shared-subscription group ('' to disable)",
-    )
-    collect.add_argument("--username")
-    collect.add_argument("--password-file")
-    collect.add_argument("--ca", type=Path)
-    collect.add_argument("--cert", type=Path)
-    collect.add_argument("--key", type=Path)
-    collect.add_argument("--print", action="store_true", help="print predictions as they come")
-    collect.set_defaults(func=cmd_collect)
+    _add_fleet_commands(sub)
 
     schema = sub.add_parser("schema", help="print the config JSON schema")
     schema.add_argument("--out", help="write to this file")
