@@ -20,16 +20,18 @@ import numpy as np
 import structlog
 
 from edgefleet import __version__, logs
-from edgefleet.classifier import Classifier, load_classifier
+from edgefleet.classifier import Classifier, load_classifier, sha256_file
 from edgefleet.config import AgentConfig, load_config
 from edgefleet.delegates import Delegate
 from edgefleet.errors import ModelError, UserError
 from edgefleet.factory import factory_model_path
+from edgefleet.failover import Failover
 from edgefleet.pipeline import LoopSettings, Pipeline
 from edgefleet.pluginmanager import Plugins
 from edgefleet.registry import PluginConfig
 from edgefleet.runtime import available_runtimes
 from edgefleet.sdnotify import Notifier, Watchdog
+from edgefleet.selection import POLICIES, Choice, candidate_sections, choose, fixed_choice
 from edgefleet.sinks import Sink
 from edgefleet.sources import Source
 from edgefleet.stats import LoopStats
@@ -51,6 +53,9 @@ class Agent:
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
         self.notifier = Notifier()
+        self.choice: Choice | None = None
+        self.delegate_choice: dict[str, Any] = {}
+        self.failover: Failover | None = None
         self.pipeline: Pipeline | None = None
         self.source_choice: dict[str, Any] = {}
         self.sinks: list[Sink] = []
@@ -81,6 +86,50 @@ class Agent:
         if not np.all(np.isfinite(scores)):
             raise ModelError(f"{classifier.info.path}: warm-up inference gave non-finite output")
         return classifier
+
+    def choose_delegate(self) -> Choice:
+        """Apply the delegate policy (or the fixed delegate) and remember the table."""
+        section = self.config.delegate
+        model = self.config.core.model
+        crop = model.crop == "center"
+        if section.type in POLICIES:
+            registry = self.plugins.registries.delegates
+            cache_dir = self.config.core.state_dir if getattr(section, "cache", False) else None
+            choice = choose(
+                section.type,
+                candidate_sections(section, registry),
+                registry,
+                self.model_path(),
+                sha256_file(self.model_path()),
+                budget_s=float(getattr(section, "budget_s", 5.0)),
+                cache_dir=cache_dir,
+                crop=crop,
+                labels=model.labels,
+            )
+        else:
+            delegate = self.make_delegate()
+            choice = fixed_choice(section, delegate, self.load_model(delegate))
+        self.choice = choice
+        self.delegate_choice = {
+            "policy": choice.policy,
+            "chosen": choice.best[0].label,
+            "seconds": round(choice.seconds, 2),
+            "cached": choice.from_cache,
+            "table": choice.summary(),
+        }
+        log.info(
+            "delegate chosen",
+            **{k: v for k, v in self.delegate_choice.items() if k != "table"},
+            table=[(m["label"], m["median_ms"], m["reason"]) for m in choice.summary()],
+        )
+        return choice
+
+    def emit_event(self, body: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.event(body)
+            except Exception as exc:  # noqa: BLE001 - an event must never stop the agent
+                log.warning("sink event failed", sink=sink.name, error=str(exc))
 
     def resolve_source_config(self) -> PluginConfig:
         section = self.config.source
@@ -163,8 +212,8 @@ class Agent:
         core = self.config.core
         logs.bind_global(device_id=core.device.id)
         self.plugins.configure(self.config)
-        self.delegate = self.make_delegate()
-        classifier = self.load_model(self.delegate)
+        choice = self.choose_delegate()
+        _, self.delegate, classifier = choice.best
         logs.bind_global(model=classifier.info.name, model_version=classifier.info.version)
         source = self.make_source()
         self.sinks = self.make_sinks()
@@ -191,6 +240,23 @@ class Agent:
         }
         for sink in self.sinks:
             sink.open(context)
+        section = self.config.delegate
+        if (
+            self.choice is not None
+            and section.type in POLICIES
+            and getattr(section, "failover", False)
+        ):
+            self.failover = Failover(
+                self.choice,
+                self.pipeline,
+                self.model_path(),
+                core.model.crop == "center",
+                self.emit_event,
+                reprobe_min_s=float(getattr(section, "reprobe_min_s", 5.0)),
+                reprobe_max_s=float(getattr(section, "reprobe_max_s", 300.0)),
+                invoke_timeout_s=float(getattr(section, "invoke_timeout_s", 5.0)),
+            )
+            self.failover.start()
         self.pipeline.start()
         self.ready_at = time.monotonic()
         self._started = True
@@ -212,6 +278,8 @@ class Agent:
         if not self._started:
             return
         self._started = False
+        if self.failover is not None:
+            self.failover.stop()
         if self.pipeline is not None:
             self.pipeline.stop(timeout=STOP_BUDGET_S / 2)
         self.plugins.lifecycle("edgefleet_stop", self)

@@ -172,6 +172,50 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet.classifier import sha256_file
+    from edgefleet.factory import factory_model_path
+    from edgefleet.pluginmanager import make_plugin_manager
+    from edgefleet.selection import choose, default_candidates
+
+    model = Path(args.model) if args.model else factory_model_path()
+    registry = make_plugin_manager().registries.delegates
+    raw = _json.loads(args.candidates) if args.candidates else default_candidates(registry)
+    sections = []
+    for item in raw:
+        entry = registry.get(str(item.get("type")))
+        if entry is None:
+            raise UserError(f"unknown delegate type {item.get('type')!r}")
+        sections.append(entry.config_model.model_validate(item))
+    choice = choose(
+        "auto", sections, registry, model, sha256_file(model), budget_s=args.budget, cache_dir=None
+    )
+    table = Table(title=f"delegates for {model.name}")
+    for column in ("candidate", "median ms", "p90 ms", "IQR ms", "runs", "note"):
+        table.add_column(column)
+    for row in choice.table:
+        table.add_row(
+            row.label,
+            *(
+                f"{v:.2f}" if v is not None else "-"
+                for v in (row.median_ms, row.p90_ms, row.spread_ms)
+            ),
+            str(row.runs),
+            row.reason,
+        )
+    console = Console(width=max(110, Console().width))
+    console.print(table)
+    console.print(
+        f"auto picks: [bold]{choice.best[0].label}[/] (decided in {choice.seconds:.1f} s)"
+    )
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.demo import run_demo
 
@@ -325,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--threads", type=int, default=None)
     classify.add_argument("--every", type=int, default=1, help="video: every Nth frame")
     classify.set_defaults(func=cmd_classify)
+
+    bench = sub.add_parser("bench", help="measure every delegate candidate on a model")
+    bench.add_argument("model", nargs="?", help="model file (default: the factory model)")
+    bench.add_argument("--budget", type=float, default=5.0, help="total seconds of timing")
+    bench.add_argument("--candidates", help='JSON list, e.g. [{"type":"cpu","threads":1}]')
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="classify the bundled sample photos live")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")

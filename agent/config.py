@@ -185,6 +185,11 @@ def validate(located: Located, registries: Registries) -> AgentConfig:
         located,
         problems,
     )
+    if delegate is not None:
+        for name in ("candidates", "order"):
+            for i, item in enumerate(getattr(delegate, name, None) or []):
+                where: Loc = ("delegate", name, i)
+                _validate_section(item, where, registries.delegates, located, problems)
     raw_sinks = raw.get("sinks", default["sinks"])
     sinks = [
         _validate_section(item, ("sinks", i), registries.sinks, located, problems)

@@ -92,6 +92,7 @@ class Pipeline:
         self.stats = stats or LoopStats()
         self.boot_id = boot_id or uuid.uuid4().hex
         self.on_result = on_result
+        self.on_invoke_error: Callable[[BaseException], None] | None = None
         self._pool = _BufferPool(classifier)
         self._slot: LatestSlot[_Prepared] = LatestSlot()
         self._stop = threading.Event()
@@ -103,6 +104,8 @@ class Pipeline:
         self.last_frame: Frame | None = None
         self.last_result: Result | None = None
         self._errors_logged = 0
+        self._generation = 0
+        self._deliver_lock = threading.Lock()
 
     @property
     def classifier(self) -> Classifier:
@@ -119,10 +122,30 @@ class Pipeline:
 
     def start(self) -> None:
         self.source.start()
-        for name, target in (("prepare", self._prepare_loop), ("infer", self._infer_loop)):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        thread = threading.Thread(target=self._prepare_loop, name="prepare", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+        self._start_infer()
+
+    def _start_infer(self) -> None:
+        thread = threading.Thread(
+            target=self._infer_loop,
+            args=(self._generation,),
+            name=f"infer-{self._generation}",
+            daemon=True,
+        )
+        thread.start()
+        self._threads.append(thread)
+
+    def replace_infer_thread(self) -> None:
+        """Abandon an infer thread stuck in invoke() and serve from a fresh one.
+
+        The stuck thread exits by itself if its invoke ever returns (its generation is old).
+        """
+        self._generation += 1
+        self._threads = [t for t in self._threads if not t.name.startswith("infer")]
+        self.last_beat = time.monotonic()
+        self._start_infer()
 
     def stop(self, timeout: float = 1.5) -> None:
         """Stop all threads; the frame in flight is finished or dropped."""
@@ -172,9 +195,9 @@ class Pipeline:
         self._slot.close()
 
     # -- infer thread ----------------------------------------------------------------
-    def _infer_loop(self) -> None:
+    def _infer_loop(self, generation: int = 0) -> None:
         next_due = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and generation == self._generation:
             self.last_beat = time.monotonic()
             item = self._slot.take(timeout=0.1)
             if item is None:
@@ -185,7 +208,11 @@ class Pipeline:
                 item.pool.release(item.buffer)
                 self.last_progress = time.monotonic()
                 continue
-            self._infer_one(item)
+            try:
+                self._infer_one(item)
+            except Exception as exc:  # noqa: BLE001 - a bug in one frame must not end the loop
+                self.stats.errors += 1
+                self._count_error("frame failed", exc)
             cap = self.settings.fps_cap
             if cap:
                 next_due = max(next_due + 1.0 / cap, time.monotonic() - 1.0 / cap)
@@ -196,8 +223,9 @@ class Pipeline:
 
     def _infer_one(self, item: _Prepared) -> None:
         classifier = self._pool.classifier
-        if item.pool.classifier is not classifier:
-            self.stats.stale_dropped += 1  # prepared for a model that was swapped out
+        if item.pool.classifier is not classifier and item.pool.classifier.plan != classifier.plan:
+            item.pool.release(item.buffer)
+            self.stats.stale_dropped += 1  # prepared for a model with another input
             return
         t0 = time.perf_counter()
         try:
@@ -207,6 +235,11 @@ class Pipeline:
         except (ValueError, RuntimeError) as exc:
             self.stats.errors += 1
             self._count_error("inference failed", exc)
+            if self.on_invoke_error is not None:
+                try:
+                    self.on_invoke_error(exc)
+                except Exception as hook_exc:  # noqa: BLE001 - the loop must outlive its helpers
+                    self._count_error("failover handler failed", hook_exc)
             return
         t1 = time.perf_counter()
         settings = self.settings
@@ -250,9 +283,13 @@ class Pipeline:
                 return
             passed = filtered
         # seq counts delivered results only, so sinks see no gaps from vetoes.
-        self._seq += 1
-        passed.seq = self._seq
-        self.last_result = passed
+        with self._deliver_lock:
+            self._seq += 1
+            passed.seq = self._seq
+            self.last_result = passed
+            self._emit(passed)
+
+    def _emit(self, passed: Result) -> None:
         for sink in self.sinks:
             try:
                 sink.emit(passed)

@@ -20,6 +20,9 @@ class Sink(ABC):
     def emit(self, result: Result) -> None:
         """Take one result."""
 
+    def event(self, body: dict[str, Any]) -> None:  # noqa: B027 - optional
+        """An agent event (delegate failover, ...); sinks that report them override this."""
+
     def alive(self) -> bool:
         """False when a background thread of this sink died (the watchdog stops pinging)."""
         return True

@@ -147,6 +147,7 @@ class Client:
 
     def subscribe(self, topic: str) -> list[int]:
         _, mid = self.client.subscribe(topic, qos=1)
+        assert mid is not None
         wait_for(lambda: mid in self.suback, 5, f"SUBACK for {topic}")
         return self.suback[mid]
 

@@ -19,13 +19,13 @@ class Collect(Sink):
 
     def __init__(self) -> None:
         self.results: list[Result] = []
-        self.event = threading.Event()
+        self.done = threading.Event()
         self.want = 0
 
     def emit(self, result: Result) -> None:
         self.results.append(result)
         if len(self.results) >= self.want:
-            self.event.set()
+            self.done.set()
 
 
 class Broken(Sink):
@@ -39,7 +39,7 @@ def _run(pipeline: Pipeline, sink: Collect, count: int, limit: float = 20.0) -> 
     sink.want = count
     pipeline.start()
     try:
-        assert sink.event.wait(limit), f"only {len(sink.results)} results"
+        assert sink.done.wait(limit), f"only {len(sink.results)} results"
     finally:
         pipeline.stop()
 
@@ -121,13 +121,13 @@ def test_swap_between_frames(classifier: Classifier, cpu_delegate: CpuDelegate) 
     sink.want = 5
     pipeline.start()
     try:
-        assert sink.event.wait(10)
+        assert sink.done.wait(10)
         replacement = load_classifier(factory_model_path(), cpu_delegate)
-        sink.event.clear()
+        sink.done.clear()
         before = len(sink.results)
         pipeline.swap(replacement)
         sink.want = before + 5
-        assert sink.event.wait(10)
+        assert sink.done.wait(10)
     finally:
         pipeline.stop()
     assert pipeline.classifier is replacement

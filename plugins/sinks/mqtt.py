@@ -208,6 +208,7 @@ class MqttSink(Sink):
                 body["model"] = pipeline.classifier.info.describe()
                 body["delegate"] = pipeline.classifier.delegate
             body["source"] = getattr(agent, "source_choice", None)
+            body["delegate_choice"] = getattr(agent, "delegate_choice", None)
             capabilities = getattr(agent, "capabilities", None)
             if callable(capabilities):
                 body["capabilities"] = capabilities()
@@ -267,6 +268,10 @@ class MqttSink(Sink):
                 batch = state.add(result, now)
         if batch and self.link is not None:
             self.link.enqueue("predictions", {"results": batch})
+
+    def event(self, body: dict[str, Any]) -> None:
+        if self.link is not None:
+            self.link.enqueue("events", body)
 
     def alive(self) -> bool:
         """The link's threads are running (the watchdog asks)."""

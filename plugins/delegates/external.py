@@ -1,0 +1,54 @@
+"""Any TFLite external delegate ``.so`` with options: hardware we do not know yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from edgefleet.delegates import Availability, Delegate
+from edgefleet.hookspecs import hookimpl
+from edgefleet.registry import PluginConfig, Registry
+from edgefleet.runtime import get_runtime
+
+
+class ExternalConfig(PluginConfig):
+    """``delegate: {type: external, library: /opt/npu/libvx_delegate.so, options: {...}}``."""
+
+    type: Literal["external"] = "external"
+    library: Path
+    options: dict[str, str] = Field(default_factory=dict)
+    kind: str = Field(default="external", description="the model variant it needs")
+
+
+class ExternalDelegate(Delegate):
+    def __init__(self, config: ExternalConfig) -> None:
+        self.config = config
+        self.kind = config.kind
+
+    def availability(self, model_path: Path | None = None) -> Availability:
+        if not self.config.library.exists():
+            return Availability(False, f"library not found: {self.config.library}")
+        try:
+            get_runtime("auto").load_delegate(str(self.config.library), self.config.options)
+        except (ValueError, RuntimeError, OSError) as exc:
+            return Availability(False, f"cannot load {self.config.library.name}: {exc}")
+        return Availability(True)
+
+    def make_interpreter(self, model_path: Path) -> Any:
+        runtime = get_runtime("auto")
+        delegate = runtime.load_delegate(str(self.config.library), self.config.options)
+        interpreter = runtime.interpreter_class(
+            model_path=str(model_path), experimental_delegates=[delegate]
+        )
+        interpreter.allocate_tensors()
+        return interpreter
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "external", "library": str(self.config.library), "kind": self.kind}
+
+
+@hookimpl
+def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+    registry.add("external", ExternalConfig, ExternalDelegate, "any delegate .so with options")
