@@ -1,0 +1,142 @@
+"""Delegate selection and failover figures (a benchmark: prints only).
+
+    .venv/bin/python bench/delegates.py
+
+1. the measuring of ``edgefleet bench``/``auto`` against a bare ``invoke()`` loop on the same
+   interpreter, alternating rounds (target ratio >= 0.98: measuring adds nothing);
+2. time for ``auto`` to decide among the default candidates of this machine (target <= 5 s);
+3. frames lost when the serving delegate starts failing (target <= 1): a delegate that wraps
+   the real CPU one and raises on demand, with the CPU runner-up taking over.
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from edgefleet.agent import Agent
+from edgefleet.classifier import load_classifier, sha256_file
+from edgefleet.config import load_config
+from edgefleet.delegates import Availability
+from edgefleet.factory import factory_model_path
+from edgefleet.hookspecs import hookimpl
+from edgefleet.pluginmanager import make_plugin_manager
+from edgefleet.registry import Registry
+from edgefleet.results import Result
+from edgefleet.selection import _time_invokes, candidate_sections, choose
+from edgefleet.sinks import Sink
+from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
+
+MODEL = factory_model_path()
+BROKEN = threading.Event()
+
+
+def measuring_overhead(rounds: int = 5) -> tuple[float, float]:
+    clf = load_classifier(MODEL, CpuDelegate(CpuConfig(threads=2)))
+    measured, bare = [], []
+    for _ in range(rounds):
+        measured.append(statistics.median(_time_invokes(clf, 1.0, max_runs=300)))
+        times = []
+        for _ in range(300):
+            started = time.perf_counter()
+            clf.interpreter.invoke()
+            times.append((time.perf_counter() - started) * 1e3)
+        bare.append(statistics.median(times))
+    return statistics.median(bare), statistics.median(measured)
+
+
+class FlakyConfig(CpuConfig):
+    type: Literal["flaky"] = "flaky"  # type: ignore[assignment]
+
+
+class _Flaky:
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def invoke(self) -> None:
+        if BROKEN.is_set():
+            raise RuntimeError("device vanished")
+        self._inner.invoke()
+
+
+class FlakyDelegate(CpuDelegate):
+    def availability(self, model_path: Path | None = None) -> Availability:
+        return Availability(not BROKEN.is_set(), "unplugged" if BROKEN.is_set() else "")
+
+    def make_interpreter(self, model_path: Path) -> Any:
+        return _Flaky(super().make_interpreter(model_path))
+
+
+class FlakyPlugin:
+    @hookimpl
+    def edgefleet_register_delegates(self, registry: Registry[Any]) -> None:
+        registry.add("flaky", FlakyConfig, FlakyDelegate)
+
+
+class Frames(Sink):
+    name = "frames"
+
+    def __init__(self) -> None:
+        self.frames: list[int] = []
+
+    def emit(self, result: Result) -> None:
+        self.frames.append(result.frame)
+
+
+def failover_loss(tmp: Path) -> tuple[int, int]:
+    plugins = make_plugin_manager(extra=[("flaky", FlakyPlugin())])
+    text = (
+        "delegate:\n  type: prefer\n  reprobe_min_s: 60\n  order:\n"
+        "    - {type: flaky, threads: 1}\n    - {type: cpu, threads: 1}\n"
+        "source: {type: synthetic, fps: 30, width: 64, height: 48}\n"
+        f"sinks: []\nstate_dir: '{tmp}'\n"
+    )
+    config = load_config(None, plugins.registries, environ={}, text=text)
+    sink = Frames()
+    agent = Agent(config, plugins, extra_sinks=[sink])
+    runner = threading.Thread(target=agent.run, kwargs={"duration": 6, "install_signals": False})
+    runner.start()
+    time.sleep(2.5)
+    before = len(sink.frames)
+    BROKEN.set()
+    runner.join(15)
+    BROKEN.clear()
+    after = sink.frames[before - 1 :]
+    lost = sum(b - a - 1 for a, b in itertools.pairwise(after) if b > a + 1)
+    return lost, len(sink.frames) - before
+
+
+def main() -> int:
+    bare, measured = measuring_overhead()
+    print(
+        f"invoke median: bare loop {bare:.3f} ms, as measured by auto/bench {measured:.3f} ms, "
+        f"ratio bare/measured {bare / measured:.3f}"
+    )
+    registry = make_plugin_manager().registries.delegates
+    config = load_config(
+        None, make_plugin_manager().registries, environ={}, text="delegate: {type: auto}\n"
+    )
+    sections = candidate_sections(config.delegate, registry)
+    choice = choose("auto", sections, registry, MODEL, sha256_file(MODEL), budget_s=5.0)
+    print(
+        f"auto decided in {choice.seconds:.2f} s among {len(sections)} candidates: "
+        f"{choice.best[0].label} ({choice.best[0].median_ms} ms)"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lost, served = failover_loss(Path(tmp))
+    print(f"failover: {lost} frame(s) lost, {served} results after the delegate broke")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
