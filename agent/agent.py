@@ -7,6 +7,7 @@ Start order: plugins configured -> model loaded with the delegate -> one warm-up
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import types
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import structlog
@@ -26,6 +27,7 @@ from edgefleet.delegates import Delegate
 from edgefleet.errors import ModelError, UserError
 from edgefleet.factory import factory_model_path
 from edgefleet.failover import Failover
+from edgefleet.modelstore import ActiveModel, ModelStore
 from edgefleet.pipeline import LoopSettings, Pipeline
 from edgefleet.pluginmanager import Plugins
 from edgefleet.registry import PluginConfig
@@ -56,6 +58,7 @@ class Agent:
         self.choice: Choice | None = None
         self.delegate_choice: dict[str, Any] = {}
         self.failover: Failover | None = None
+        self._store_record: ActiveModel | Literal[False] | None = None
         self.pipeline: Pipeline | None = None
         self.source_choice: dict[str, Any] = {}
         self.sinks: list[Sink] = []
@@ -66,7 +69,14 @@ class Agent:
 
     # -- building blocks ---------------------------------------------------------------
     def model_path(self) -> Path:
-        return self.config.core.model.path or factory_model_path()
+        """The configured model, else the store's active one (rollouts), else the factory."""
+        if self.config.core.model.path is not None:
+            return self.config.core.model.path
+        if self._store_record is None:
+            self._store_record = ModelStore(self.config.core.state_dir).active() or False
+        if self._store_record:
+            return ModelStore(self.config.core.state_dir).path_for(self._store_record.sha256)
+        return factory_model_path()
 
     def make_delegate(self) -> Delegate:
         delegate: Delegate = self.plugins.registries.delegates.create(self.config.delegate)
@@ -214,6 +224,13 @@ class Agent:
         self.plugins.configure(self.config)
         choice = self.choose_delegate()
         _, self.delegate, classifier = choice.best
+        if self._store_record:
+            # A rolled-out model is known by its release name and version.
+            record = self._store_record
+            for _, _, ranked in choice.ranked:
+                ranked.info = dataclasses.replace(
+                    ranked.info, name=record.name, version=record.version
+                )
         logs.bind_global(model=classifier.info.name, model_version=classifier.info.version)
         source = self.make_source()
         self.sinks = self.make_sinks()

@@ -136,6 +136,8 @@ class MqttLink:
         self.drained = True
         self.online_since = 0.0
         self._sends: collections.deque[_Send] = collections.deque()
+        self._dynamic: set[str] = set()
+        self._sub_requests: collections.deque[tuple[str, bool]] = collections.deque()
         self.host, self.port, self.tls = parse_url(settings.url)
         self.spool = Spool(
             settings.spool_path,
@@ -250,11 +252,25 @@ class MqttLink:
             self._wake.set()
 
     def publish_now(
-        self, topic: str, payload: bytes, qos: int = 1, properties: Properties | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        properties: Properties | None = None,
+        retain: bool = False,
     ) -> None:
-        """Publish outside the spool (replies); dropped when offline."""
+        """Publish outside the spool (replies, retained states); dropped when offline."""
         if self.online.is_set():
-            self._sends.append(_Send(None, topic, payload, qos, False, properties))
+            self._sends.append(_Send(None, topic, payload, qos, retain, properties))
+
+    def subscribe(self, topic: str) -> None:
+        """Add a subscription now and on every reconnect (model chunks)."""
+        self._dynamic.add(topic)
+        self._sub_requests.append((topic, True))
+
+    def unsubscribe(self, topic: str) -> None:
+        self._dynamic.discard(topic)
+        self._sub_requests.append((topic, False))
 
     def spool_inflight(self) -> int:
         with self._lock:
@@ -288,6 +304,8 @@ class MqttLink:
         self.auth_failed = False
         self.state = "subscribing"
         topics = [self.topics.commands, self.topics.ack, *self.s.extra_subscriptions]
+        topics += sorted(self._dynamic)
+        self._sub_requests.clear()
         topics += [self.topics.group_commands(g) for g in self.s.groups]
         subs: list[tuple[str, Any]]
         if self.v5:
@@ -453,6 +471,12 @@ class MqttLink:
     def _publish_sends(self, client: mqtt.Client) -> None:
         if not self.online.is_set():
             return
+        while self._sub_requests:
+            topic, wanted = self._sub_requests.popleft()
+            if wanted:
+                client.subscribe(topic, qos=1)
+            else:
+                client.unsubscribe(topic)
         while self._sends:
             item = self._sends.popleft()
             info = client.publish(

@@ -23,6 +23,7 @@ from edgefleet.mqttlink import Incoming, LinkSettings, MqttLink, parse_url
 from edgefleet.protocol import DEFAULT_PREFIX
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.results import Result
+from edgefleet.rollout import RolloutManager, RolloutSettings
 from edgefleet.runtime import available_runtimes
 from edgefleet.sinks import Sink
 
@@ -80,6 +81,7 @@ class MqttConfig(PluginConfig):
     max_inflight: int = Field(default=200, ge=1, le=10000)
     resend_after_s: float = Field(default=30.0, gt=0)
     max_command_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    rollout: RolloutSettings | None = Field(default=None, description="enable model rollouts")
 
 
 class ReportState:
@@ -148,6 +150,7 @@ class MqttSink(Sink):
         self.agent: Any = None
         self.context: dict[str, Any] = {}
         self.commands: CommandHandler | None = None
+        self.rollout: RolloutManager | None = None
 
     # -- wiring ---------------------------------------------------------------------------
     def open(self, context: dict[str, Any]) -> None:
@@ -191,6 +194,19 @@ class MqttSink(Sink):
             metrics_interval_s=cfg.metrics_interval_s,
             tick=self._tick,
         )
+        if cfg.rollout is not None and self.agent is not None:
+            self.rollout = RolloutManager(
+                self.agent,
+                self.link,
+                cfg.rollout,
+                state_dir,
+                cfg.prefix,
+                settings.device,
+                settings.groups,
+            )
+            settings.extra_subscriptions.extend(self.rollout.subscriptions)
+            self.link.on_message = self.rollout.on_message
+            self.rollout.start()
         if self.link.spool.moved_aside is not None:
             log.error("spool was damaged and moved aside", path=str(self.link.spool.moved_aside))
         self.link.start()
@@ -295,6 +311,8 @@ class MqttSink(Sink):
 
     def close(self) -> None:
         self.flush()
+        if self.rollout is not None:
+            self.rollout.stop()
         if self.link is not None:
             self.link.stop()
             self.link = None
