@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from edgefleet import logs
 from edgefleet.agent import Agent
 from edgefleet.config import load_config
 from edgefleet.pluginmanager import make_plugin_manager
+from edgefleet.release import generate_keys
 from edgefleet.results import Result
 from edgefleet.samples import sample_dir
 from edgefleet.sinks import Sink
@@ -91,15 +93,17 @@ def local_broker(binary: str, workdir: Path) -> Iterator[int]:
         proc.wait(5)
 
 
-def _config_text(broker_port: int | None, state: Path) -> str:
+def _config_text(broker_port: int | None, state: Path, public_key: str = "") -> str:
     sinks = "sinks: []\n"
     if broker_port is not None:
+        pem = public_key.replace("\n", "\\n")
         sinks = (
             "sinks:\n"
             "  - type: mqtt\n"
             f"    url: mqtt://127.0.0.1:{broker_port}\n"
             "    metrics_interval_s: 5\n"
             "    ack_mode: collector\n"
+            f'    rollout: {{trusted_keys: {{demo: "{pem}"}}, health_frames: 4}}\n'
         )
     return (
         "device: {id: demo-device, groups: [demo]}\n"
@@ -117,9 +121,11 @@ def _echo(console: Console) -> Any:
             for result in body.get("results", []):
                 best = ", ".join(f"{t['label']} {t['score']:.2f}" for t in result["top"][:3])
                 timings = result.get("timings_ms", {})
+                model = f"{result.get('model')} v{result.get('model_version')}"
                 console.print(
-                    f"[cyan]{device}[/] #{result['seq']:<4} {result.get('origin', ''):<14} "
-                    f"[bold]{best}[/]  [dim]infer {timings.get('inference', 0):.1f} ms[/]"
+                    f"[cyan]{device}[/] #{result['seq']:<4} [green]{model}[/] "
+                    f"{result.get('origin', ''):<14} [bold]{best}[/]  "
+                    f"[dim]{timings.get('inference', 0):.1f} ms[/]"
                 )
         elif kind == "metrics":
             inference = body.get("latency_ms", {}).get("inference", {})
@@ -131,6 +137,33 @@ def _echo(console: Console) -> Any:
             )
 
     return echo
+
+
+def second_model() -> Path | None:
+    """The float model committed beside the package (a source checkout has it)."""
+    candidate = Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-fp32.tflite"
+    return candidate if candidate.exists() else None
+
+
+def _rollout_later(console: Console, port: int, key: Path, agent: Agent) -> None:
+    """After a few results, roll the float model out to the demo device, live."""
+    from edgefleet.rolloutcli import Broker, build_release, publish_release
+
+    model = second_model()
+    time.sleep(6)
+    if model is None or agent.stop_requested.is_set():
+        return
+    console.print(f"[yellow]rolling out {model.name} as release v1 (signed, chunked)...[/]")
+    manifest, blobs = build_release({"cpu": model}, "lite0-float", 1, key, "demo", 3600)
+    operator = Broker(f"mqtt://127.0.0.1:{port}")
+    try:
+        publish_release(operator, manifest, blobs, ["device:demo-device"])
+        states = operator.collect("edgefleet/v1/devices/demo-device/rollout", 4.0)
+    finally:
+        operator.close()
+    for payload in states.values():
+        if payload:
+            console.print(f"[yellow]rollout state: {payload.decode()[:160]}[/]")
 
 
 def run_demo(duration: float | None = None) -> int:
@@ -164,10 +197,14 @@ def run_demo(duration: float | None = None) -> int:
                 echo=_echo(console),
             )
             collector.start()
-            config = load_config(
-                None, plugins.registries, environ={}, text=_config_text(port, work)
-            )
+            private, public = generate_keys(work / "keys", "demo")
+            text = _config_text(port, work, public.read_text())
+            config = load_config(None, plugins.registries, environ={}, text=text)
             agent = Agent(config, plugins)
+            rollout = threading.Thread(
+                target=_rollout_later, daemon=True, args=(console, port, private, agent)
+            )
+            rollout.start()
             try:
                 return agent.run(duration=duration)
             finally:
