@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import queue
+import shutil
 import statistics
 import threading
 import time
@@ -196,7 +197,9 @@ class RolloutManager:
             return
         record = self.store.active()
         if record is not None and record.rollout_id == manifest.rollout_id:
-            return  # already running it
+            if not self.state:  # first word since a restart: say what runs
+                self._publish("active", manifest, note="running it since the agent started")
+            return
         if self._failed.get(manifest.rollout_id, 0) > time.monotonic():
             return
         kinds = [getattr(self.agent.delegate, "kind", "cpu")]
@@ -289,9 +292,8 @@ class RolloutManager:
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
         path = self.store.put(data, variant.sha256)
-        for part in download.folder.glob("*.part"):
-            part.unlink(missing_ok=True)
-        download.folder.rmdir()
+        # Parts, and temporary files a killed process may have left among them.
+        shutil.rmtree(download.folder, ignore_errors=True)
         self._preflight_and_activate(manifest, variant, path)
 
     def _preflight(self, variant: VariantSpec, path: Path) -> tuple[Classifier, float]:

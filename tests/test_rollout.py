@@ -268,3 +268,172 @@ def test_flipped_byte_and_garbage_leave_the_old_model(
     assert {r["model_version"] for r in results} == {0}
     assert json.dumps(_states(sub))  # states are plain JSON
     sub.stop()
+
+
+def test_group_target_device_precedence_and_resume(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    """A group release; a device-level one wins; a download cut by a kill -9 resumes."""
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    operator = Operator(broker.url)
+    group_release, _ = build_release({"cpu": FP32}, "group-model", 5, keys[0], "release", 3600)
+    device_release, blobs = build_release(
+        {"cpu": FP32}, "device-model", 3, keys[0], "release", 3600, chunk_size=1 << 20
+    )
+    # Only the group's manifest (its chunks are never published) and half the device's chunks.
+    operator.publish(
+        "edgefleet/v1/groups/lab/model/desired", group_release.model_dump_json().encode()
+    ).wait_for_publish(10)
+    pieces = chunk(blobs["cpu"], 1 << 20)
+    for index, piece in enumerate(pieces[:9]):
+        operator.publish(f"edgefleet/v1/models/device-model/3/cpu/{index}", piece).wait_for_publish(
+            10
+        )
+    operator.publish(
+        "edgefleet/v1/devices/dev-1/model/desired", device_release.model_dump_json().encode()
+    ).wait_for_publish(10)
+    parts = tmp_path / "state" / "downloads" / device_release.variants[0].sha256
+    with running(config) as agent:
+        wait_for(lambda: len(list(parts.glob("*.part"))) == 9, 30, "half the chunks on disk")
+        states = _states(sub)
+        assert all(s.get("name") != "group-model" for s in states)  # the device's wins
+        agent.kill()
+    with running(config) as agent:
+        wait_for(
+            lambda: any(
+                s["state"] == "downloading" and s.get("resumed") == 9 for s in _states(sub)
+            ),
+            30,
+            "resumed with 9 chunks",
+        )
+        for index, piece in enumerate(pieces[9:], start=9):
+            operator.publish(
+                f"edgefleet/v1/models/device-model/3/cpu/{index}", piece
+            ).wait_for_publish(10)
+        wait_for(
+            lambda: any(
+                s["state"] == "active" and s.get("name") == "device-model" for s in _states(sub)
+            ),
+            60,
+            "device release active",
+        )
+        agent.terminate()
+    operator.close()
+    sub.stop()
+
+
+def _fragile_plugin(root: Path) -> None:
+    """A delegate whose interpreters for rolled-out models break after the self-test."""
+    dist = root / "fragile_delegate-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fragile-delegate\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[edgefleet.plugins]\nfragile = tp_fragile\n")
+    (root / "tp_fragile.py").write_text(
+        "from typing import Literal\n"
+        "from edgefleet.hookspecs import hookimpl\n"
+        "from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate\n\n"
+        "class FragileConfig(CpuConfig):\n"
+        "    type: Literal['fragile'] = 'fragile'\n\n"
+        "class Breaks:\n"
+        "    def __init__(self, inner):\n"
+        "        self._inner, self.calls = inner, 0\n"
+        "    def __getattr__(self, name):\n"
+        "        return getattr(self._inner, name)\n"
+        "    def invoke(self):\n"
+        "        self.calls += 1\n"
+        "        if self.calls > 15:\n"
+        "            raise RuntimeError('accelerator fault')\n"
+        "        return self._inner.invoke()\n\n"
+        "class FragileDelegate(CpuDelegate):\n"
+        "    def make_interpreter(self, model_path):\n"
+        "        inner = super().make_interpreter(model_path)\n"
+        "        return Breaks(inner) if '/models/' in str(model_path) else inner\n\n"
+        "@hookimpl\n"
+        "def edgefleet_register_delegates(registry):\n"
+        "    registry.add('fragile', FragileConfig, FragileDelegate)\n"
+    )
+
+
+def test_health_window_rolls_back(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import sys
+
+    _fragile_plugin(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    config.write_text(
+        config.read_text().replace(
+            "delegate: {type: cpu, threads: 1}", "delegate: {type: fragile, threads: 1}"
+        )
+    )
+    with running(config) as agent:
+        wait_for(lambda: len(sub.result_seqs()) > 10, 30, "results")
+        manifest, blobs = build_release({"cpu": FP32}, "lite0-float", 1, keys[0], "release", 3600)
+        operator = Operator(broker.url)
+        publish_release(operator, manifest, blobs, ["device:dev-1"])
+        operator.close()
+        wait_for(
+            lambda: any(s["state"] in ("rolled_back", "active") for s in _states(sub)),
+            60,
+            "health verdict",
+        )
+        final = _states(sub)[-1]
+        assert final["state"] == "rolled_back", final
+        assert "inference errors in the health window" in str(final["reason"])
+        before = len(sub.result_seqs())
+        wait_for(lambda: len(sub.result_seqs()) > before + 10, 10, "serving the old model")
+        agent.terminate()
+    results = [r for m in sub.on("/predictions") for r in m.json()["results"]]
+    assert results[-1]["model_version"] == 0
+    assert not (tmp_path / "state" / "models" / "active.json").exists()
+    sub.stop()
+
+
+@pytest.mark.parametrize(
+    "state", ["received", "downloading", "verifying", "preflight", "activating", "active"]
+)
+def test_kill_9_at_each_state_leaves_one_verified_model(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path], state: str
+) -> None:
+    """SIGKILL as soon as the device reports ``state``; after a restart exactly one complete,
+    verified model is active (old or new) and the rollout ends active or failed, not stuck."""
+    from edgefleet.modelstore import ModelStore
+
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    manifest, blobs = build_release(
+        {"cpu": FP32}, "lite0-float", 1, keys[0], "release", 3600, chunk_size=1 << 20
+    )
+    operator = Operator(broker.url)
+    with running(config) as agent:
+        wait_for(lambda: len(sub.result_seqs()) > 3, 30, "results")
+        publish_release(operator, manifest, blobs, ["device:dev-1"])
+        wait_for(lambda: any(s["state"] == state for s in _states(sub)), 30, state)
+        agent.kill()
+    store = ModelStore(tmp_path / "state")
+    active = store.active()
+    if store.pointer.exists():
+        assert active is not None, "a pointer to a damaged model"
+        assert active.sha256 == manifest.variants[0].sha256
+    boots = {r["boot_id"] for r in (x for m in sub.on("/predictions") for x in m.json()["results"])}
+    with running(config) as agent:
+        wait_for(
+            lambda: any(
+                r["boot_id"] not in boots
+                for m in sub.on("/predictions")
+                for r in m.json()["results"]
+            ),
+            30,
+            "serving after restart",
+        )
+        wait_for(lambda: _states(sub)[-1]["state"] in ("active", "failed"), 60, "outcome")
+        agent.terminate()
+    final = ModelStore(tmp_path / "state").active()
+    assert final is not None
+    assert final.sha256 == manifest.variants[0].sha256
+    operator.close()
+    sub.stop()
