@@ -330,6 +330,8 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
         expected_top1=args.expected_top1,
     )
     broker = _operator(args)
+    if args.waves:
+        return _publish_waves(args, broker, manifest, blobs)
     try:
         with Progress() as progress:
             task = progress.add_task("chunks", total=1)
@@ -345,6 +347,33 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
         f"{', '.join(args.target)}"
     )
     return 0
+
+
+def _publish_waves(args: argparse.Namespace, broker: Any, manifest: Any, blobs: Any) -> int:
+    from edgefleet.rolloutcli import run_waves
+
+    try:
+        group = None
+        for target in args.target:
+            kind, _, name = target.partition(":")
+            if kind == "group":
+                group = name
+            elif target != "fleet":
+                raise UserError("--waves takes --target group:NAME or --target fleet")
+        waves = [float(x) for x in args.waves.split(",")]
+        ok = run_waves(
+            broker,
+            manifest,
+            blobs,
+            group,
+            waves,
+            args.max_failure_rate,
+            args.prefix,
+            args.wave_timeout,
+        )
+    finally:
+        broker.close()
+    return 0 if ok else 1
 
 
 def cmd_rollout_status(args: argparse.Namespace) -> int:
@@ -416,6 +445,9 @@ def _add_rollout_commands(sub: Any) -> None:
     pub.add_argument("--chunk-size", type=int, default=128 * 1024)
     pub.add_argument("--rollback", action="store_true", help="allow a lower version")
     pub.add_argument("--expected-top1", help="label the probe image must give (self-test)")
+    pub.add_argument("--waves", help="percentages, e.g. 10,50,100 (devices from status topics)")
+    pub.add_argument("--max-failure-rate", type=float, default=0.05)
+    pub.add_argument("--wave-timeout", type=float, default=600.0, help="seconds per wave")
     pub.set_defaults(func=cmd_rollout_publish)
     status = rsub.add_parser("status", parents=[common], help="per-device rollout state")
     status.set_defaults(func=cmd_rollout_status)

@@ -6,7 +6,9 @@ retained, so devices pull them whenever they are ready, without a server process
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import threading
 import time
 import uuid
@@ -77,6 +79,10 @@ class Broker:
         with self._lock:
             return dict(self.messages)
 
+    def snapshot(self) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self.messages)
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -124,8 +130,10 @@ def build_release(
         )
         blobs[kind] = data
     now = time.time()
+    # The same release always has the same id, so a re-run of a wave rollout continues.
+    identity = "|".join([name, str(version), *(v.sha256 for v in variants)])
     manifest = Manifest(
-        rollout_id=uuid.uuid4().hex[:16],
+        rollout_id=hashlib.sha256(identity.encode()).hexdigest()[:16],
         name=name,
         version=version,
         created=now,
@@ -190,3 +198,92 @@ def clear_release(broker: Broker, name: str, version: int, prefix: str = DEFAULT
     for info in infos:
         info.wait_for_publish(30)
     return len(infos)
+
+
+TERMINAL = ("active", "failed", "rolled_back")
+
+
+def wave_order(devices: list[str]) -> list[str]:
+    """Who goes first: a stable order from a hash of the device id, the same on every run."""
+    return sorted(devices, key=lambda d: hashlib.sha256(d.encode()).hexdigest())
+
+
+def known_devices(
+    broker: Broker, prefix: str, group: str | None, seconds: float = 1.5
+) -> list[str]:
+    devices = []
+    for topic, payload in broker.collect(f"{prefix}/devices/+/status", seconds).items():
+        if not topic.endswith("/status") or not payload:
+            continue
+        try:
+            status = json.loads(payload)
+        except ValueError:
+            continue
+        if group is None or group in (status.get("groups") or []):
+            devices.append(topic.split("/")[-2])
+    return devices
+
+
+def run_waves(
+    broker: Broker,
+    manifest: Manifest,
+    blobs: dict[str, bytes],
+    group: str | None,
+    waves: list[float],
+    max_failure_rate: float,
+    prefix: str = DEFAULT_PREFIX,
+    wave_timeout_s: float = 600.0,
+    report: Any = print,
+) -> bool:
+    """Publish per-device desired states wave by wave; False when a wave fails too often."""
+    publish_release(broker, manifest, blobs, [], prefix)
+    order = wave_order(known_devices(broker, prefix, group))
+    if not order:
+        raise UserError("no devices known from their status topics")
+    broker.client.subscribe(f"{prefix}/devices/+/rollout", qos=1)
+    body = manifest.model_dump_json().encode()
+    started: set[str] = set()
+    for percent in waves:
+        wave = order[: max(1, math.ceil(len(order) * percent / 100))]
+        for device in wave:
+            if device not in started:
+                broker.publish(desired_topic(prefix, f"device:{device}"), body).wait_for_publish(30)
+                started.add(device)
+        outcome = _wait_wave(broker, manifest, wave, prefix, wave_timeout_s)
+        failures = [d for d in wave if outcome.get(d) != "active"]
+        rate = len(failures) / len(wave)
+        detail = f": {', '.join(sorted(failures))}" if failures else ""
+        report(
+            f"wave {percent:g}%: {len(wave)} devices, {len(failures)} not active "
+            f"({rate:.0%}){detail}"
+        )
+        if rate > max_failure_rate:
+            report(
+                f"halted: failure rate {rate:.0%} > {max_failure_rate:.0%}; "
+                f"{len(order) - len(started)} devices stay on their current model"
+            )
+            return False
+    return True
+
+
+def _wait_wave(
+    broker: Broker, manifest: Manifest, wave: list[str], prefix: str, timeout_s: float
+) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    outcome: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        messages = broker.snapshot()
+        for device in wave:
+            payload = messages.get(f"{prefix}/devices/{device}/rollout")
+            if not payload:
+                continue
+            try:
+                state = json.loads(payload)
+            except ValueError:
+                continue
+            if state.get("rollout_id") == manifest.rollout_id and state.get("state") in TERMINAL:
+                outcome[device] = str(state["state"])
+        if len(outcome) == len(wave):
+            break
+        time.sleep(0.2)
+    return outcome

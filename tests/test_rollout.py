@@ -437,3 +437,90 @@ def test_kill_9_at_each_state_leaves_one_verified_model(
     assert final.sha256 == manifest.variants[0].sha256
     operator.close()
     sub.stop()
+
+
+def test_waves_halt_on_failure_threshold(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    import subprocess
+
+    from edgefleet.rolloutcli import wave_order
+
+    from .conftest import cli_command
+
+    # Three devices; the one that goes second (by hash order) does not trust the key.
+    names = [f"dev-{i}" for i in range(20)]
+    order = wave_order(names[:3])
+    good1, bad, good2 = order
+    other_keys = generate_keys(tmp_path / "other", "release")
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    agents = []
+    for name in order:
+        folder = tmp_path / name
+        folder.mkdir()
+        trusted = other_keys if name == bad else keys
+        config = _device_config(folder, broker, trusted)
+        config.write_text(
+            config.read_text().replace("id: dev-1", f"id: {name}").replace("fps: 20", "fps: 5")
+        )
+        agents.append(running(config))
+    try:
+        for ctx in agents:
+            ctx.__enter__()
+        wait_for(
+            lambda: {m.topic.split("/")[-2] for m in sub.on("/status")} >= set(order),
+            30,
+            "three devices online",
+        )
+        proc = subprocess.run(
+            cli_command(
+                "rollout",
+                "publish",
+                str(FP32),
+                "--name",
+                "lite0-float",
+                "--version",
+                "1",
+                "--target",
+                "group:lab",
+                "--key",
+                str(keys[0]),
+                "--key-id",
+                "release",
+                "--broker",
+                broker.url,
+                "--waves",
+                "33,66,100",
+                "--max-failure-rate",
+                "0.05",
+                "--wave-timeout",
+                "60",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=240,
+            check=False,
+        )
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert "wave 33%: 1 devices, 0 not active" in proc.stdout
+        assert f"wave 66%: 2 devices, 1 not active (50%): {bad}" in proc.stdout
+        assert "halted" in proc.stdout
+        states = {m.topic.split("/")[-2]: m.json() for m in sub.on("/rollout") if m.payload}
+        assert states[good1]["state"] == "active"
+        assert states[bad]["state"] == "failed"
+        assert good2 not in states  # never asked: stays on its model
+
+        status = subprocess.run(
+            cli_command("rollout", "status", "--broker", broker.url),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert status.returncode == 0
+        assert good1 in status.stdout
+        assert "signed by unknown key" in status.stdout or "failed" in status.stdout
+    finally:
+        for ctx in agents:
+            ctx.__exit__(None, None, None)
+        sub.stop()
