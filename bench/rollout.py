@@ -1,0 +1,206 @@
+"""Rollout figures on a local mosquitto (a benchmark: prints only).
+
+    .venv/bin/python bench/rollout.py [--agents 20]
+
+1. publish -> ``active`` for the factory lite0 int8 file as a release, to 1 device and then
+   to N agents at once (separate processes, 2 fps synthetic input each);
+2. download throughput of the device's chunk path against a plain subscriber fetching the same
+   retained chunks (ratio; target >= 0.5);
+3. the largest gap between two consecutive predictions around the swap, against the normal
+   frame interval (target <= 2 intervals).
+Targets (issue 5): 20 agents active <= 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.demo import _free_port, find_mosquitto
+from edgefleet.factory import factory_model_path
+from edgefleet.release import generate_keys
+from edgefleet.rolloutcli import Broker, build_release, publish_release
+
+MODEL = factory_model_path()
+
+
+def agent_config(folder: Path, port: int, device: str, public: str, fps: float) -> Path:
+    pem = public.replace("\n", "\\n")
+    config = folder / f"{device}.yaml"
+    config.write_text(
+        f"device: {{id: {device}, groups: [bench]}}\n"
+        f"source: {{type: synthetic, fps: {fps}, width: 64, height: 48}}\n"
+        "delegate: {type: cpu, threads: 1}\n"
+        f"state_dir: '{folder / device}'\n"
+        "logging: {level: warning}\n"
+        "sinks:\n"
+        f"  - type: mqtt\n    url: mqtt://127.0.0.1:{port}\n"
+        f'    rollout: {{trusted_keys: {{bench: "{pem}"}}, health_frames: 3}}\n'
+    )
+    return config
+
+
+class Watch:
+    """Everything published under ``topic``, with arrival times."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        self._seen: dict[str, list[tuple[float, bytes]]] = {}
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+
+    def _on_message(self, _c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self._seen.setdefault(msg.topic, []).append((time.monotonic(), bytes(msg.payload)))
+
+    def snapshot(self) -> dict[str, list[tuple[float, bytes]]]:
+        with self._lock:
+            return {k: list(v) for k, v in self._seen.items()}
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def active_count(watch: Watch, rollout_id: str) -> dict[str, float]:
+    done = {}
+    for topic, events in watch.snapshot().items():
+        if not topic.endswith("/rollout"):
+            continue
+        for at, payload in events:
+            if (
+                payload
+                and json.loads(payload).get("rollout_id") == rollout_id
+                and json.loads(payload).get("state") == "active"
+            ):
+                done[topic.split("/")[-2]] = at
+    return done
+
+
+def roll(port: int, key: Path, devices: list[str], version: int, watch: Watch) -> float:
+    manifest, blobs = build_release({"cpu": MODEL}, "bench", version, key, "bench", 3600)
+    operator = Broker(f"mqtt://127.0.0.1:{port}")
+    started = time.monotonic()
+    publish_release(operator, manifest, blobs, [f"device:{d}" for d in devices])
+    operator.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        done = active_count(watch, manifest.rollout_id)
+        if len(done) == len(devices):
+            return max(done.values()) - started
+        time.sleep(0.05)
+    return float("nan")
+
+
+def plain_fetch(port: int, chunks: int) -> float:
+    watch = Watch(port, "edgefleet/v1/models/bench/1/cpu/+")
+    started = time.monotonic()
+    while (
+        sum(len(v) for v in watch.snapshot().values()) < chunks and time.monotonic() - started < 60
+    ):
+        time.sleep(0.005)
+    elapsed = time.monotonic() - started
+    watch.close()
+    return elapsed
+
+
+def start_agents(
+    tmp: Path, port: int, names: list[str], public: str, watch: Watch
+) -> list[subprocess.Popen[bytes]]:
+    procs = []
+    for i, device in enumerate(names):
+        config = agent_config(tmp, port, device, public, 20.0 if i == 0 else 2.0)
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "edgefleet", "run", "-c", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        online = {t.split("/")[-2] for t in watch.snapshot() if t.endswith("/status")}
+        if online >= set(names):
+            break
+        time.sleep(0.2)
+    time.sleep(2)
+    return procs
+
+
+def report_first(port: int, device: str, watch: Watch, seconds: float) -> None:
+    size = MODEL.stat().st_size
+    print(f"1 device: publish -> active in {seconds:.2f} s ({size / 1e6:.1f} MB, 128 KiB chunks)")
+    plain = plain_fetch(port, -(-size // (128 * 1024)))
+    seen = watch.snapshot()
+    states = [
+        (at, json.loads(p)) for at, p in seen.get(f"edgefleet/v1/devices/{device}/rollout", []) if p
+    ]
+    dl_start = next(at for at, s in states if s["state"] == "downloading")
+    dl_end = next(at for at, s in states if s["state"] == "verifying")
+    device_dl = dl_end - dl_start
+    print(
+        f"download: device {device_dl:.2f} s vs plain subscriber {plain:.2f} s for the same "
+        f"retained chunks, ratio {plain / device_dl:.2f}"
+    )
+    preds = [at for at, _ in seen.get(f"edgefleet/v1/devices/{device}/predictions", [])]
+    activated = next(at for at, s in states if s["state"] == "activating")
+    around = [b - a for a, b in itertools.pairwise(preds) if abs(a - activated) < 2]
+    if around:
+        print(
+            f"swap gap: largest {max(around) * 1000:.0f} ms between predictions around the "
+            f"swap; frame interval 50 ms ({max(around) * 20:.1f} intervals)"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", type=int, default=20)
+    args = parser.parse_args()
+    binary = find_mosquitto()
+    if binary is None:
+        print("mosquitto not found")
+        return 0
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        port = _free_port()
+        conf = tmp / "m.conf"
+        conf.write_text(
+            f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
+            "persistence false\nlog_dest none\n"
+        )
+        broker = subprocess.Popen([binary, "-c", str(conf)])
+        time.sleep(0.5)
+        private, public = generate_keys(tmp / "keys", "bench")
+        watch = Watch(port, "edgefleet/v1/devices/#")
+        names = [f"bench-{i:02d}" for i in range(args.agents)]
+        procs = start_agents(tmp, port, names, public.read_text(), watch)
+        try:
+            report_first(port, names[0], watch, roll(port, private, names[:1], 1, watch))
+            many = roll(port, private, names, 2, watch)
+            print(f"{len(names)} agents: publish -> all active in {many:.2f} s")
+        finally:
+            for proc in procs:
+                proc.terminate()
+            for proc in procs:
+                proc.wait(20)
+            watch.close()
+            broker.terminate()
+            broker.wait(5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
