@@ -524,3 +524,73 @@ def test_waves_halt_on_failure_threshold(
         for ctx in agents:
             ctx.__exit__(None, None, None)
         sub.stop()
+
+
+def test_spec_mismatch_and_broker_restart_mid_download(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    """A manifest whose input spec lies fails preflight; a download cut by a broker restart
+    (no persistence: the retained chunks are gone) resumes once they are published again."""
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    with running(config) as agent:
+        wait_for(lambda: len(sub.result_seqs()) > 5, 30, "results")
+        operator = Operator(broker.url)
+        data = FP32.read_bytes()
+        lying = describe_variant(
+            "cpu", data, {"height": 300, "width": 300, "dtype": "float32"}, 1 << 20, labels=1000
+        )
+        bad = sign(
+            Manifest(
+                rollout_id="liar",
+                name="liar",
+                version=7,
+                created=time.time(),
+                expires=time.time() + 600,
+                key_id="release",
+                variants=[lying],
+            ),
+            load_private_key(keys[0]),
+        )
+        publish_release(operator, bad, {"cpu": data}, ["device:dev-1"])
+        wait_for(
+            lambda: any(
+                s.get("rollout_id") == "liar" and s["state"] == "failed" for s in _states(sub)
+            ),
+            30,
+            "spec mismatch refused",
+        )
+        reason = next(
+            str(s["reason"])
+            for s in _states(sub)
+            if s.get("rollout_id") == "liar" and s["state"] == "failed"
+        )
+        assert "differs from the manifest's 300x300 float32" in reason
+
+        manifest, blobs = build_release(
+            {"cpu": FP32}, "lite0-float", 8, keys[0], "release", 3600, chunk_size=1 << 20
+        )
+        pieces = chunk(blobs["cpu"], 1 << 20)
+        for index, piece in enumerate(pieces[:6]):
+            operator.publish(
+                f"edgefleet/v1/models/lite0-float/8/cpu/{index}", piece
+            ).wait_for_publish(10)
+        operator.publish(
+            "edgefleet/v1/devices/dev-1/model/desired", manifest.model_dump_json().encode()
+        ).wait_for_publish(10)
+        parts = tmp_path / "state" / "downloads" / manifest.variants[0].sha256
+        wait_for(lambda: len(list(parts.glob("*.part"))) == 6, 30, "six chunks")
+        operator.close()
+        sub.stop()
+        broker.restart()  # everything retained is lost
+        sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+        operator = Operator(broker.url)
+        publish_release(operator, manifest, blobs, ["device:dev-1"])
+        operator.close()
+        wait_for(
+            lambda: any(s.get("version") == 8 and s["state"] == "active" for s in _states(sub)),
+            60,
+            "active after the broker restart",
+        )
+        agent.terminate()
+    sub.stop()
