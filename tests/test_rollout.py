@@ -594,3 +594,52 @@ def test_spec_mismatch_and_broker_restart_mid_download(
         )
         agent.terminate()
     sub.stop()
+
+
+def test_wrong_total_sha_and_clear(tmp_path: Path, broker: Broker, keys: tuple[Path, Path]) -> None:
+    import subprocess
+
+    from .conftest import cli_command
+
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    with running(config) as agent:
+        wait_for(lambda: len(sub.result_seqs()) > 5, 30, "results")
+        manifest, blobs = build_release(
+            {"cpu": FP32}, "lite0-float", 4, keys[0], "release", 3600, chunk_size=1 << 20
+        )
+        lied = manifest.variants[0].model_copy(update={"sha256": "0" * 64})
+        bad = sign(
+            manifest.model_copy(update={"variants": [lied], "rollout_id": "badsum"}),
+            load_private_key(keys[0]),
+        )
+        operator = Operator(broker.url)
+        publish_release(operator, bad, blobs, ["device:dev-1"])
+        operator.close()
+        wait_for(
+            lambda: any(
+                s.get("rollout_id") == "badsum" and s["state"] == "failed" for s in _states(sub)
+            ),
+            30,
+            "total hash refused",
+        )
+        reason = next(
+            str(s["reason"])
+            for s in _states(sub)
+            if s.get("rollout_id") == "badsum" and s["state"] == "failed"
+        )
+        assert reason == "assembled model does not match its size/sha256"
+        agent.terminate()
+    proc = subprocess.run(
+        cli_command("rollout", "clear", "lite0-float", "4", "--broker", broker.url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "cleared 18 retained chunks" in proc.stdout
+    left = Operator(broker.url)
+    assert left.collect("edgefleet/v1/models/lite0-float/4/+/+", 1.0) == {}
+    left.close()
+    sub.stop()

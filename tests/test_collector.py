@@ -1,0 +1,99 @@
+"""The collector's store: idempotent, contiguous acks with floors, SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edgefleet.collector import Store
+from edgefleet.errors import UserError
+from edgefleet.modelstore import ActiveModel, ModelStore
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def _pg_available() -> bool:
+    try:
+        Store(PG_URL).close()
+    except UserError:
+        return False
+    return True
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    if request.param == "sqlite":
+        s = Store(f"sqlite:///{tmp_path / 'fleet.db'}")
+    else:
+        if not _pg_available():
+            pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+        s = Store(PG_URL)
+    yield s
+    s.close()
+
+
+def _message(boot: str, mseq: int, floor: int, seqs: list[int]) -> dict[str, object]:
+    return {
+        "device": "d1",
+        "boot_id": boot,
+        "mseq": mseq,
+        "floor": floor,
+        "ts": 1.0,
+        "results": [
+            {
+                "seq": s,
+                "boot_id": boot,
+                "ts": 1.0,
+                "model": "m",
+                "model_version": 0,
+                "top": [{"label": "cat", "index": 1, "score": 0.5}],
+            }
+            for s in seqs
+        ],
+    }
+
+
+def test_idempotent_and_contiguous(store: Store) -> None:
+    boot = uuid.uuid4().hex  # PostgreSQL is shared across runs: a fresh boot id each time
+    cur = store.cursor()
+    for mseq in (1, 2, 4):
+        store.save_message(cur, "predictions", "d1", _message(boot, mseq, 1, [mseq]))
+    store.save_message(cur, "predictions", "d1", _message(boot, 2, 1, [2]))  # a duplicate
+    assert store.advance(cur, "d1", boot, 1) == 2  # 3 is missing
+    store.commit()
+    store.save_message(cur, "predictions", "d1", _message(boot, 3, 1, [3]))
+    assert store.advance(cur, "d1", boot, 1) == 4
+    # The device dropped 5..9 (spool full) and says so with its floor: no stall.
+    store.save_message(cur, "predictions", "d1", _message(boot, 10, 10, [10]))
+    assert store.advance(cur, "d1", boot, 10) == 10
+    store.commit()
+    cur.execute(store._q("SELECT count(*) FROM predictions WHERE boot_id = ?"), (boot,))
+    assert cur.fetchone()[0] == 5
+
+
+def test_bad_database_urls(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="use sqlite:///PATH or postgresql://"):
+        Store("mysql://x")
+    with pytest.raises(UserError, match="cannot connect"):
+        Store("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_model_store_falls_back(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    assert store.active() is None  # empty: the factory model runs
+    data = b"model-bytes-1"
+    import hashlib
+
+    sha = hashlib.sha256(data).hexdigest()
+    store.put(data, sha)
+    store.activate(ActiveModel(sha256=sha, name="m", version=1))
+    assert store.active() is not None
+    store.path_for(sha).write_bytes(b"tampered")  # damaged on disk
+    assert store.active() is None
+    store.pointer.write_text("{not json")
+    assert store.active() is None
+    with pytest.raises(ValueError, match="does not match"):
+        store.put(b"other", sha)
