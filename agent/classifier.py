@@ -20,6 +20,10 @@ from edgefleet.errors import ModelError
 from edgefleet.modelpack import ModelMetadata, is_tflite, read_packed
 from edgefleet.results import Label
 
+# Resizing one frame is too small to split across cores; OpenCV's own thread pool would
+# only compete with the interpreter's threads (XNNPACK's workers wait for the slowest).
+cv2.setNumThreads(1)
+
 DEFAULT_MEAN = 127.0
 DEFAULT_STD = 128.0
 DEFAULT_CROP = 0.875
