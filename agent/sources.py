@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import cv2
 import numpy as np
 import structlog
 
@@ -180,3 +181,22 @@ class ThreadedSource(Source):
             self.close()
         except Exception as exc:  # noqa: BLE001 - a failing close must not stop the retry loop
             log.warning("source close failed", source=self.name, error=str(exc))
+
+
+class OpenCvSource(ThreadedSource):
+    """Sources read through an OpenCV ``VideoCapture`` (cameras, streams, files)."""
+
+    _cap: Any = None
+
+    def read_rgb(self, lost: str) -> np.ndarray:
+        """The next frame as RGB; SourceError(``lost``) when the capture has none."""
+        ok, bgr = self._cap.read()
+        if not ok or bgr is None:
+            raise SourceError(lost)
+        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return rgb
+
+    def close(self) -> None:
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None

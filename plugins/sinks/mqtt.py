@@ -282,8 +282,7 @@ class MqttSink(Sink):
                 batch = state.take_if_due(now)
             else:
                 batch = state.add(result, now)
-        if batch and self.link is not None:
-            self.link.enqueue("predictions", {"results": batch})
+        self._send(batch)
 
     def event(self, body: dict[str, Any]) -> None:
         if self.link is not None:
@@ -296,18 +295,20 @@ class MqttSink(Sink):
     def status_text(self) -> str:
         return f"broker {self.link.state}" if self.link is not None else "broker off"
 
+    def _send(self, batch: list[dict[str, Any]] | None) -> None:
+        if batch and self.link is not None:
+            self.link.enqueue("predictions", {"results": batch})
+
     def _tick(self) -> None:
         # Runs on the outbox thread: a batch waiting longer than batch_ms goes out.
         with self.report.lock:
             batch = self.report.take_if_due(time.monotonic())
-        if batch and self.link is not None:
-            self.link.enqueue("predictions", {"results": batch})
+        self._send(batch)
 
     def flush(self) -> None:
         with self.report.lock:
             batch, self.report.batch = self.report.batch, []
-        if batch and self.link is not None:
-            self.link.enqueue("predictions", {"results": batch})
+        self._send(batch)
 
     def close(self) -> None:
         self.flush()

@@ -13,7 +13,7 @@ from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
 from edgefleet.sourceoffers import SourceOffer
-from edgefleet.sources import ThreadedSource
+from edgefleet.sources import OpenCvSource
 
 
 class CameraConfig(PluginConfig):
@@ -30,12 +30,11 @@ def device_path(device: int | str) -> Path:
     return Path(f"/dev/video{device}") if isinstance(device, int) else Path(device)
 
 
-class CameraSource(ThreadedSource):
+class CameraSource(OpenCvSource):
     def __init__(self, config: CameraConfig) -> None:
         # The camera paces itself: no software pacing on top.
         super().__init__("camera", fps=None)
         self.config = config
-        self._cap: Any = None
 
     def open(self) -> None:
         path = device_path(self.config.device)
@@ -57,16 +56,8 @@ class CameraSource(ThreadedSource):
         self._status.detail["device"] = str(path)
 
     def read(self) -> tuple[np.ndarray, str]:
-        ok, bgr = self._cap.read()
-        if not ok or bgr is None:
-            raise SourceError(f"camera {device_path(self.config.device)} stopped delivering")
-        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return rgb, str(device_path(self.config.device))
-
-    def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
+        path = device_path(self.config.device)
+        return self.read_rgb(f"camera {path} stopped delivering"), str(path)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from pydantic import Field
 from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sources import ThreadedSource
+from edgefleet.sources import OpenCvSource
 
 
 class RtspConfig(PluginConfig):
@@ -31,11 +31,10 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}{rest}"
 
 
-class RtspSource(ThreadedSource):
+class RtspSource(OpenCvSource):
     def __init__(self, config: RtspConfig) -> None:
         super().__init__("rtsp", fps=None)
         self.config = config
-        self._cap: Any = None
 
     def open(self) -> None:
         timeout_ms = int(self.config.open_timeout_s * 1000)
@@ -54,16 +53,8 @@ class RtspSource(ThreadedSource):
         self._cap = cap
 
     def read(self) -> tuple[np.ndarray, str]:
-        ok, bgr = self._cap.read()
-        if not ok or bgr is None:
-            raise SourceError(f"stream {_redact(self.config.url)} lost")
-        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-        return rgb, _redact(self.config.url)
-
-    def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
+        url = _redact(self.config.url)
+        return self.read_rgb(f"stream {url} lost"), url
 
 
 @hookimpl

@@ -12,7 +12,7 @@ from pydantic import Field
 from edgefleet.errors import SourceError
 from edgefleet.hookspecs import hookimpl
 from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sources import EndOfStream, ThreadedSource
+from edgefleet.sources import EndOfStream, OpenCvSource
 
 
 class VideoConfig(PluginConfig):
@@ -25,11 +25,10 @@ class VideoConfig(PluginConfig):
     realtime: bool = Field(default=True, description="false = as fast as consumed")
 
 
-class VideoSource(ThreadedSource):
+class VideoSource(OpenCvSource):
     def __init__(self, config: VideoConfig) -> None:
         super().__init__("video", fps=config.fps)
         self.config = config
-        self._cap: Any = None
 
     def open(self) -> None:
         path = self.config.path
@@ -48,22 +47,15 @@ class VideoSource(ThreadedSource):
         self._status.detail["path"] = str(path)
 
     def read(self) -> tuple[np.ndarray, str]:
-        ok, bgr = self._cap.read()
-        if not ok:
+        try:
+            rgb = self.read_rgb("end of video")
+        except SourceError:
             if not self.config.loop:
-                raise EndOfStream
+                raise EndOfStream from None
             self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
-            ok, bgr = self._cap.read()
-            if not ok:
-                raise SourceError(f"cannot read frames from {self.config.path}")
+            rgb = self.read_rgb(f"cannot read frames from {self.config.path}")
         index = int(self._cap.get(cv2.CAP_PROP_POS_FRAMES))
-        rgb: np.ndarray = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
         return rgb, f"{self.config.path.name}#{index}"
-
-    def close(self) -> None:
-        if self._cap is not None:
-            self._cap.release()
-            self._cap = None
 
 
 @hookimpl
