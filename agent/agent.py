@@ -58,6 +58,7 @@ class Agent:
         self.choice: Choice | None = None
         self.delegate_choice: dict[str, Any] = {}
         self.failover: Failover | None = None
+        self.capability_report: dict[str, Any] = {}
         self._store_record: ActiveModel | Literal[False] | None = None
         self.pipeline: Pipeline | None = None
         self.source_choice: dict[str, Any] = {}
@@ -224,6 +225,8 @@ class Agent:
         self.plugins.configure(self.config)
         choice = self.choose_delegate()
         _, self.delegate, classifier = choice.best
+        # Probed once here: the birth message is built on the MQTT network thread.
+        self.capability_report = self.capabilities()
         if self._store_record:
             # A rolled-out model is known by its release name and version.
             record = self._store_record

@@ -147,7 +147,7 @@ class MqttLink:
         )
         self._outq: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self._acks: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._collector_acks: queue.SimpleQueue[Ack] = queue.SimpleQueue()
+        self._collector_acks: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._commands: queue.Queue[Incoming] = queue.Queue(maxsize=64)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -391,12 +391,7 @@ class MqttLink:
             self.commands_dropped += 1
 
     def _take_ack(self, payload: bytes) -> None:
-        try:
-            ack = Ack.model_validate_json(payload)
-        except ValueError:
-            log.warning("malformed ack ignored", size=len(payload))
-            return
-        self._collector_acks.put(ack)
+        self._collector_acks.put(payload)  # parsed on the outbox thread
         self._wake.set()
 
     # -- network thread --------------------------------------------------------------------
@@ -559,11 +554,17 @@ class MqttLink:
             self.spool.delete(ids)
         while True:
             try:
-                ack = self._collector_acks.get_nowait()
+                payload = self._collector_acks.get_nowait()
             except queue.Empty:
                 break
-            if self.s.ack_mode == "collector":
-                self.spool.ack_upto(ack.boot_id, ack.mseq)
+            if self.s.ack_mode != "collector":
+                continue
+            try:
+                ack = Ack.model_validate_json(payload)
+            except ValueError:
+                log.warning("malformed ack ignored", size=len(payload))
+                continue
+            self.spool.ack_upto(ack.boot_id, ack.mseq)
 
     def _publish_window(self) -> None:
         room = self.s.max_inflight - self.spool_inflight()

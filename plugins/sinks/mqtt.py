@@ -225,9 +225,9 @@ class MqttSink(Sink):
                 body["delegate"] = pipeline.classifier.delegate
             body["source"] = getattr(agent, "source_choice", None)
             body["delegate_choice"] = getattr(agent, "delegate_choice", None)
-            capabilities = getattr(agent, "capabilities", None)
-            if callable(capabilities):
-                body["capabilities"] = capabilities()
+            report = getattr(agent, "capability_report", None)
+            if report:
+                body["capabilities"] = report
         body.setdefault("capabilities", {"runtimes": [r.name for r in available_runtimes()]})
         return body
 
