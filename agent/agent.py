@@ -223,7 +223,19 @@ class Agent:
         core = self.config.core
         logs.bind_global(device_id=core.device.id)
         self.plugins.configure(self.config)
-        choice = self.choose_delegate()
+        try:
+            choice = self.choose_delegate()
+        except UserError as exc:
+            if not self._store_record:
+                raise
+            # A rolled-out model that no longer loads must not crash-loop the device.
+            log.error(
+                "rolled-out model unusable; starting on the factory model",
+                error=str(exc),
+                sha256=self._store_record.sha256,
+            )
+            self._store_record = False
+            choice = self.choose_delegate()
         _, self.delegate, classifier = choice.best
         # Probed once here: the birth message is built on the MQTT network thread.
         self.capability_report = self.capabilities()

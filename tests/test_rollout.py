@@ -643,3 +643,22 @@ def test_wrong_total_sha_and_clear(tmp_path: Path, broker: Broker, keys: tuple[P
     assert left.collect("edgefleet/v1/models/lite0-float/4/+/+", 1.0) == {}
     left.close()
     sub.stop()
+
+
+def test_unloadable_stored_model_falls_back_to_factory(tmp_path: Path) -> None:
+    """The store points at a verified file that is not a usable model: start on the factory."""
+    import hashlib
+
+    from edgefleet.modelstore import ActiveModel, ModelStore
+
+    junk = b"\x00\x00\x00\x00TFL3" + b"\x01" * 500
+    sha = hashlib.sha256(junk).hexdigest()
+    store = ModelStore(tmp_path / "state")
+    store.put(junk, sha)
+    store.activate(ActiveModel(sha256=sha, name="junk", version=9))
+    config = agent_config(tmp_path, "mqtt://127.0.0.1:1", fps=20)
+    with running(config) as agent:
+        wait_for(lambda: len(agent.truth()) > 5, 30, "results on the factory model")
+        agent.terminate()
+    assert {r["model_version"] for r in agent.truth()} == {0}
+    assert any("starting on the factory model" in str(e.get("event")) for e in agent.logs())
