@@ -71,12 +71,13 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def local_broker(binary: str, workdir: Path) -> Iterator[int]:
+def local_broker(binary: str, workdir: Path, extra: str = "") -> Iterator[int]:
+    """A private mosquitto on a free loopback port, up and listening; ``extra`` config lines."""
     port = _free_port()
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
-        "persistence false\nlog_dest none\n"
+        f"persistence false\nlog_dest none\n{extra}"
     )
     proc = subprocess.Popen(
         [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

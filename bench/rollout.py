@@ -26,7 +26,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.demo import _free_port, find_mosquitto
+from edgefleet.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
 from edgefleet.release import generate_keys
 from edgefleet.rolloutcli import Broker, build_release, publish_release
@@ -173,16 +173,8 @@ def main() -> int:
     if binary is None:
         print("mosquitto not found")
         return 0
-    with tempfile.TemporaryDirectory() as name:
+    with tempfile.TemporaryDirectory() as name, local_broker(binary, Path(name)) as port:
         tmp = Path(name)
-        port = _free_port()
-        conf = tmp / "m.conf"
-        conf.write_text(
-            f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
-            "persistence false\nlog_dest none\n"
-        )
-        broker = subprocess.Popen([binary, "-c", str(conf)])
-        time.sleep(0.5)
         private, public = generate_keys(tmp / "keys", "bench")
         watch = Watch(port, "edgefleet/v1/devices/#")
         names = [f"bench-{i:02d}" for i in range(args.agents)]
@@ -197,8 +189,6 @@ def main() -> int:
             for proc in procs:
                 proc.wait(20)
             watch.close()
-            broker.terminate()
-            broker.wait(5)
     return 0
 
 

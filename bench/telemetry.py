@@ -28,7 +28,7 @@ from typing import Any
 import cv2
 
 from edgefleet.classifier import load_classifier
-from edgefleet.demo import _free_port, find_mosquitto
+from edgefleet.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
 from edgefleet.mqttlink import LinkSettings, MqttLink
 from edgefleet.pipeline import Pipeline
@@ -183,36 +183,22 @@ def main() -> int:
     if binary is None:
         print("mosquitto not found; install it to run this benchmark")
         return 0
-    with tempfile.TemporaryDirectory() as name:
+    extra = "max_queued_messages 1000000\nmax_inflight_messages 1000\n"
+    with tempfile.TemporaryDirectory() as name, local_broker(binary, Path(name), extra) as port:
         tmp = Path(name)
-        port = _free_port()
-        conf = tmp / "m.conf"
-        conf.write_text(
-            f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
-            "persistence false\nlog_dest none\nmax_queued_messages 1000000\n"
-            "max_inflight_messages 1000\n"
+        cost = spool_cost(tmp)
+        print(f"spool write: {cost:.1f} us per message (batches of 50, WAL, synchronous=NORMAL)")
+        for mode in ("broker", "collector"):
+            rate, stored = throughput(tmp, port, args.results, mode)
+            print(
+                f"{mode:9} ack mode: {rate:8.0f} results/s end to end "
+                f"({stored}/{args.results} stored by the collector)"
+            )
+        bare, with_mqtt = loop_ratio(tmp, port, args.seconds, args.threads)
+        print(
+            f"loop with MQTT reporting: {with_mqtt:.1f}/s vs bare invoke {bare:.1f}/s, "
+            f"ratio {with_mqtt / bare:.3f} (threads={args.threads})"
         )
-        broker = subprocess.Popen([binary, "-c", str(conf)])
-        time.sleep(0.5)
-        try:
-            cost = spool_cost(tmp)
-            print(
-                f"spool write: {cost:.1f} us per message (batches of 50, WAL, synchronous=NORMAL)"
-            )
-            for mode in ("broker", "collector"):
-                rate, stored = throughput(tmp, port, args.results, mode)
-                print(
-                    f"{mode:9} ack mode: {rate:8.0f} results/s end to end "
-                    f"({stored}/{args.results} stored by the collector)"
-                )
-            bare, with_mqtt = loop_ratio(tmp, port, args.seconds, args.threads)
-            print(
-                f"loop with MQTT reporting: {with_mqtt:.1f}/s vs bare invoke {bare:.1f}/s, "
-                f"ratio {with_mqtt / bare:.3f} (threads={args.threads})"
-            )
-        finally:
-            broker.terminate()
-            broker.wait(5)
     return 0
 
 
