@@ -223,11 +223,11 @@ class Recorder(Sink):
         self.events.append(body)
 
 
-def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
-    BROKEN.clear()
+def _run_flaky_first(tmp_path: Path, policy: str) -> tuple[Agent, Recorder, threading.Thread]:
+    """An agent preferring the flaky delegate over the CPU, running in a thread for 8 s."""
     plugins = make_plugin_manager(extra=[("flaky", FlakyPlugin())])
     text = (
-        "delegate:\n  type: prefer\n  reprobe_min_s: 0.5\n  order:\n"
+        f"delegate:\n  type: prefer\n{policy}  order:\n"
         "    - {type: flaky, threads: 1}\n    - {type: cpu, threads: 1}\n"
         "source: {type: synthetic, fps: 20, width: 64, height: 48}\n"
         f"sinks: []\nstate_dir: '{tmp_path}'\n"
@@ -237,6 +237,12 @@ def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
     agent = Agent(config, plugins, extra_sinks=[recorder])
     runner = threading.Thread(target=agent.run, kwargs={"duration": 8, "install_signals": False})
     runner.start()
+    return agent, recorder, runner
+
+
+def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
+    BROKEN.clear()
+    agent, recorder, runner = _run_flaky_first(tmp_path, "  reprobe_min_s: 0.5\n")
     try:
         deadline = time.monotonic() + 20
         while len(recorder.results) < 10 and time.monotonic() < deadline:
@@ -271,18 +277,9 @@ def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
 def test_stuck_invoke_counts_as_failure(tmp_path: Path) -> None:
     BROKEN.clear()
     HANG.clear()
-    plugins = make_plugin_manager(extra=[("flaky", FlakyPlugin())])
-    text = (
-        "delegate:\n  type: prefer\n  invoke_timeout_s: 1.0\n  reprobe_min_s: 30\n  order:\n"
-        "    - {type: flaky, threads: 1}\n    - {type: cpu, threads: 1}\n"
-        "source: {type: synthetic, fps: 20, width: 64, height: 48}\n"
-        f"sinks: []\nstate_dir: '{tmp_path}'\n"
+    agent, recorder, runner = _run_flaky_first(
+        tmp_path, "  invoke_timeout_s: 1.0\n  reprobe_min_s: 30\n"
     )
-    config = load_config(None, plugins.registries, environ={}, text=text)
-    recorder = Recorder()
-    agent = Agent(config, plugins, extra_sinks=[recorder])
-    runner = threading.Thread(target=agent.run, kwargs={"duration": 8, "install_signals": False})
-    runner.start()
     try:
         deadline = time.monotonic() + 20
         while len(recorder.results) < 5 and time.monotonic() < deadline:
