@@ -283,10 +283,17 @@ class Classifier:
 
 
 def load_classifier(
-    path: Path, delegate: Delegate, labels_file: Path | None = None, crop: bool = True
+    path: Path,
+    delegate: Delegate,
+    labels_file: Path | None = None,
+    crop: bool = True,
+    info: ModelInfo | None = None,
 ) -> Classifier:
-    """Read, load and check a model with ``delegate``; every failure is a ModelError."""
-    info = read_model_info(path, labels_file)
+    """Read, load and check a model with ``delegate``; every failure is a ModelError.
+
+    ``info`` from an earlier ``read_model_info`` of the same file saves hashing it again.
+    """
+    info = info or read_model_info(path, labels_file)
     try:
         interpreter = delegate.make_interpreter(path)
     except ModelError:

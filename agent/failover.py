@@ -129,7 +129,7 @@ class Failover:
         reason = available.reason
         if available.ok:
             try:
-                fresh = _load(delegate, self.model, self.crop)
+                fresh = _load(delegate, self.model, self.crop, self.classifiers[index].info)
             except Exception as exc:  # noqa: BLE001 - any failure means "still lost"
                 reason = str(exc)
         with self._lock:

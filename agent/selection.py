@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from edgefleet.classifier import Classifier, load_classifier
+from edgefleet.classifier import Classifier, ModelInfo, load_classifier, read_model_info
 from edgefleet.delegates import Delegate
 from edgefleet.errors import ModelError, UserError
 from edgefleet.fsutil import atomic_write_bytes
@@ -137,8 +137,8 @@ def _time_invokes(classifier: Classifier, seconds: float, max_runs: int = 200) -
     return times
 
 
-def _load(delegate: Delegate, model: Path, crop: bool, labels: Path | None = None) -> Classifier:
-    classifier = load_classifier(model, delegate, labels_file=labels, crop=crop)
+def _load(delegate: Delegate, model: Path, crop: bool, info: ModelInfo) -> Classifier:
+    classifier = load_classifier(model, delegate, crop=crop, info=info)
     scores = classifier.classify(np.full((*classifier.input_shape, 3), 127, dtype=np.uint8))
     if not np.all(np.isfinite(scores)):
         raise ModelError("test inference gave non-finite output")
@@ -150,7 +150,7 @@ def _try(
     registry: Registry[Any],
     model: Path,
     crop: bool,
-    labels: Path | None = None,
+    info: ModelInfo,
 ) -> tuple[Measurement, Delegate | None, Classifier | None]:
     label = label_of(section)
     dump = section.model_dump(mode="json", exclude_defaults=True) | {"type": section.type}
@@ -159,7 +159,7 @@ def _try(
         available = delegate.availability(model)
         if not available.ok:
             return Measurement(label, dump, False, available.reason), None, None
-        return Measurement(label, dump, True), delegate, _load(delegate, model, crop, labels)
+        return Measurement(label, dump, True), delegate, _load(delegate, model, crop, info)
     except (ModelError, UserError, RuntimeError, ValueError, OSError) as exc:
         return Measurement(label, dump, False, str(exc).strip().splitlines()[0]), None, None
 
@@ -177,10 +177,11 @@ def choose(
 ) -> Choice:
     """Apply a policy to candidate sections; raises UserError when none works."""
     started = time.monotonic()
+    info = read_model_info(model, labels)  # hashed once, not once per candidate
     if policy == "auto":
-        choice = _auto(sections, registry, model, model_sha256, budget_s, cache_dir, crop, labels)
+        choice = _auto(sections, registry, model, model_sha256, budget_s, cache_dir, crop, info)
     else:
-        choice = _prefer(sections, registry, model, crop, labels)
+        choice = _prefer(sections, registry, model, crop, info)
     if not choice.ranked:
         reasons = "; ".join(f"{m.label}: {m.reason}" for m in choice.table) or "no candidates"
         raise UserError(f"no delegate works for this model ({reasons})")
@@ -193,11 +194,11 @@ def _prefer(
     registry: Registry[Any],
     model: Path,
     crop: bool,
-    labels: Path | None = None,
+    info: ModelInfo,
 ) -> Choice:
     choice = Choice("prefer", [])
     for section in sections:
-        row, delegate, classifier = _try(section, registry, model, crop, labels)
+        row, delegate, classifier = _try(section, registry, model, crop, info)
         choice.table.append(row)
         if delegate is not None and classifier is not None:
             choice.ranked.append((row, delegate, classifier))
@@ -244,7 +245,7 @@ def _auto(
     budget_s: float,
     cache_dir: Path | None,
     crop: bool,
-    labels: Path | None = None,
+    info: ModelInfo,
 ) -> Choice:
     key = f"{sha256}|{hardware_key()}|" + "|".join(label_of(s) for s in sections)
     cache = _cache_path(cache_dir)
@@ -256,12 +257,12 @@ def _auto(
             section = by_label.get(row.label)
             if not row.ok or section is None:
                 continue
-            _row, delegate, classifier = _try(section, registry, model, crop, labels)
+            _row, delegate, classifier = _try(section, registry, model, crop, info)
             if delegate is not None and classifier is not None:
                 choice.ranked.append((row, delegate, classifier))
         if choice.ranked:
             return choice
-    loaded = [_try(section, registry, model, crop, labels) for section in sections]
+    loaded = [_try(section, registry, model, crop, info) for section in sections]
     working = sum(1 for entry in loaded if entry[2] is not None)
     share = budget_s / max(1, working) * 0.8  # loading took part of the budget
     choice = Choice("auto", [row for row, _, _ in loaded])
