@@ -1,24 +1,65 @@
-"""The MQTT protocol between devices and the fleet: topics and message shapes.
+"""The MQTT protocol between devices and the fleet: every topic, state name and message model.
 
-The pydantic models here are the reference for ``docs/protocol.md``: each message's JSON
-schema comes from them, and a test validates the documentation's examples against them.
+This module is the one owner of the wire format. Device code, the collector, the release
+publisher and the broker tools build topics here and nowhere else, and compare states with
+the names here. The pydantic models are the reference for ``docs/protocol.md``: each
+message's JSON schema comes from them, and a test validates the documentation's examples.
+
 Devices add fields only in new minor versions; consumers must ignore unknown fields, so the
-message models allow extra keys while the *command* models (input to the device) forbid them.
+message models allow extra keys while the models of input *to* the device (commands, acks,
+release manifests) forbid them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 DEFAULT_PREFIX = "edgefleet/v1"
+ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+HEX64: Final = r"^[0-9a-f]{64}$"
+# A delegate kind a release variant is built for: whatever a delegate plugin declares as its
+# ``kind`` (cpu, edgetpu, gpu, or a third party's), or ``any``.
+KIND_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,31}$"
+ANY_KIND: Final = "any"
+
+# -- state names ---------------------------------------------------------------------------
+PresenceState = Literal["online", "offline", "stopped"]
+ONLINE: Final = "online"
+OFFLINE: Final = "offline"
+STOPPED: Final = "stopped"
 
 
+class Rollout:
+    """A device's rollout states, in the order a release passes through them."""
+
+    RECEIVED: Final = "received"
+    DOWNLOADING: Final = "downloading"
+    VERIFYING: Final = "verifying"
+    PREFLIGHT: Final = "preflight"
+    ACTIVATING: Final = "activating"
+    ACTIVE: Final = "active"
+    FAILED: Final = "failed"
+    ROLLED_BACK: Final = "rolled_back"
+    TERMINAL: Final = (ACTIVE, FAILED, ROLLED_BACK)
+
+
+RolloutState = Literal[
+    "received", "downloading", "verifying", "preflight", "activating", "active", "failed",
+    "rolled_back",
+]  # fmt: skip
+
+
+SPOOLED_KINDS: Final = ("predictions", "metrics", "events")
+
+
+# -- topics --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Topics:
-    """Every topic one device uses."""
+    """Every topic one device publishes or subscribes to."""
 
     prefix: str
     device: str
@@ -50,13 +91,29 @@ class Topics:
     def commands(self) -> str:
         return self._dev("cmd/+")
 
+    @property
+    def rollout(self) -> str:
+        return self._dev("rollout")
+
+    @property
+    def desired(self) -> str:
+        return self._dev("model/desired")
+
     def group_commands(self, group: str) -> str:
         return f"{self.prefix}/groups/{group}/cmd/+"
+
+    def group_desired(self, group: str) -> str:
+        return f"{self.prefix}/groups/{group}/model/desired"
 
     def reply(self, request_id: str) -> str:
         return self._dev(f"reply/{request_id}")
 
-    def command_name(self, topic: str) -> str | None:
+    def spooled(self, kind: str) -> str:
+        """The topic of a spooled message kind (predictions, metrics, events)."""
+        return self._dev(kind)
+
+    @staticmethod
+    def command_name(topic: str) -> str | None:
         """The command in a ``.../cmd/NAME`` topic addressed to this device or its groups."""
         parts = topic.split("/")
         if len(parts) < 2 or parts[-2] != "cmd":
@@ -64,9 +121,68 @@ class Topics:
         return parts[-1]
 
 
+@dataclass(frozen=True)
+class FleetTopics:
+    """Topics seen from the fleet side: every device at once, releases, targets."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def device(self, device: str) -> Topics:
+        return Topics(self.prefix, device)
+
+    def every_device(self, leaf: str) -> str:
+        """``{prefix}/devices/+/{leaf}``: one leaf of every device."""
+        return f"{self.prefix}/devices/+/{leaf}"
+
+    @staticmethod
+    def device_of(topic: str) -> str:
+        """The device id in ``{prefix}/devices/{id}/...`` (prefixes may contain slashes)."""
+        parts = topic.split("/")
+        index = len(parts) - 1 - parts[::-1].index("devices")
+        return parts[index + 1]
+
+    @staticmethod
+    def leaf_of(topic: str) -> str:
+        return topic.rsplit("/", 1)[-1]
+
+    def chunk(self, name: str, version: int, kind: str, index: int) -> str:
+        return f"{self.prefix}/models/{name}/{version}/{kind}/{index}"
+
+    def chunks(self, name: str, version: int, kind: str) -> str:
+        """Every chunk of one variant (a wildcard filter)."""
+        return f"{self.prefix}/models/{name}/{version}/{kind}/+"
+
+    def all_chunks(self) -> str:
+        """Every chunk of every release (a wildcard filter)."""
+        return f"{self.prefix}/models/#"
+
+    def release_chunks(self, name: str, version: int) -> str:
+        """Every chunk of every variant of a release (a wildcard filter)."""
+        return f"{self.prefix}/models/{name}/{version}/+/+"
+
+    def desired(self, target: str) -> str:
+        """The retained desired-state topic of ``device:ID`` or ``group:NAME``."""
+        kind, _, name = target.partition(":")
+        if kind == "device":
+            return self.device(name).desired
+        if kind == "group":
+            return Topics(self.prefix, "").group_desired(name)
+        raise ValueError(f"target {target!r}: use device:ID or group:NAME")
+
+    def group_command_filter(self, group: str) -> str:
+        """What a group member may read of its group's commands (ACL form)."""
+        return f"{self.prefix}/groups/{group}/cmd/#"
+
+
+# -- messages ------------------------------------------------------------------------------
 class _Message(BaseModel):
     # Consumers ignore what they do not know: devices may be newer than the fleet tools.
     model_config = ConfigDict(extra="allow")
+
+
+class _Input(BaseModel):
+    # Input to a device: an unknown key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid")
 
 
 class ModelRef(_Message):
@@ -78,7 +194,7 @@ class ModelRef(_Message):
 class Status(_Message):
     """``devices/{id}/status`` (retained): birth, last will, graceful stop."""
 
-    state: Literal["online", "offline", "stopped"]
+    state: PresenceState
     device: str
     boot_id: str
     ts: float
@@ -147,13 +263,70 @@ class Reply(_Message):
     error: str | None = None
 
 
-class Ack(BaseModel):
-    """``devices/{id}/ack`` from the collector: everything up to ``mseq`` is stored."""
+class RolloutStatus(_Message):
+    """``devices/{id}/rollout`` (retained): where this device is with its latest release."""
 
-    model_config = ConfigDict(extra="forbid")
+    state: RolloutState
+    device: str
+    ts: float
+    rollout_id: str | None = None
+    name: str | None = None
+    version: int | None = None
+    reason: str | None = None
+    progress: float | None = None
+
+
+class Ack(_Input):
+    """``devices/{id}/ack`` from the collector: everything up to ``mseq`` is stored."""
 
     boot_id: str = Field(min_length=1, max_length=64)
     mseq: int = Field(ge=0)
+
+
+class InputSpecRef(_Input):
+    height: int = Field(gt=0, le=4096)
+    width: int = Field(gt=0, le=4096)
+    dtype: Literal["uint8", "int8", "float32"]
+
+
+class VariantSpec(_Input):
+    kind: str = Field(pattern=KIND_PATTERN, description="delegate kind, or 'any'")
+    size: int = Field(gt=0)
+    sha256: str = Field(pattern=HEX64)
+    chunk_size: int = Field(gt=0, le=16 * 1024 * 1024)
+    chunks: list[str] = Field(min_length=1)
+    input: InputSpecRef
+    labels: int | None = Field(default=None, ge=1, description="number of classes")
+    expected_top1: str | None = Field(default=None, description="on the bundled probe image")
+    latency_budget_ms: float | None = Field(default=None, gt=0)
+
+
+class Manifest(_Input):
+    """``.../model/desired`` (retained): a signed release (see ``edgefleet.rollout.release``)."""
+
+    rollout_id: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=ID_PATTERN)
+    version: int = Field(ge=1)
+    created: float
+    expires: float
+    min_agent_version: str = "0.0.0"
+    rollback: bool = Field(default=False, description="explicitly allow a lower version")
+    variants: list[VariantSpec] = Field(min_length=1)
+    key_id: str = Field(min_length=1, max_length=64)
+    signature: str = ""
+
+    def canonical(self) -> bytes:
+        """What the signature covers: everything but the signature, sorted, compact, UTF-8."""
+        body = self.model_dump(mode="json", exclude={"signature"})
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def variant_for(self, kinds: list[str]) -> VariantSpec | None:
+        """The first variant (in the device's preference order) it can run."""
+        for kind in kinds:
+            for variant in self.variants:
+                if variant.kind == kind:
+                    return variant
+        return next((v for v in self.variants if v.kind == ANY_KIND), None)
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
@@ -161,5 +334,7 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "Predictions": Predictions,
     "Metrics": Metrics,
     "Reply": Reply,
+    "RolloutStatus": RolloutStatus,
     "Ack": Ack,
+    "Manifest": Manifest,
 }

@@ -19,17 +19,18 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from edgefleet.agent import Agent
-from edgefleet.classifier import load_classifier, sha256_file
-from edgefleet.config import load_config
-from edgefleet.delegates import Availability
+from edgefleet.app.daemon import Daemon
+from edgefleet.config.agentconfig import load_config
+from edgefleet.delegation.delegate import Availability
+from edgefleet.delegation.policies import AutoPolicy
+from edgefleet.delegation.selection import _time_invokes, candidate_sections, choose
 from edgefleet.factory import factory_model_path
-from edgefleet.hookspecs import hookimpl
-from edgefleet.pluginmanager import make_plugin_manager
-from edgefleet.registry import Registry
-from edgefleet.results import Result
-from edgefleet.selection import _time_invokes, candidate_sections, choose
-from edgefleet.sinks import Sink
+from edgefleet.inference.classifier import load_classifier, sha256_file
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.manager import make_plugin_manager
+from edgefleet.plugin.registry import Registry
+from edgefleet.runtime.results import Result
+from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 
 MODEL = factory_model_path()
@@ -101,8 +102,8 @@ def failover_loss(tmp: Path) -> tuple[int, int]:
     )
     config = load_config(None, plugins.registries, environ={}, text=text)
     sink = Frames()
-    agent = Agent(config, plugins, extra_sinks=[sink])
-    runner = threading.Thread(target=agent.run, kwargs={"duration": 6, "install_signals": False})
+    daemon = Daemon(config, plugins, extra_sinks=[sink])
+    runner = threading.Thread(target=daemon.run, kwargs={"duration": 6, "install_signals": False})
     runner.start()
     time.sleep(2.5)
     before = len(sink.frames)
@@ -124,7 +125,9 @@ def main() -> int:
     config = load_config(
         None, make_plugin_manager().registries, environ={}, text="delegate: {type: auto}\n"
     )
-    sections = candidate_sections(config.delegate, registry)
+    if not isinstance(config.delegate, AutoPolicy):
+        raise TypeError("expected the auto policy")
+    sections = candidate_sections(config.delegate, config.candidates, registry)
     choice = choose("auto", sections, registry, MODEL, sha256_file(MODEL), budget_s=5.0)
     print(
         f"auto decided in {choice.seconds:.2f} s among {len(sections)} candidates: "

@@ -31,11 +31,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from edgefleet.classifier import load_classifier
 from edgefleet.factory import factory_model_path
-from edgefleet.pipeline import Pipeline
-from edgefleet.results import Result
-from edgefleet.sinks import Sink
+from edgefleet.inference.classifier import load_classifier
+from edgefleet.runtime.pipeline import Pipeline
+from edgefleet.runtime.results import Result
+from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 from edgefleet_plugins.sinks.jsonl import JsonlConfig, JsonlSink
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource

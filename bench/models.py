@@ -11,7 +11,7 @@ with ai-edge-litert, and with tflite-runtime when a Python that has it is given 
 numpy<2, so it usually lives in its own venv). With torch installed, the lite0 fp32 file's
 top-5 is also compared with the PyTorch model it was exported from.
 
-Preprocessing is the agent's own (edgefleet.classifier), so the figures are the agent's.
+Preprocessing is the agent's own (edgefleet.inference.classifier), so the figures are the agent's.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from edgefleet.classifier import Classifier, load_classifier
 from edgefleet.factory import factory_model_path
+from edgefleet.inference.classifier import Classifier, load_classifier
+from edgefleet.inference.images import decode_image
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
-from edgefleet_plugins.sources.images import decode_image
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SAMPLES = REPO.parent / "shared" / "imagenet-samples"

@@ -26,10 +26,10 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from edgefleet.demo import find_mosquitto, local_broker
+from edgefleet.app.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
-from edgefleet.release import generate_keys
-from edgefleet.rolloutcli import Broker, build_release, publish_release
+from edgefleet.fleet.publish import Broker, build_release, publish_release
+from edgefleet.rollout.release import generate_keys
 
 MODEL = factory_model_path()
 
@@ -43,9 +43,9 @@ def agent_config(folder: Path, port: int, device: str, public: str, fps: float) 
         "delegate: {type: cpu, threads: 1}\n"
         f"state_dir: '{folder / device}'\n"
         "logging: {level: warning}\n"
-        "sinks:\n"
-        f"  - type: mqtt\n    url: mqtt://127.0.0.1:{port}\n"
-        f'    rollout: {{trusted_keys: {{bench: "{pem}"}}, health_frames: 3}}\n'
+        "sinks: []\n"
+        f"fleet: {{url: 'mqtt://127.0.0.1:{port}'}}\n"
+        f'rollout: {{trusted_keys: {{bench: "{pem}"}}, health_frames: 3}}\n'
     )
     return config
 

@@ -23,18 +23,19 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import cv2
 
-from edgefleet.classifier import load_classifier
-from edgefleet.demo import find_mosquitto, local_broker
+from edgefleet.app.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
-from edgefleet.mqttlink import LinkSettings, MqttLink
-from edgefleet.pipeline import Pipeline
-from edgefleet.spool import Spool
+from edgefleet.inference.classifier import load_classifier
+from edgefleet.mqtt.fleetlink import link_settings
+from edgefleet.mqtt.link import LinkSettings, MqttLink
+from edgefleet.mqtt.reporter import Reporter
+from edgefleet.mqtt.settings import FleetConfig
+from edgefleet.mqtt.spool import Spool
+from edgefleet.runtime.pipeline import Pipeline
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
-from edgefleet_plugins.sinks.mqtt import MqttConfig, MqttSink
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 
 RESULT = {
@@ -152,16 +153,12 @@ def loop_ratio(tmp: Path, port: int, seconds: float, threads: int) -> tuple[floa
         n += 1
     bare = n / (time.perf_counter() - started)
 
-    sink = MqttSink(MqttConfig(url=f"mqtt://127.0.0.1:{port}", metrics_interval_s=1))
+    cfg = FleetConfig(url=f"mqtt://127.0.0.1:{port}", metrics_interval_s=1)
     source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
+    link = MqttLink(link_settings(cfg, "bench-loop", [], uuid.uuid4().hex, tmp), birth=dict)
+    sink = Reporter(link, cfg.report)
     pipeline = Pipeline(source, clf, [sink])
-    context: dict[str, Any] = {
-        "device_id": "bench-loop",
-        "boot_id": pipeline.boot_id,
-        "state_dir": str(tmp),
-        "model": clf.info.describe(),
-    }
-    sink.open(context)
+    link.start()
     pipeline.start()
     time.sleep(1.0)
     n0, t0 = pipeline.stats.inferences, time.perf_counter()
@@ -169,6 +166,7 @@ def loop_ratio(tmp: Path, port: int, seconds: float, threads: int) -> tuple[floa
     rate = (pipeline.stats.inferences - n0) / (time.perf_counter() - t0)
     pipeline.stop()
     sink.close()
+    link.stop()
     return bare, rate
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.classifier import Classifier, load_classifier
 from edgefleet.factory import factory_model_path
-from edgefleet.pluginmanager import Plugins, make_plugin_manager
+from edgefleet.inference.classifier import Classifier, load_classifier
+from edgefleet.plugin.manager import Plugins, make_plugin_manager
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -188,16 +189,21 @@ def agent_config(
     extra: str = "",
     jsonl: bool = True,
 ) -> Path:
-    """A config for `edgefleet run`: synthetic frames, an mqtt sink, a jsonl ground truth."""
+    """A config for `edgefleet run`: synthetic frames, a fleet link, a jsonl ground truth.
+
+    ``mqtt_extra`` holds more keys of the ``fleet:`` section (any indentation).
+    """
     fps_text = "null" if fps is None else str(fps)
-    sinks = [
-        (
-            f"  - type: mqtt\n    url: {broker_url}\n    reconnect_min_s: 0.2\n"
-            f"    reconnect_max_s: 1.0\n    metrics_interval_s: 1\n{mqtt_extra}"
-        )
-    ]
+    fleet = (
+        f"fleet:\n  url: {broker_url}\n  reconnect_min_s: 0.2\n"
+        f"  reconnect_max_s: 1.0\n  metrics_interval_s: 1\n"
+        + textwrap.indent(textwrap.dedent(mqtt_extra), "  ")
+    )
+    sinks = "sinks: []\n"
     if jsonl:
-        sinks.append(f"  - type: jsonl\n    path: {tmp / 'truth.jsonl'}\n    flush_interval_s: 0\n")
+        sinks = (
+            f"sinks:\n  - type: jsonl\n    path: {tmp / 'truth.jsonl'}\n    flush_interval_s: 0\n"
+        )
     config = tmp / "agent.yaml"
     config.write_text(
         f"device: {{id: {device}, groups: [lab]}}\n"
@@ -205,8 +211,7 @@ def agent_config(
         "delegate: {type: cpu, threads: 1}\n"
         f"state_dir: {tmp / 'state'}\n"
         "logging: {format: json}\n"
-        f"sinks:\n{''.join(sinks)}"
-        f"{extra}"
+        f"{sinks}{fleet}{extra}"
     )
     return config
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.collector import Store
 from edgefleet.errors import UserError
-from edgefleet.modelstore import ActiveModel, ModelStore
+from edgefleet.fleet.collector import Store
+from edgefleet.rollout.store import ActiveModel, ModelStore
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 

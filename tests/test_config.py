@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.config import AgentConfig, json_schema, load_config
+from edgefleet.config.agentconfig import AgentConfig, json_schema, load_config
 from edgefleet.errors import ConfigError
-from edgefleet.pluginmanager import Plugins
+from edgefleet.plugin.manager import Plugins
 from edgefleet_plugins.sinks.jsonl import JsonlConfig
 from edgefleet_plugins.sources.images import ImagesConfig
 
@@ -37,7 +37,9 @@ def test_example_config_is_valid(plugins: Plugins) -> None:
     config = load_config(REPO / "configs" / "agent.example.yaml", plugins.registries, environ={})
     assert config.device.id == "pi-kitchen-01"
     assert config.source.type == "auto"
-    assert [s.type for s in config.sinks] == ["stdout", "jsonl", "mqtt"]
+    assert [s.type for s in config.sinks] == ["jsonl"]
+    assert config.fleet is not None
+    assert config.rollout is None
 
 
 def test_defaults_without_file(plugins: Plugins) -> None:
@@ -73,10 +75,7 @@ def test_exact_error_texts(plugins: Plugins, tmp_path: Path) -> None:
         "agent.yaml:9: model.colour: Extra inputs are not permitted",
         "agent.yaml:6: source.fps: Input should be greater than 0",
         "agent.yaml:12: sinks[1].path: Field required",
-        (
-            "agent.yaml:13: sinks[2].type: unknown sink type 'carrier-pigeon' "
-            "(known: jsonl, mqtt, stdout)"
-        ),
+        ("agent.yaml:13: sinks[2].type: unknown sink type 'carrier-pigeon' (known: jsonl, stdout)"),
     ]
 
 
@@ -185,3 +184,29 @@ def test_check_config_cli(tmp_path: Path) -> None:
         f"error: {bad_file}:3: source.fps: Input should be greater than 0"
     )
     assert "Traceback" not in bad.stderr
+
+
+def test_the_old_mqtt_sink_says_where_its_keys_moved(plugins: Plugins, tmp_path: Path) -> None:
+    text = "sinks:\n  - type: jsonl\n    path: /tmp/x\n  - type: mqtt\n    url: mqtt://b:1883\n"
+    assert _errors(plugins, tmp_path, text) == [
+        (
+            "agent.yaml:4: sinks[1]: the mqtt sink became the top-level `fleet:` section, and "
+            "its `rollout:` key moved to the top level beside it (see configs/agent.example.yaml)"
+        )
+    ]
+
+
+def test_rollout_needs_a_fleet_link(plugins: Plugins, tmp_path: Path) -> None:
+    text = "rollout:\n  trusted_keys: {}\n"
+    assert _errors(plugins, tmp_path, text) == ["agent.yaml:1: rollout: needs a `fleet:` section"]
+
+
+def test_delegate_policies_are_core_config(plugins: Plugins, tmp_path: Path) -> None:
+    text = "delegate:\n  type: prefer\n  budget_s: 3\n  order:\n    - {type: auto}\n"
+    assert _errors(plugins, tmp_path, text) == [
+        "agent.yaml:3: delegate.budget_s: Extra inputs are not permitted",
+    ]
+    text = "delegate:\n  type: prefer\n  order:\n    - {type: auto}\n"
+    assert _errors(plugins, tmp_path, text) == [
+        "agent.yaml:4: delegate.order[0]: a policy cannot nest"
+    ]

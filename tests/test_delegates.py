@@ -3,32 +3,42 @@ cached ranking, and failover to the next candidate and back."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import pytest
 
-from edgefleet.agent import Agent
-from edgefleet.classifier import sha256_file
-from edgefleet.config import load_config
-from edgefleet.delegates import Availability
+from edgefleet.app.daemon import Daemon
+from edgefleet.config.agentconfig import load_config
+from edgefleet.delegation.delegate import Availability
+from edgefleet.delegation.policies import PreferPolicy
+from edgefleet.delegation.selection import candidate_sections, choose
+from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import ConfigError, UserError
 from edgefleet.factory import factory_model_path
-from edgefleet.hookspecs import hookimpl
-from edgefleet.pluginmanager import Plugins, make_plugin_manager
-from edgefleet.registry import Registry
-from edgefleet.results import Result
-from edgefleet.selection import candidate_sections, choose
-from edgefleet.sinks import Sink
+from edgefleet.inference.classifier import inspect_model, sha256_file
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.manager import Plugins, make_plugin_manager
+from edgefleet.plugin.registry import Registry
+from edgefleet.protocol import VariantSpec
+from edgefleet.rollout.preflight import preflight
+from edgefleet.rollout.release import describe_variant
+from edgefleet.runtime.results import Result
+from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 from edgefleet_plugins.delegates.edgetpu import EdgeTpuConfig, EdgeTpuDelegate, discover
 from edgefleet_plugins.delegates.external import ExternalConfig, ExternalDelegate
 from edgefleet_plugins.delegates.gpu import GpuConfig, GpuDelegate
 
+from .conftest import REPO
+
 MODEL = factory_model_path()
+FLOAT_MODEL = REPO / "models" / "efficientnet-lite0-fp32.tflite"
 
 
 def _usb(root: Path, name: str, vendor: str, product: str) -> None:
@@ -133,7 +143,8 @@ def test_prefer_skips_what_is_absent(plugins: Plugins) -> None:
         environ={},
         text="delegate: {type: prefer}\nsource: {type: synthetic}\n",
     )
-    sections = candidate_sections(config.delegate, registry)
+    assert isinstance(config.delegate, PreferPolicy)
+    sections = candidate_sections(config.delegate, config.candidates, registry)
     assert [s.type for s in sections] == ["edgetpu", "gpu", "cpu"]
     choice = choose("prefer", sections, registry, MODEL, sha256_file(MODEL))
     assert choice.best[0].label == "cpu"
@@ -205,25 +216,26 @@ class FlakyPlugin:
 
 
 class Recorder(Sink):
+    """Each result with the delegate that served it (read from the loop, as it ran)."""
+
     name = "recorder"
 
     def __init__(self) -> None:
         self.results: list[tuple[float, str, Result]] = []
         self.events: list[dict[str, Any]] = []
-        self.agent: Any = None
-
-    def open(self, context: dict[str, Any]) -> None:
-        self.agent = context["agent"]
+        self.daemon: Daemon | None = None
 
     def emit(self, result: Result) -> None:
-        delegate = self.agent.pipeline.classifier.delegate["type"]
-        self.results.append((time.monotonic(), delegate, result))
+        assert self.daemon is not None
+        pipeline = self.daemon.agent.pipeline
+        assert pipeline is not None
+        self.results.append((time.monotonic(), pipeline.classifier.delegate["type"], result))
 
     def event(self, body: dict[str, Any]) -> None:
         self.events.append(body)
 
 
-def _run_flaky_first(tmp_path: Path, policy: str) -> tuple[Agent, Recorder, threading.Thread]:
+def _run_flaky_first(tmp_path: Path, policy: str) -> tuple[Daemon, Recorder, threading.Thread]:
     """An agent preferring the flaky delegate over the CPU, running in a thread for 8 s."""
     plugins = make_plugin_manager(extra=[("flaky", FlakyPlugin())])
     text = (
@@ -234,15 +246,15 @@ def _run_flaky_first(tmp_path: Path, policy: str) -> tuple[Agent, Recorder, thre
     )
     config = load_config(None, plugins.registries, environ={}, text=text)
     recorder = Recorder()
-    agent = Agent(config, plugins, extra_sinks=[recorder])
-    runner = threading.Thread(target=agent.run, kwargs={"duration": 8, "install_signals": False})
+    daemon = recorder.daemon = Daemon(config, plugins, extra_sinks=[recorder])
+    runner = threading.Thread(target=daemon.run, kwargs={"duration": 8, "install_signals": False})
     runner.start()
-    return agent, recorder, runner
+    return daemon, recorder, runner
 
 
 def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
     BROKEN.clear()
-    agent, recorder, runner = _run_flaky_first(tmp_path, "  reprobe_min_s: 0.5\n")
+    daemon, recorder, runner = _run_flaky_first(tmp_path, "  reprobe_min_s: 0.5\n")
     try:
         deadline = time.monotonic() + 20
         while len(recorder.results) < 10 and time.monotonic() < deadline:
@@ -264,11 +276,12 @@ def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert recorder.results[-1][1] == "flaky"
     finally:
-        agent.stop_requested.set()
+        daemon.stop_requested.set()
         runner.join(10)
-    assert agent.pipeline is not None
+    pipeline = daemon.agent.pipeline
+    assert pipeline is not None
     # Lost frames: the failing invoke's frame only (errors counted, nothing else dropped).
-    assert agent.pipeline.stats.errors == 1
+    assert pipeline.stats.errors == 1
     frames = [r.frame for _, _, r in recorder.results]
     gaps = [b - a - 1 for a, b in itertools.pairwise(frames) if b - a > 1]
     assert sum(gaps) <= 2
@@ -277,7 +290,7 @@ def test_failover_within_a_frame_and_back(tmp_path: Path) -> None:
 def test_stuck_invoke_counts_as_failure(tmp_path: Path) -> None:
     BROKEN.clear()
     HANG.clear()
-    agent, recorder, runner = _run_flaky_first(
+    daemon, recorder, runner = _run_flaky_first(
         tmp_path, "  invoke_timeout_s: 1.0\n  reprobe_min_s: 30\n"
     )
     try:
@@ -295,8 +308,91 @@ def test_stuck_invoke_counts_as_failure(tmp_path: Path) -> None:
         after = [d for t, d, _ in recorder.results if t > hung_at + 1.5]
         assert len(after) >= 10
         assert set(after) == {"cpu"}
-        assert agent.healthy(30.0)  # the watchdog keeps pinging: the loop turns again
+        assert daemon.agent.healthy(30.0)  # the watchdog keeps pinging: the loop turns again
     finally:
         HANG.clear()
-        agent.stop_requested.set()
+        daemon.stop_requested.set()
+        runner.join(10)
+
+
+def _wait(predicate: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def _float_variant() -> VariantSpec:
+    plan = inspect_model(FLOAT_MODEL).plan
+    spec = {"height": plan.height, "width": plan.width, "dtype": str(plan.dtype)}
+    return describe_variant("cpu", FLOAT_MODEL.read_bytes(), spec, 128 * 1024)
+
+
+def test_failover_after_a_rollout_keeps_the_rolled_out_model(tmp_path: Path) -> None:
+    """One owner of serving: a failover (and the way back) never reverts a rollout."""
+    BROKEN.clear()
+    daemon, recorder, runner = _run_flaky_first(tmp_path, "  reprobe_min_s: 0.5\n")
+    try:
+        _wait(lambda: len(recorder.results) >= 5)
+        serving = daemon.agent.serving
+        assert serving is not None
+        # What a rollout does: preflight on the serving delegate, then activate.
+        classifier, _ = preflight(serving, _float_variant(), FLOAT_MODEL)
+        assert classifier.delegate["type"] == "flaky"
+        info = dataclasses.replace(classifier.info, name="lite0-float", version=7)
+        serving.activate(ServedModel(FLOAT_MODEL, info), classifier)
+        swapped = time.monotonic()
+        _wait(lambda: sum(1 for t, _, _ in recorder.results if t > swapped) >= 5)
+        BROKEN.set()
+        broke = time.monotonic()
+        _wait(lambda: bool(recorder.events))
+        assert recorder.events[0]["event"] == "failover"
+        _wait(lambda: sum(1 for t, _, _ in recorder.results if t > broke + 0.3) >= 5)
+        after = [(d, r) for t, d, r in recorder.results if t > broke + 0.3]
+        assert {d for d, _ in after} == {"cpu"}
+        assert {(r.model, r.model_version) for _, r in after} == {("lite0-float", 7)}
+        # Preflight now loads on the delegate that serves: the runner-up.
+        on_cpu, _ = preflight(serving, _float_variant(), FLOAT_MODEL)
+        assert on_cpu.delegate["type"] == "cpu"
+        BROKEN.clear()
+        _wait(lambda: len(recorder.events) >= 2)
+        assert recorder.events[1]["event"] == "restored"
+        back = time.monotonic()
+        _wait(lambda: sum(1 for t, _, _ in recorder.results if t > back + 0.3) >= 5)
+        last = [(d, r) for t, d, r in recorder.results if t > back + 0.3]
+        assert {d for d, _ in last} == {"flaky"}
+        assert {(r.model, r.model_version) for _, r in last} == {("lite0-float", 7)}
+        pipeline = daemon.agent.pipeline
+        assert pipeline is not None
+        assert pipeline.classifier.info.path == FLOAT_MODEL
+    finally:
+        BROKEN.clear()
+        daemon.stop_requested.set()
+        runner.join(10)
+
+
+def test_rollback_restores_the_model_on_the_delegate_serving_now(tmp_path: Path) -> None:
+    """A rollback after a failover puts the old model back, on the runner-up that serves."""
+    BROKEN.clear()
+    daemon, recorder, runner = _run_flaky_first(tmp_path, "  reprobe_min_s: 30\n")
+    try:
+        _wait(lambda: len(recorder.results) >= 5)
+        serving = daemon.agent.serving
+        assert serving is not None
+        factory = serving.model
+        classifier = serving.load(FLOAT_MODEL)
+        info = dataclasses.replace(classifier.info, name="lite0-float", version=2)
+        previous = serving.activate(ServedModel(FLOAT_MODEL, info), classifier)
+        BROKEN.set()
+        _wait(lambda: bool(recorder.events))
+        serving.restore(previous)
+        restored = time.monotonic()
+        _wait(lambda: sum(1 for t, _, _ in recorder.results if t > restored + 0.3) >= 5)
+        last = [(d, r) for t, d, r in recorder.results if t > restored + 0.3]
+        assert {d for d, _ in last} == {"cpu"}
+        assert {r.model for _, r in last} == {factory.info.name}
+        assert serving.model == factory
+    finally:
+        BROKEN.clear()
+        daemon.stop_requested.set()
         runner.join(10)

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgefleet.classifier import load_classifier
 from edgefleet.errors import ModelError
 from edgefleet.factory import factory_model_path
 from edgefleet.fsutil import atomic_write_bytes
+from edgefleet.inference.classifier import load_classifier
+from edgefleet.inference.images import decode_image
 from edgefleet_plugins.delegates.cpu import CpuDelegate
-from edgefleet_plugins.sources.images import decode_image
 
 from .conftest import CLEAR_PHOTOS, REPO
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefleet.classifier import Classifier, read_model_info
 from edgefleet.factory import FACTORY_MODEL_NAME, factory_model_path, recorded_sha256
-from edgefleet_plugins.sources.images import decode_image
+from edgefleet.inference.classifier import Classifier, read_model_info
+from edgefleet.inference.images import decode_image
 
 from .conftest import CLEAR_PHOTOS, REPO, cli_command
 

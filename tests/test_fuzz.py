@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from edgefleet.config import load_config
+from edgefleet.config.agentconfig import load_config
 from edgefleet.errors import ConfigError, ModelError
-from edgefleet.modelpack import read_packed
-from edgefleet.pluginmanager import Plugins
+from edgefleet.inference.modelfile import read_packed
+from edgefleet.plugin.manager import Plugins
 from edgefleet.protocol import Ack
-from edgefleet.release import ReleaseError, parse_manifest
+from edgefleet.rollout.release import ReleaseError, parse_manifest
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),

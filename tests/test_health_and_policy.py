@@ -10,11 +10,13 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgefleet import health
-from edgefleet.commands import CommandHandler
-from edgefleet.pipeline import LoopSettings
-from edgefleet.results import Label, Result
-from edgefleet_plugins.sinks.mqtt import ReportPolicy, ReportState
+from edgefleet.errors import UserError
+from edgefleet.mqtt.commands import CommandHandler
+from edgefleet.mqtt.reporter import ReportState
+from edgefleet.mqtt.settings import ReportPolicy
+from edgefleet.runtime import health
+from edgefleet.runtime.pipeline import LoopSettings
+from edgefleet.runtime.results import Label, Result
 
 
 def test_cpu_and_coral_temperature_from_sysfs(tmp_path: Path) -> None:
@@ -96,12 +98,20 @@ class _FakeStats:
         return 1.0
 
 
+class _FakeAgent:
+    """The AgentControl port: a loop, and a reload that cannot find a config file."""
+
+    def __init__(self) -> None:
+        self.pipeline = SimpleNamespace(
+            settings=LoopSettings(), stats=_FakeStats(), last_frame=None, last_result=None
+        )
+
+    def reload_settings(self) -> dict[str, Any]:
+        raise UserError("the agent was not started from a config file")
+
+
 def _handler() -> CommandHandler:
-    pipeline = SimpleNamespace(
-        settings=LoopSettings(), stats=_FakeStats(), last_frame=None, last_result=None
-    )
-    agent = SimpleNamespace(pipeline=pipeline)
-    return CommandHandler(agent, ReportState(ReportPolicy()), max_bytes=4096)
+    return CommandHandler(_FakeAgent(), ReportState(ReportPolicy()), max_bytes=4096)
 
 
 def test_set_changes_settings_and_report() -> None:

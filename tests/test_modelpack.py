@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.classifier import read_model_info
 from edgefleet.errors import ModelError
 from edgefleet.factory import factory_model_path
-from edgefleet.modelpack import InputSpec, ModelMetadata, pack, read_packed
+from edgefleet.inference.classifier import read_model_info
+from edgefleet.inference.modelfile import InputSpec, ModelMetadata, pack, read_packed
 
 META = ModelMetadata(name="m", variant="int8", version=3, input=InputSpec(height=8, width=8))
 FLATBUFFER = b"\x1c\x00\x00\x00TFL3" + bytes(64)

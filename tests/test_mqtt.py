@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from edgefleet.collector import Collector, CollectorSettings
+from edgefleet.fleet.collector import Collector, CollectorSettings
 
 from .mqtt_helpers import (
     AgentProcess,

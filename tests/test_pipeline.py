@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
-from edgefleet.classifier import Classifier, load_classifier
 from edgefleet.factory import factory_model_path
-from edgefleet.pipeline import LoopSettings, Pipeline
-from edgefleet.results import Result
-from edgefleet.sinks import Sink
+from edgefleet.inference.classifier import Classifier, load_classifier
+from edgefleet.runtime.pipeline import LoopSettings, Pipeline
+from edgefleet.runtime.results import Result
+from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuDelegate
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 

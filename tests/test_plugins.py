@@ -8,15 +8,18 @@ import sys
 import textwrap
 from importlib.metadata import EntryPoint
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
-from edgefleet.hookspecs import ENTRY_POINT_GROUP, hookimpl
-from edgefleet.pluginmanager import make_plugin_manager
-from edgefleet.registry import PluginConfig, Registry
+from edgefleet.plugin.hookspecs import ENTRY_POINT_GROUP, hookimpl
+from edgefleet.plugin.manager import make_plugin_manager
+from edgefleet.plugin.registry import PluginConfig, Registry
 
 from .conftest import cli_command
+
+if TYPE_CHECKING:
+    from edgefleet.app.agent import Agent
 
 BUILTINS = {
     "synthetic",
@@ -50,7 +53,7 @@ def _write_thirdparty(root: Path) -> None:
     (root / "tp_broken.py").write_text("raise ImportError('libfoo.so.3 missing')\n")
     (root / "tp_mistyped.py").write_text(
         textwrap.dedent("""\
-        from edgefleet.hookspecs import hookimpl
+        from edgefleet.plugin import hookimpl
 
         @hookimpl
         def edgefleet_register_sources(regsitry):
@@ -60,9 +63,9 @@ def _write_thirdparty(root: Path) -> None:
     (root / "tp_goodsink.py").write_text(
         textwrap.dedent("""\
         from typing import Literal
-        from edgefleet.hookspecs import hookimpl
-        from edgefleet.registry import PluginConfig
-        from edgefleet.sinks import Sink
+        from edgefleet.plugin import hookimpl
+        from edgefleet.plugin.registry import PluginConfig
+        from edgefleet.runtime.sinks import Sink
 
         class NullConfig(PluginConfig):
             type: Literal["null"] = "null"
@@ -153,8 +156,9 @@ def test_registration_failure_is_isolated() -> None:
 
 def test_lifecycle_hook_errors_do_not_propagate() -> None:
     plugins = make_plugin_manager(extra=[("exploding", _ExplodingLifecycle())])
-    plugins.lifecycle("edgefleet_start", agent=None)
-    plugins.lifecycle("edgefleet_stop", agent=None)
+    agent = cast("Agent", object())  # the hooks raise before they look at it
+    plugins.lifecycle("edgefleet_start", agent=agent)
+    plugins.lifecycle("edgefleet_stop", agent=agent)
     assert _ExplodingLifecycle.started
 
 

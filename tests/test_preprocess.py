@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edgefleet.classifier import Classifier, InputPlan, ModelInfo, Preprocessor
 from edgefleet.errors import ModelError
+from edgefleet.inference.classifier import Classifier, InputPlan, ModelInfo, Preprocessor
 
 RNG = np.random.default_rng(7)
 FRAME = RNG.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
@@ -144,6 +144,19 @@ class _FakeInterpreter:
 
     def get_output_details(self) -> list[dict[str, Any]]:
         return self.outputs
+
+    # These tests read only the input plan and output checks; running is not faked.
+    def allocate_tensors(self) -> None:
+        raise NotImplementedError
+
+    def invoke(self) -> None:
+        raise NotImplementedError
+
+    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def get_tensor(self, tensor_index: int) -> np.ndarray:
+        raise NotImplementedError
 
 
 def _info(labels: tuple[str, ...] | None = None) -> ModelInfo:

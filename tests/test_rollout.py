@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.release import (
-    Manifest,
+from edgefleet.fleet.publish import Broker as Operator
+from edgefleet.fleet.publish import build_release, publish_release
+from edgefleet.protocol import Manifest
+from edgefleet.rollout.release import (
     ReleaseError,
     check_manifest,
     chunk,
@@ -22,8 +24,6 @@ from edgefleet.release import (
     parse_manifest,
     sign,
 )
-from edgefleet.rolloutcli import Broker as Operator
-from edgefleet.rolloutcli import build_release, publish_release
 
 from .conftest import REPO
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
@@ -141,8 +141,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 
 def _device_config(tmp_path: Path, broker: Broker, keys: tuple[Path, Path]) -> Path:
     pem = keys[1].read_text().replace("\n", "\\n")
-    extra = f'    rollout:\n      trusted_keys: {{release: "{pem}"}}\n      health_frames: 10\n'
-    return agent_config(tmp_path, broker.url, fps=20, mqtt_extra=extra)
+    extra = f'rollout:\n  trusted_keys: {{release: "{pem}"}}\n  health_frames: 10\n'
+    return agent_config(tmp_path, broker.url, fps=20, extra=extra)
 
 
 def _states(sub: Subscriber) -> list[dict[str, object]]:
@@ -331,7 +331,7 @@ def _fragile_plugin(root: Path) -> None:
     (dist / "entry_points.txt").write_text("[edgefleet.plugins]\nfragile = tp_fragile\n")
     (root / "tp_fragile.py").write_text(
         "from typing import Literal\n"
-        "from edgefleet.hookspecs import hookimpl\n"
+        "from edgefleet.plugin import hookimpl\n"
         "from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate\n\n"
         "class FragileConfig(CpuConfig):\n"
         "    type: Literal['fragile'] = 'fragile'\n\n"
@@ -401,7 +401,7 @@ def test_kill_9_at_each_state_leaves_one_verified_model(
 ) -> None:
     """SIGKILL as soon as the device reports ``state``; after a restart exactly one complete,
     verified model is active (old or new) and the rollout ends active or failed, not stuck."""
-    from edgefleet.modelstore import ModelStore
+    from edgefleet.rollout.store import ModelStore
 
     sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
     config = _device_config(tmp_path, broker, keys)
@@ -444,7 +444,7 @@ def test_waves_halt_on_failure_threshold(
 ) -> None:
     import subprocess
 
-    from edgefleet.rolloutcli import wave_order
+    from edgefleet.fleet.publish import wave_order
 
     from .conftest import cli_command
 
@@ -649,7 +649,7 @@ def test_unloadable_stored_model_falls_back_to_factory(tmp_path: Path) -> None:
     """The store points at a verified file that is not a usable model: start on the factory."""
     import hashlib
 
-    from edgefleet.modelstore import ActiveModel, ModelStore
+    from edgefleet.rollout.store import ActiveModel, ModelStore
 
     junk = b"\x00\x00\x00\x00TFL3" + b"\x01" * 500
     sha = hashlib.sha256(junk).hexdigest()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from edgefleet.errors import SourceError
-from edgefleet.frames import Backoff, Frame, LatestSlot
-from edgefleet.sources import EndOfStream, Source, ThreadedSource
+from edgefleet.runtime.backoff import Backoff
+from edgefleet.runtime.frames import Frame, LatestSlot
+from edgefleet.runtime.sources import EndOfStream, Source, ThreadedSource
 from edgefleet_plugins.sources.camera import CameraConfig, CameraSource
 from edgefleet_plugins.sources.images import ImagesConfig, ImagesSource
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource

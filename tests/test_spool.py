@@ -6,7 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from edgefleet.spool import Spool
+from edgefleet.mqtt.spool import Spool
 
 
 def _fill(spool: Spool, count: int, size: int = 100) -> list[int]:

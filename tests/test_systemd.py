@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.sdnotify import Notifier
+from edgefleet.runtime.sdnotify import Notifier
 
 from .conftest import REPO
 from .mqtt_helpers import wait_for
@@ -131,7 +131,7 @@ def _blocking_plugin(root: Path) -> None:
         textwrap.dedent("""\
         import os, time
         from typing import Literal
-        from edgefleet.hookspecs import hookimpl
+        from edgefleet.plugin import hookimpl
         from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 
         class BlockingConfig(CpuConfig):

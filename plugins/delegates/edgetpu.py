@@ -20,10 +20,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from edgefleet.delegates import Availability, Delegate
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.runtime import get_runtime
+from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
+from edgefleet.inference.litert import get_runtime
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
 
 USB_IDS = {("1a6e", "089a"): "usb (firmware not yet loaded)", ("18d1", "9302"): "usb"}
 EDGETPU_OP = b"edgetpu-custom-op"
@@ -141,7 +141,7 @@ class EdgeTpuDelegate(Delegate):
                 return Availability(False, f"cannot read model: {exc.strerror}")
         return Availability(True)
 
-    def make_interpreter(self, model_path: Path) -> Any:
+    def make_interpreter(self, model_path: Path) -> Interpreter:
         device, reason = self.chosen_device()
         if device is None:
             raise RuntimeError(reason)

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from edgefleet.delegates import Availability, Delegate
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.runtime import get_runtime
+from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
+from edgefleet.inference.litert import get_runtime
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
 
 
 class ExternalConfig(PluginConfig):
@@ -36,7 +36,7 @@ class ExternalDelegate(Delegate):
             return Availability(False, f"cannot load {self.config.library.name}: {exc}")
         return Availability(True)
 
-    def make_interpreter(self, model_path: Path) -> Any:
+    def make_interpreter(self, model_path: Path) -> Interpreter:
         runtime = get_runtime("auto")
         delegate = runtime.load_delegate(str(self.config.library), self.config.options)
         interpreter = runtime.interpreter_class(

@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from edgefleet.delegates import Availability, Delegate
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.runtime import get_runtime
+from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
+from edgefleet.inference.litert import get_runtime
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
 
 DEFAULT_LIBRARIES = (
     "/usr/lib/libteflon.so",
@@ -72,7 +72,7 @@ class GpuDelegate(Delegate):
                 self._probe = Availability(False, str(exc).strip().splitlines()[0])
         return self._probe
 
-    def make_interpreter(self, model_path: Path) -> Any:
+    def make_interpreter(self, model_path: Path) -> Interpreter:
         runtime = get_runtime("auto")
         interpreter = runtime.interpreter_class(
             model_path=str(model_path), experimental_delegates=[self._load()]

@@ -8,10 +8,10 @@ from typing import IO, Any, Literal
 
 from pydantic import Field
 
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.results import Result
-from edgefleet.sinks import Sink
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.runtime.results import Result
+from edgefleet.runtime.sinks import Sink
 
 
 class JsonlConfig(PluginConfig):

@@ -12,10 +12,10 @@ from typing import Any, Literal
 from pydantic import Field
 
 from edgefleet.errors import UserError
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sourceoffers import SourceOffer
-from edgefleet.sources import Source
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.offers import SourceOffer
+from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.runtime.sources import Source
 
 FALLBACK_SCORE = 10
 

@@ -15,10 +15,10 @@ import numpy as np
 from pydantic import Field
 
 from edgefleet.errors import SourceError, UserError
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sourceoffers import SourceOffer
-from edgefleet.sources import ThreadedSource
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.offers import SourceOffer
+from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.runtime.sources import ThreadedSource
 
 
 class Picamera2Config(PluginConfig):

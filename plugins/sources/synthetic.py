@@ -7,10 +7,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sourceoffers import SourceOffer
-from edgefleet.sources import EndOfStream, ThreadedSource
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.offers import SourceOffer
+from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.runtime.sources import EndOfStream, ThreadedSource
 
 
 class SyntheticConfig(PluginConfig):

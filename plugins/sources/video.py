@@ -10,9 +10,9 @@ import numpy as np
 from pydantic import Field
 
 from edgefleet.errors import SourceError
-from edgefleet.hookspecs import hookimpl
-from edgefleet.registry import PluginConfig, Registry
-from edgefleet.sources import EndOfStream, OpenCvSource
+from edgefleet.plugin import hookimpl
+from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.runtime.sources import EndOfStream, OpenCvSource
 
 
 class VideoConfig(PluginConfig):

@@ -1,0 +1,237 @@
+"""Device commands: run the daemon, check a config, list plugins, classify, bench, demo, schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from edgefleet import logs
+from edgefleet.errors import UserError
+
+DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
+
+
+def _config_path(value: str | None) -> Path:
+    return Path(value or os.environ.get("EDGEFLEET_CONFIG") or DEFAULT_CONFIG)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from edgefleet.config.agentconfig import load_config
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    path = Path(args.file)
+    plugins = make_plugin_manager()
+    config = load_config(path, plugins.registries)
+    # A second pass honours the file's own block list, as `run` will.
+    if config.core.plugins.block:
+        plugins = make_plugin_manager(block=config.core.plugins.block)
+        load_config(path, plugins.registries)
+    print(f"{path}: ok")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    block: list[str] = []
+    if args.config:
+        from edgefleet.config.agentconfig import load_config
+
+        config = load_config(Path(args.config), make_plugin_manager().registries)
+        block = config.core.plugins.block
+    plugins = make_plugin_manager(block=block)
+    console = Console(width=max(100, Console().width))
+    table = Table(title="edgefleet plugins")
+    for column in ("plugin", "origin", "status", "provides", "hooks"):
+        table.add_column(column)
+    provided: dict[str, list[str]] = {}
+    for registry in (
+        plugins.registries.sources,
+        plugins.registries.delegates,
+        plugins.registries.sinks,
+    ):
+        for entry in registry.entries():
+            provided.setdefault(entry.plugin, []).append(f"{registry.kind}:{entry.type}")
+    for record in plugins.records:
+        status = record.status if not record.error else f"{record.status}: {record.error}"
+        table.add_row(
+            record.name,
+            record.origin,
+            status,
+            ", ".join(provided.get(record.name, [])),
+            ", ".join(h.removeprefix("edgefleet_") for h in record.hooks),
+        )
+    console.print(table)
+    failed = [r for r in plugins.records if r.status == "failed"]
+    if failed:
+        console.print(f"{len(failed)} plugin(s) failed to load; the agent runs without them.")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgefleet.app.daemon import Daemon
+    from edgefleet.config.agentconfig import load_config
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    path = _config_path(args.config)
+    config = load_config(path, make_plugin_manager().registries)
+    logs.configure(config.core.logging.level, config.core.logging.format)
+    plugins = make_plugin_manager(block=config.core.plugins.block)
+    config = load_config(path, plugins.registries)
+    return Daemon(config, plugins).run(duration=args.duration)
+
+
+def _iter_inputs(inputs: list[str]) -> Iterator[Path]:
+    from edgefleet.inference.images import IMAGE_SUFFIXES, list_images
+
+    for raw in inputs:
+        path = Path(raw)
+        if path.is_dir():
+            yield from list_images(str(path))
+        elif path.suffix.lower() in VIDEO_SUFFIXES or path.suffix.lower() in IMAGE_SUFFIXES:
+            yield path
+        elif path.exists():
+            yield path  # let the decoder say what is wrong with it
+        else:
+            matches = list_images(raw)
+            if not matches:
+                print(f"error: {raw}: no such file", file=sys.stderr)
+            yield from matches
+
+
+def _video_frames(path: Path, every: int) -> Iterator[tuple[int, Any]]:
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"{path}: cannot open video")
+    index = 0
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            if index % every == 0:
+                yield index, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            index += 1
+    finally:
+        cap.release()
+    if index == 0:
+        raise ValueError(f"{path}: no decodable frames")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from edgefleet.delegation.delegate import Delegate
+    from edgefleet.factory import factory_model_path
+    from edgefleet.inference.classifier import load_classifier
+    from edgefleet.inference.images import decode_image
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    model = Path(args.model) if args.model else factory_model_path()
+    # The CPU delegate comes through its registry, as a third-party one would.
+    cpu = make_plugin_manager().registries.delegates.get("cpu")
+    if cpu is None:
+        raise UserError("the cpu delegate plugin is not loaded (see `edgefleet plugins`)")
+    delegate: Delegate = cpu.factory(
+        cpu.config_model.model_validate({"type": "cpu", "threads": args.threads})
+    )
+    classifier = load_classifier(model, delegate, labels_file=args.labels)
+    failures = 0
+    seen = 0
+
+    def emit(record: dict[str, Any], image: Any) -> None:
+        started = time.perf_counter()
+        scores = classifier.classify(image)
+        top = classifier.top(scores, args.top_k)
+        record["top"] = [
+            {"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in top
+        ]
+        record["ms"] = round((time.perf_counter() - started) * 1e3, 3)
+        print(json.dumps(record, ensure_ascii=False), flush=True)
+
+    for path in _iter_inputs(args.inputs):
+        seen += 1
+        try:
+            if path.suffix.lower() in VIDEO_SUFFIXES:
+                for index, frame in _video_frames(path, args.every):
+                    emit({"input": str(path), "frame": index}, frame)
+            else:
+                emit({"input": str(path)}, decode_image(path))
+        except ValueError as exc:
+            failures += 1
+            print(f"error: {exc}", file=sys.stderr)
+    if seen == 0:
+        raise UserError("no inputs to classify")
+    return 1 if failures else 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json as _json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet.delegation.selection import choose, default_candidates
+    from edgefleet.factory import factory_model_path
+    from edgefleet.inference.classifier import sha256_file
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    model = Path(args.model) if args.model else factory_model_path()
+    registry = make_plugin_manager().registries.delegates
+    raw = _json.loads(args.candidates) if args.candidates else default_candidates(registry)
+    sections = []
+    for item in raw:
+        entry = registry.get(str(item.get("type")))
+        if entry is None:
+            raise UserError(f"unknown delegate type {item.get('type')!r}")
+        sections.append(entry.config_model.model_validate(item))
+    choice = choose(
+        "auto", sections, registry, model, sha256_file(model), budget_s=args.budget, cache_dir=None
+    )
+    table = Table(title=f"delegates for {model.name}")
+    for column in ("candidate", "median ms", "p90 ms", "IQR ms", "runs", "note"):
+        table.add_column(column)
+    for row in choice.table:
+        table.add_row(
+            row.label,
+            *(
+                f"{v:.2f}" if v is not None else "-"
+                for v in (row.median_ms, row.p90_ms, row.spread_ms)
+            ),
+            str(row.runs),
+            row.reason,
+        )
+    console = Console(width=max(110, Console().width))
+    console.print(table)
+    console.print(
+        f"auto picks: [bold]{choice.best[0].label}[/] (decided in {choice.seconds:.1f} s)"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edgefleet.app.demo import run_demo
+
+    return run_demo(duration=args.duration)
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from edgefleet.config.agentconfig import json_schema
+    from edgefleet.plugin.manager import make_plugin_manager
+
+    text = json.dumps(json_schema(make_plugin_manager().registries), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    return 0

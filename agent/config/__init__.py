@@ -1,0 +1,1 @@
+"""The configuration file: YAML with line numbers, core sections, plugin sections, overrides."""

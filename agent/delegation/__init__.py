@@ -1,0 +1,1 @@
+"""Where a model runs: delegate interface, policies (auto/prefer), selection, serving, failover."""

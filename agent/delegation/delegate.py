@@ -1,0 +1,52 @@
+"""The delegate interface: where and how a model runs (CPU/XNNPACK, GPU, EdgeTPU, ...)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Interpreter(Protocol):
+    """The part of a TFLite ``Interpreter`` (LiteRT or tflite-runtime) the agent uses."""
+
+    def allocate_tensors(self) -> None: ...
+
+    def invoke(self) -> None: ...
+
+    def get_input_details(self) -> list[dict[str, Any]]: ...
+
+    def get_output_details(self) -> list[dict[str, Any]]: ...
+
+    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None: ...
+
+    def get_tensor(self, tensor_index: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a delegate can serve here, and why not when it cannot."""
+
+    ok: bool
+    reason: str = ""
+
+
+class Delegate(ABC):
+    """Made by a delegate plugin's factory from its validated config section."""
+
+    kind: str = "cpu"  # cpu, gpu, edgetpu, external: what a model variant must be built for
+
+    @abstractmethod
+    def availability(self, model_path: Path | None = None) -> Availability:
+        """Can this delegate run here (and this model, when given)? Never raises."""
+
+    @abstractmethod
+    def make_interpreter(self, model_path: Path) -> Interpreter:
+        """A TFLite ``Interpreter`` for ``model_path`` with tensors allocated."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for logs and status (name, runtime, threads, ...)."""

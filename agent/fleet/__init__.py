@@ -1,0 +1,1 @@
+"""The operator side: collector, release publishing and waves, broker administration."""

@@ -1,0 +1,342 @@
+"""The fleet-side collector: stores what devices report, and acknowledges it.
+
+``edgefleet collect --broker mqtt://host --db sqlite:///fleet.db`` (or ``postgresql://...``).
+Messages are stored idempotently (a result by boot id + seq, a message by boot id + mseq),
+so re-sent messages are harmless. After each commit the collector publishes, per device boot,
+the highest *contiguous* mseq it has stored to ``{prefix}/devices/{id}/ack``: devices in
+``collector`` ack mode delete their spool only up to there, so a broker that dies without
+persistence loses nothing. Each message's ``floor`` tells the collector below which mseq the
+device holds nothing more (acked or dropped), so gaps the device can never fill do not stall
+the acks.
+
+With MQTT 5, predictions/metrics are read through a shared subscription (``$share/GROUP/...``)
+so several collectors can split the load; status is read by each (retained messages are not
+delivered to shared subscriptions).
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgefleet.errors import UserError
+from edgefleet.mqtt.link import parse_url
+from edgefleet.protocol import DEFAULT_PREFIX, SPOOLED_KINDS, FleetTopics
+
+log = structlog.get_logger(__name__)
+# (kind, device, body) of each stored message, for a live display
+Echo = Callable[[str, str, dict[str, Any]], None]
+
+TABLES = [
+    """CREATE TABLE IF NOT EXISTS device_status (
+        device TEXT PRIMARY KEY, state TEXT NOT NULL, boot_id TEXT, ts DOUBLE PRECISION,
+        payload TEXT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS messages (
+        boot_id TEXT NOT NULL, mseq BIGINT NOT NULL, device TEXT NOT NULL, kind TEXT NOT NULL,
+        ts DOUBLE PRECISION, replayed BOOLEAN NOT NULL, payload TEXT NOT NULL,
+        PRIMARY KEY (boot_id, mseq))""",
+    """CREATE TABLE IF NOT EXISTS predictions (
+        boot_id TEXT NOT NULL, seq BIGINT NOT NULL, device TEXT NOT NULL,
+        ts DOUBLE PRECISION, model TEXT, model_version BIGINT, label TEXT, score DOUBLE PRECISION,
+        payload TEXT NOT NULL, PRIMARY KEY (boot_id, seq))""",
+    """CREATE TABLE IF NOT EXISTS acks (
+        boot_id TEXT PRIMARY KEY, device TEXT NOT NULL, mseq BIGINT NOT NULL)""",
+]
+
+
+class _Cursor(Protocol):
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
+    def fetchone(self) -> Any: ...
+
+
+def _json_object(payload: bytes) -> dict[str, Any]:
+    body = json.loads(payload)
+    if not isinstance(body, dict):
+        raise TypeError("not a JSON object")
+    return body
+
+
+class Store:
+    """SQLite or PostgreSQL with the same SQL (only the placeholder differs)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parts = urlsplit(url)
+        self.kind = parts.scheme
+        if self.kind == "sqlite":
+            # sqlite:///relative.db or sqlite:////absolute/path.db, as SQLAlchemy spells it.
+            if not url.startswith("sqlite:///"):
+                raise UserError(f"database URL {url!r}: use sqlite:///PATH")
+            path = Path(url.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn: Any = sqlite3.connect(path, check_same_thread=False)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.ph = "?"
+        elif self.kind in ("postgresql", "postgres"):
+            try:
+                import psycopg
+            except ImportError:
+                raise UserError(
+                    "PostgreSQL needs psycopg: pip install 'edgefleet[collector]'"
+                ) from None
+            try:
+                self.conn = psycopg.connect(url)
+            except psycopg.Error as exc:
+                raise UserError(f"cannot connect to {parts.hostname}: {exc}") from None
+            self.ph = "%s"
+        else:
+            raise UserError(f"database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        cur = self.conn.cursor()
+        for ddl in TABLES:
+            cur.execute(ddl)
+        self.conn.commit()
+
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", self.ph)
+
+    def cursor(self) -> _Cursor:
+        cur: _Cursor = self.conn.cursor()
+        return cur
+
+    def save_status(self, cur: _Cursor, device: str, body: dict[str, Any]) -> None:
+        cur.execute(
+            self._q(
+                "INSERT INTO device_status(device, state, boot_id, ts, payload) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(device) DO UPDATE SET state=excluded.state, boot_id=excluded.boot_id, "
+                "ts=excluded.ts, payload=excluded.payload"
+            ),
+            (device, str(body.get("state")), body.get("boot_id"), body.get("ts"), json.dumps(body)),
+        )
+
+    def save_message(self, cur: _Cursor, kind: str, device: str, body: dict[str, Any]) -> None:
+        boot_id, mseq = str(body["boot_id"]), int(body["mseq"])
+        cur.execute(
+            self._q(
+                "INSERT INTO messages(boot_id, mseq, device, kind, ts, replayed, payload) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+            ),
+            (
+                boot_id,
+                mseq,
+                device,
+                kind,
+                body.get("ts"),
+                bool(body.get("replayed")),
+                json.dumps(body),
+            ),
+        )
+        for result in body.get("results", []) if kind == "predictions" else []:
+            top = result.get("top") or [{}]
+            cur.execute(
+                self._q(
+                    "INSERT INTO predictions(boot_id, seq, device, ts, model, model_version, "
+                    "label, score, payload) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+                ),
+                (
+                    str(result["boot_id"]),
+                    int(result["seq"]),
+                    device,
+                    result.get("ts"),
+                    result.get("model"),
+                    result.get("model_version"),
+                    top[0].get("label"),
+                    top[0].get("score"),
+                    json.dumps(result),
+                ),
+            )
+
+    def advance(self, cur: _Cursor, device: str, boot_id: str, floor: int) -> int:
+        """Highest mseq of ``boot_id`` stored with nothing missing above ``floor - 1``."""
+        cur.execute(self._q("SELECT mseq FROM acks WHERE boot_id = ?"), (boot_id,))
+        row = cur.fetchone()
+        contiguous = max(int(row[0]) if row else 0, floor - 1)
+        while True:
+            cur.execute(
+                self._q("SELECT 1 FROM messages WHERE boot_id = ? AND mseq = ?"),
+                (boot_id, contiguous + 1),
+            )
+            if cur.fetchone() is None:
+                break
+            contiguous += 1
+        cur.execute(
+            self._q(
+                "INSERT INTO acks(boot_id, device, mseq) VALUES (?,?,?) "
+                "ON CONFLICT(boot_id) DO UPDATE SET mseq=excluded.mseq"
+            ),
+            (boot_id, device, contiguous),
+        )
+        return contiguous
+
+    def commit(self) -> None:
+        self.conn.commit()
+
+    def rollback(self) -> None:
+        self.conn.rollback()
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+@dataclass
+class CollectorSettings:
+    broker: str
+    db: str = "sqlite:///edgefleet-collector.db"
+    prefix: str = DEFAULT_PREFIX
+    protocol: str = "5"
+    share_group: str | None = "edgefleet-collectors"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+class Collector:
+    """Subscribes, stores in batches, acks after each commit."""
+
+    def __init__(self, settings: CollectorSettings, echo: Echo | None = None) -> None:
+        self.s = settings
+        self.echo = echo  # for live display
+        self.store = Store(settings.db)
+        self.host, self.port, self.tls = parse_url(settings.broker)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
+        self._stop = threading.Event()
+        self.stored = 0
+        self.rejected = 0
+        self.connected = threading.Event()
+        self.client = self._make_client()
+        self._worker = threading.Thread(target=self._run, name="collector-store", daemon=True)
+
+    def _make_client(self) -> mqtt.Client:
+        v5 = self.s.protocol == "5"
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.s.client_id or f"edgefleet-collector-{int(time.time() * 1000) % 10**9}",
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        )
+        if self.s.username is not None:
+            client.username_pw_set(self.s.username, self.s.password)
+        if self.tls:
+            client.tls_set(
+                ca_certs=str(self.s.ca) if self.s.ca else None,
+                certfile=str(self.s.cert) if self.s.cert else None,
+                keyfile=str(self.s.key) if self.s.key else None,
+            )
+        client.reconnect_delay_set(1, 10)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_disconnect = self._on_disconnect
+        return client
+
+    def subscriptions(self) -> list[str]:
+        topics = FleetTopics(self.s.prefix)
+        shared = self.s.protocol == "5" and self.s.share_group
+        data = [topics.every_device(leaf) for leaf in SPOOLED_KINDS]
+        if shared:
+            data = [f"$share/{self.s.share_group}/{topic}" for topic in data]
+        return [topics.every_device("status"), *data]
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            log.error("collector: broker refused connection", reason=str(rc))
+            return
+        client.subscribe([(topic, 1) for topic in self.subscriptions()])
+        self.connected.set()
+        log.info("collector connected", broker=f"{self.host}:{self.port}")
+
+    def _on_disconnect(
+        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("collector disconnected", reason=str(rc))
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._inbox.put_nowait((msg.topic, bytes(msg.payload)))
+        except queue.Full:
+            self.rejected += 1  # not acked, so the devices keep it and send it again
+
+    def start(self) -> None:
+        self._worker.start()
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._worker.join(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.store.close()
+
+    def _drain(self, limit: int = 500) -> list[tuple[str, bytes]]:
+        items = []
+        try:
+            items.append(self._inbox.get(timeout=0.1))
+            while len(items) < limit:
+                items.append(self._inbox.get_nowait())
+        except queue.Empty:
+            pass
+        return items
+
+    def _run(self) -> None:
+        while not self._stop.is_set() or not self._inbox.empty():
+            batch = self._drain()
+            if batch:
+                try:
+                    self._store_batch(batch)
+                except Exception:
+                    log.exception("collector batch failed; not acked, devices will resend")
+                    self.store.rollback()
+
+    def _store_batch(self, batch: Iterable[tuple[str, bytes]]) -> None:
+        cur = self.store.cursor()
+        touched: dict[tuple[str, str], int] = {}
+        for topic, payload in batch:
+            parts = topic.split("/")
+            if len(parts) < 3 or parts[-3] != "devices":
+                continue
+            device, kind = parts[-2], parts[-1]
+            try:
+                body = _json_object(payload)
+                if kind == "status":
+                    self.store.save_status(cur, device, body)
+                    continue
+                self.store.save_message(cur, kind, device, body)
+            except (ValueError, TypeError, KeyError) as exc:
+                self.rejected += 1
+                log.warning("collector: malformed message skipped", topic=topic, error=str(exc))
+                continue
+            key = (device, str(body["boot_id"]))
+            # The newest floor is the highest: the device only ever lets go of old messages.
+            touched[key] = max(touched.get(key, 1), int(body.get("floor", 1)))
+            self.stored += 1
+            if self.echo is not None:
+                self.echo(kind, device, body)
+        acks = {
+            key: self.store.advance(cur, key[0], key[1], floor) for key, floor in touched.items()
+        }
+        self.store.commit()
+        for (device, boot_id), mseq in acks.items():
+            self.client.publish(
+                FleetTopics(self.s.prefix).device(device).ack,
+                json.dumps({"boot_id": boot_id, "mseq": mseq}),
+                qos=1,
+            )

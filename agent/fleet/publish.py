@@ -1,0 +1,289 @@
+"""Fleet-side rollout tools: keys, publishing a signed release, watching its progress.
+
+``edgefleet keys generate``, ``edgefleet rollout publish|status|clear``. Chunks are published
+retained, so devices pull them whenever they are ready, without a server process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from edgefleet.errors import UserError
+from edgefleet.inference.classifier import inspect_model
+from edgefleet.inference.modelfile import is_tflite
+from edgefleet.mqtt.link import parse_url
+from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, Manifest, Rollout, VariantSpec
+from edgefleet.rollout.release import (
+    DEFAULT_CHUNK,
+    chunk,
+    describe_variant,
+    load_private_key,
+    sign,
+)
+
+
+class Broker:
+    """A short-lived operator connection that waits for every publish to be acknowledged."""
+
+    def __init__(
+        self,
+        url: str,
+        username: str | None = None,
+        password: str | None = None,
+        ca: Path | None = None,
+    ) -> None:
+        host, port, tls = parse_url(url)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-operator-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=str(ca) if ca else None)
+        self.messages: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self.client.on_message = self._on_message
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            raise UserError(f"cannot reach the broker at {host}:{port}: {exc}") from None
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages[msg.topic] = bytes(msg.payload)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = True) -> mqtt.MQTTMessageInfo:
+        return self.client.publish(topic, payload, qos=1, retain=retain)
+
+    def collect(self, topic: str, seconds: float) -> dict[str, bytes]:
+        """Retained messages under ``topic`` (a filter), gathered for ``seconds``."""
+        self.client.subscribe(topic, qos=1)
+        time.sleep(seconds)
+        self.client.unsubscribe(topic)
+        with self._lock:
+            return dict(self.messages)
+
+    def snapshot(self) -> dict[str, bytes]:
+        with self._lock:
+            return dict(self.messages)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def _input_spec(path: Path) -> tuple[dict[str, Any], int]:
+    classifier = inspect_model(path)
+    plan = classifier.plan
+    return (
+        {"height": plan.height, "width": plan.width, "dtype": str(plan.dtype)},
+        classifier.num_classes,
+    )
+
+
+def build_release(
+    models: dict[str, Path],
+    name: str,
+    version: int,
+    key_path: Path,
+    key_id: str,
+    expires_in_s: float,
+    chunk_size: int = DEFAULT_CHUNK,
+    min_agent_version: str = "0.1.0",
+    rollback: bool = False,
+    expected_top1: str | None = None,
+) -> tuple[Manifest, dict[str, bytes]]:
+    """Sign a manifest for the given variant files; also returns each variant's bytes."""
+    variants: list[VariantSpec] = []
+    blobs: dict[str, bytes] = {}
+    for kind, path in models.items():
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror}") from None
+        if not is_tflite(data[:8]):
+            raise UserError(f"{path} is not a TFLite model")
+        spec: dict[str, Any] = {"height": 1, "width": 1, "dtype": "uint8"}
+        classes = None
+        if kind != "edgetpu":  # an EdgeTPU model cannot be loaded without the TPU
+            spec, classes = _input_spec(path)
+        variants.append(
+            describe_variant(
+                kind, data, spec, chunk_size, labels=classes, expected_top1=expected_top1
+            )
+        )
+        blobs[kind] = data
+    now = time.time()
+    # The same release always has the same id, so a re-run of a wave rollout continues.
+    identity = "|".join([name, str(version), *(v.sha256 for v in variants)])
+    manifest = Manifest(
+        rollout_id=hashlib.sha256(identity.encode()).hexdigest()[:16],
+        name=name,
+        version=version,
+        created=now,
+        expires=now + expires_in_s,
+        min_agent_version=min_agent_version,
+        rollback=rollback,
+        variants=variants,
+        key_id=key_id,
+    )
+    return sign(manifest, load_private_key(key_path)), blobs
+
+
+def desired_topic(prefix: str, target: str) -> str:
+    kind, _, name = target.partition(":")
+    if kind not in ("device", "group") or not name:
+        raise UserError(f"target {target!r}: use device:ID or group:NAME")
+    return FleetTopics(prefix).desired(target)
+
+
+def publish_release(
+    broker: Broker,
+    manifest: Manifest,
+    blobs: dict[str, bytes],
+    targets: list[str],
+    prefix: str = DEFAULT_PREFIX,
+    progress: Callable[[int, int], None] | None = None,
+) -> None:
+    """Chunks first (retained), then the desired manifest on each target (retained)."""
+    infos = []
+    topics = FleetTopics(prefix)
+    for variant in manifest.variants:
+        pieces = chunk(blobs[variant.kind], variant.chunk_size)
+        for index, piece in enumerate(pieces):
+            topic = topics.chunk(manifest.name, manifest.version, variant.kind, index)
+            infos.append(broker.publish(topic, piece))
+    for done, info in enumerate(infos, 1):
+        info.wait_for_publish(30)
+        if progress is not None:
+            progress(done, len(infos))
+    body = manifest.model_dump_json().encode()
+    for target in targets:
+        broker.publish(desired_topic(prefix, target), body).wait_for_publish(30)
+
+
+def rollout_states(
+    broker: Broker, prefix: str = DEFAULT_PREFIX, seconds: float = 1.5
+) -> dict[str, dict[str, Any]]:
+    states = {}
+    topics = FleetTopics(prefix)
+    for topic, payload in broker.collect(topics.every_device("rollout"), seconds).items():
+        if topic.endswith("/rollout") and payload:
+            try:
+                states[topics.device_of(topic)] = json.loads(payload)
+            except ValueError:
+                continue
+    return states
+
+
+def clear_release(broker: Broker, name: str, version: int, prefix: str = DEFAULT_PREFIX) -> int:
+    """Remove the retained chunks of a release (an empty retained message clears one)."""
+    found = broker.collect(FleetTopics(prefix).release_chunks(name, version), 2.0)
+    infos = [broker.publish(topic, b"") for topic in found]
+    for info in infos:
+        info.wait_for_publish(30)
+    return len(infos)
+
+
+TERMINAL = Rollout.TERMINAL
+
+
+def wave_order(devices: list[str]) -> list[str]:
+    """Who goes first: a stable order from a hash of the device id, the same on every run."""
+    return sorted(devices, key=lambda d: hashlib.sha256(d.encode()).hexdigest())
+
+
+def known_devices(
+    broker: Broker, prefix: str, group: str | None, seconds: float = 1.5
+) -> list[str]:
+    devices = []
+    topics = FleetTopics(prefix)
+    for topic, payload in broker.collect(topics.every_device("status"), seconds).items():
+        if not topic.endswith("/status") or not payload:
+            continue
+        try:
+            status = json.loads(payload)
+        except ValueError:
+            continue
+        if group is None or group in (status.get("groups") or []):
+            devices.append(topics.device_of(topic))
+    return devices
+
+
+def run_waves(
+    broker: Broker,
+    manifest: Manifest,
+    blobs: dict[str, bytes],
+    group: str | None,
+    waves: list[float],
+    max_failure_rate: float,
+    prefix: str = DEFAULT_PREFIX,
+    wave_timeout_s: float = 600.0,
+    report: Callable[[str], None] = print,
+) -> bool:
+    """Publish per-device desired states wave by wave; False when a wave fails too often."""
+    publish_release(broker, manifest, blobs, [], prefix)
+    order = wave_order(known_devices(broker, prefix, group))
+    if not order:
+        raise UserError("no devices known from their status topics")
+    broker.client.subscribe(FleetTopics(prefix).every_device("rollout"), qos=1)
+    body = manifest.model_dump_json().encode()
+    started: set[str] = set()
+    for percent in waves:
+        wave = order[: max(1, math.ceil(len(order) * percent / 100))]
+        for device in wave:
+            if device not in started:
+                broker.publish(desired_topic(prefix, f"device:{device}"), body).wait_for_publish(30)
+                started.add(device)
+        outcome = _wait_wave(broker, manifest, wave, prefix, wave_timeout_s)
+        failures = [d for d in wave if outcome.get(d) != "active"]
+        rate = len(failures) / len(wave)
+        detail = f": {', '.join(sorted(failures))}" if failures else ""
+        report(
+            f"wave {percent:g}%: {len(wave)} devices, {len(failures)} not active "
+            f"({rate:.0%}){detail}"
+        )
+        if rate > max_failure_rate:
+            report(
+                f"halted: failure rate {rate:.0%} > {max_failure_rate:.0%}; "
+                f"{len(order) - len(started)} devices stay on their current model"
+            )
+            return False
+    return True
+
+
+def _wait_wave(
+    broker: Broker, manifest: Manifest, wave: list[str], prefix: str, timeout_s: float
+) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    outcome: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        messages = broker.snapshot()
+        for device in wave:
+            payload = messages.get(FleetTopics(prefix).device(device).rollout)
+            if not payload:
+                continue
+            try:
+                state = json.loads(payload)
+            except ValueError:
+                continue
+            if state.get("rollout_id") == manifest.rollout_id and state.get("state") in TERMINAL:
+                outcome[device] = str(state["state"])
+        if len(outcome) == len(wave):
+            break
+        time.sleep(0.2)
+    return outcome

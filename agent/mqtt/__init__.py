@@ -1,0 +1,1 @@
+"""The fleet link: one MQTT connection with a durable outbox, presence, commands and telemetry."""

@@ -1,0 +1,1 @@
+"""The device side of model rollouts: releases, model store, download, preflight, swap."""

@@ -1,0 +1,391 @@
+"""The device side of model rollouts: a state machine fed by MQTT, off the hot path.
+
+received -> downloading (percent) -> verifying -> preflight -> activating -> active;
+or failed (reason) / rolled_back (reason). Each state is published retained on
+``{prefix}/devices/{id}/rollout``. The desired manifest arrives retained on
+``{prefix}/devices/{id}/model/desired`` or ``{prefix}/groups/{group}/model/desired`` (a
+device-level manifest wins over its groups'); chunks arrive retained on
+``{prefix}/models/{name}/{version}/{variant}/{index}``.
+
+Every check that needs no download (signature, expiry, version, size, variant) runs first;
+each chunk is verified against its hash as it arrives and kept on disk, so an interrupted
+download resumes with what it has; the whole file is verified again, stored by content hash,
+loaded and self-tested with the running delegate, then swapped in between two frames. A
+health window follows; failing it swaps the previous model back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgefleet import __version__
+from edgefleet.delegation.serving import ServedModel, ServingState
+from edgefleet.errors import UserError
+from edgefleet.fsutil import atomic_write_bytes
+from edgefleet.inference.classifier import Classifier
+from edgefleet.mqtt.link import Incoming
+from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics, VariantSpec
+from edgefleet.rollout.preflight import preflight
+from edgefleet.rollout.release import ReleaseError, check_manifest, load_public_key, parse_manifest
+from edgefleet.rollout.settings import RolloutSettings
+from edgefleet.rollout.store import ActiveModel, ModelStore
+from edgefleet.runtime.stats import LoopStats
+
+log = structlog.get_logger(__name__)
+
+
+class ServingPort(Protocol):
+    """What rollouts need from ``Serving``: load on the serving delegate, swap, swap back."""
+
+    def kinds(self) -> list[str]: ...
+
+    def load(self, path: Path) -> Classifier: ...
+
+    def activate(self, model: ServedModel, classifier: Classifier) -> ServingState: ...
+
+    def restore(self, state: ServingState) -> None: ...
+
+
+class LinkPort(Protocol):
+    """What rollouts need from the MQTT link."""
+
+    def publish_now(
+        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> None: ...
+
+    def subscribe(self, topic: str) -> None: ...
+
+    def unsubscribe(self, topic: str) -> None: ...
+
+
+@dataclasses.dataclass
+class _Download:
+    manifest: Manifest
+    variant: VariantSpec
+    folder: Path
+    topic: str
+    have: set[int]
+    started: float
+    last_chunk: float
+
+
+@dataclasses.dataclass
+class _Health:
+    manifest: Manifest
+    previous: ServingState
+    previous_record: ActiveModel | None
+    inferences_at_start: int
+    errors_at_start: int
+    started: float
+
+
+class RolloutManager:
+    """Receives desired releases, downloads, verifies, preflights and activates them."""
+
+    def __init__(
+        self,
+        serving: ServingPort,
+        stats: LoopStats,
+        link: LinkPort,
+        settings: RolloutSettings,
+        state_dir: Path,
+        topics: Topics,
+        groups: list[str],
+    ) -> None:
+        self.serving = serving
+        self.stats = stats
+        self.link = link
+        self.settings = settings
+        self.store = ModelStore(state_dir)
+        self.downloads = state_dir / "downloads"
+        self.device = topics.device
+        self.fleet_topics = FleetTopics(topics.prefix)
+        self.trusted: dict[str, Ed25519PublicKey] = {
+            key_id: load_public_key(text) for key_id, text in settings.trusted_keys.items()
+        }
+        self.device_desired = topics.desired
+        self.group_desired = [topics.group_desired(g) for g in groups]
+        self.state_topic = topics.rollout
+        self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
+        self._desired: dict[str, bytes] = {}
+        self._download: _Download | None = None
+        self._health: _Health | None = None
+        self._failed: dict[str, float] = {}  # rollout_id -> retry not before
+        self._attempts: dict[str, int] = {}  # rollout_id -> retries so far (backoff)
+        self._rejected: set[str] = set()  # sha256 of payloads that are not manifests
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
+        self.state: dict[str, Any] = {}
+
+    @property
+    def subscriptions(self) -> list[str]:
+        """Desired-state topics, subscribed on every connect."""
+        return [self.device_desired, *self.group_desired]
+
+    @property
+    def chunk_filter(self) -> str:
+        """Every chunk topic; subscribed only for the download in progress."""
+        return self.fleet_topics.all_chunks()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3)
+
+    def on_message(self, incoming: Incoming) -> None:
+        """paho's thread: hand over only."""
+        try:
+            self._inbox.put_nowait(incoming)
+        except queue.Full:
+            log.warning("rollout inbox full; message dropped", topic=incoming.topic)
+
+    # -- state --------------------------------------------------------------------------------
+    def _publish(self, state: str, manifest: Manifest | None, **fields: Any) -> None:
+        body: dict[str, Any] = {"state": state, "device": self.device, "ts": time.time()}
+        if manifest is not None:
+            body.update(
+                rollout_id=manifest.rollout_id, name=manifest.name, version=manifest.version
+            )
+        body.update(fields)
+        self.state = body
+        self.link.publish_now(self.state_topic, json.dumps(body).encode(), retain=True)
+        log.info("rollout", **{k: v for k, v in body.items() if k not in ("device", "ts")})
+
+    # -- worker -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                incoming = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                incoming = None
+            try:
+                if incoming is not None:
+                    self._handle(incoming)
+                self._tick()
+            except Exception:
+                log.exception("rollout step failed")
+
+    def _handle(self, incoming: Incoming) -> None:
+        if incoming.topic in self.subscriptions:
+            self._desired[incoming.topic] = incoming.payload
+            self._consider_desired()
+        elif self._download is not None and incoming.topic.startswith(self._download.topic[:-1]):
+            self._take_chunk(incoming)
+
+    def _effective_desired(self) -> bytes | None:
+        device = self._desired.get(self.device_desired)
+        if device:
+            return device
+        return next((self._desired[t] for t in self.group_desired if self._desired.get(t)), None)
+
+    def _active_version(self) -> int:
+        record = self.store.active()
+        return record.version if record is not None else 0
+
+    def _consider_desired(self) -> None:
+        payload = self._effective_desired()
+        if payload is None or self._download is not None or self._health is not None:
+            return
+        digest = hashlib.sha256(payload).hexdigest()
+        if digest in self._rejected:
+            return
+        try:
+            manifest = parse_manifest(payload)
+        except ReleaseError as exc:
+            self._rejected.add(digest)
+            self._publish(Rollout.FAILED, None, reason=str(exc))
+            return
+        record = self.store.active()
+        if record is not None and record.rollout_id == manifest.rollout_id:
+            if not self.state:  # first word since a restart: say what runs
+                self._publish(Rollout.ACTIVE, manifest, note="running it since the agent started")
+            return
+        if self._failed.get(manifest.rollout_id, 0) > time.monotonic():
+            return
+        kinds = self.serving.kinds()
+        try:
+            variant = check_manifest(
+                manifest,
+                self.trusted,
+                self._active_version(),
+                self.settings.max_model_bytes,
+                kinds,
+                __version__,
+            )
+        except ReleaseError as exc:
+            self._fail(manifest, str(exc), retry=False)
+            return
+        self._publish(Rollout.RECEIVED, manifest, variant=variant.kind)
+        self._begin_download(manifest, variant)
+
+    def _begin_download(self, manifest: Manifest, variant: VariantSpec) -> None:
+        folder = self.downloads / variant.sha256
+        folder.mkdir(parents=True, exist_ok=True)
+        have = set()
+        for index, digest in enumerate(variant.chunks):
+            part = folder / f"{index}.part"
+            if part.exists() and hashlib.sha256(part.read_bytes()).hexdigest() == digest:
+                have.add(index)  # kept from an interrupted download
+        topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
+        now = time.monotonic()
+        self._download = _Download(manifest, variant, folder, topic, have, now, now)
+        if len(have) == len(variant.chunks):
+            self._finish_download()
+            return
+        self._publish(Rollout.DOWNLOADING, manifest, progress=self._percent(), resumed=len(have))
+        self.link.subscribe(topic)
+
+    def _percent(self) -> float:
+        download = self._download
+        if download is None:
+            return 0.0
+        return round(100.0 * len(download.have) / len(download.variant.chunks), 1)
+
+    def _take_chunk(self, incoming: Incoming) -> None:
+        download = self._download
+        if download is None:
+            return
+        try:
+            index = int(incoming.topic.rsplit("/", 1)[1])
+        except ValueError:
+            return
+        if not 0 <= index < len(download.variant.chunks) or index in download.have:
+            return
+        if hashlib.sha256(incoming.payload).hexdigest() != download.variant.chunks[index]:
+            self._abort(f"chunk {index} does not match its hash")
+            return
+        # Parts are re-verified by hash on resume: no fsync per chunk; the whole model is
+        # fsynced when it enters the store.
+        atomic_write_bytes(download.folder / f"{index}.part", incoming.payload, durable=False)
+        download.have.add(index)
+        download.last_chunk = time.monotonic()
+        if len(download.have) == len(download.variant.chunks):
+            self._finish_download()
+        elif len(download.have) % 8 == 0:
+            self._publish(Rollout.DOWNLOADING, download.manifest, progress=self._percent())
+
+    def _abort(self, reason: str, retry: bool = False) -> None:
+        download = self._download
+        if download is None:
+            return
+        self.link.unsubscribe(download.topic)
+        self._download = None
+        self._fail(download.manifest, reason, retry=retry)
+
+    def _fail(self, manifest: Manifest, reason: str, retry: bool) -> None:
+        delay = float("inf")
+        if retry:
+            # Exponential backoff per release, from retry_min_s up to retry_max_s.
+            attempt = self._attempts.get(manifest.rollout_id, 0)
+            self._attempts[manifest.rollout_id] = attempt + 1
+            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2**attempt)
+        self._failed[manifest.rollout_id] = time.monotonic() + delay
+        self._publish(Rollout.FAILED, manifest, reason=reason, retry_in_s=delay if retry else None)
+
+    def _finish_download(self) -> None:
+        download = self._download
+        if download is None:
+            return
+        self.link.unsubscribe(download.topic)
+        manifest, variant = download.manifest, download.variant
+        self._publish(
+            "verifying", manifest, download_s=round(time.monotonic() - download.started, 2)
+        )
+        data = b"".join(
+            (download.folder / f"{i}.part").read_bytes() for i in range(len(variant.chunks))
+        )
+        self._download = None
+        if len(data) != variant.size or hashlib.sha256(data).hexdigest() != variant.sha256:
+            self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
+            return
+        path = self.store.put(data, variant.sha256)
+        # Parts, and temporary files a killed process may have left among them.
+        shutil.rmtree(download.folder, ignore_errors=True)
+        self._preflight_and_activate(manifest, variant, path)
+
+    def _preflight_and_activate(self, manifest: Manifest, variant: VariantSpec, path: Path) -> None:
+        self._publish(Rollout.PREFLIGHT, manifest)
+        try:
+            classifier, latency = preflight(self.serving, variant, path)
+        except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
+            self._fail(manifest, f"preflight: {exc}", retry=False)
+            return
+        info = dataclasses.replace(classifier.info, name=manifest.name, version=manifest.version)
+        self._publish(Rollout.ACTIVATING, manifest, latency_ms=round(latency, 2))
+        previous_record = self.store.active()
+        previous = self.serving.activate(ServedModel(path, info), classifier)
+        self.store.activate(
+            ActiveModel(
+                sha256=variant.sha256,
+                name=manifest.name,
+                version=manifest.version,
+                variant=variant.kind,
+                rollout_id=manifest.rollout_id,
+                previous=previous_record,
+            )
+        )
+        self._health = _Health(
+            manifest,
+            previous,
+            previous_record,
+            self.stats.inferences,
+            self.stats.errors,
+            time.monotonic(),
+        )
+
+    def _tick(self) -> None:
+        download = self._download
+        if (
+            download is not None
+            and time.monotonic() - download.last_chunk > self.settings.stall_timeout_s
+        ):
+            self._abort(
+                f"download stalled ({len(download.have)}/{len(download.variant.chunks)} chunks)",
+                retry=True,
+            )
+        health = self._health
+        if health is not None:
+            self._check_health(health)
+        if self._download is None and self._health is None and self._failed:
+            self._consider_desired()
+
+    def _check_health(self, health: _Health) -> None:
+        stats = self.stats
+        done = stats.inferences - health.inferences_at_start
+        errors = stats.errors - health.errors_at_start
+        if errors > 0:
+            self.serving.restore(health.previous)
+            if health.previous_record is not None:
+                self.store.activate(health.previous_record)
+            else:
+                self.store.pointer.unlink(missing_ok=True)
+            self._health = None
+            self._failed[health.manifest.rollout_id] = float("inf")
+            self._publish(
+                "rolled_back",
+                health.manifest,
+                reason=f"{errors} inference errors in the health window",
+            )
+            return
+        if (
+            done >= self.settings.health_frames
+            or time.monotonic() - health.started > self.settings.health_timeout_s
+        ):
+            self._health = None
+            removed = self.store.gc()
+            self._publish(
+                "active", health.manifest, frames_checked=done, gc=[p.name for p in removed]
+            )

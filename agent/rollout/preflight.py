@@ -1,0 +1,61 @@
+"""Preflight: a downloaded, verified model is loaded and tested before it may serve.
+
+It loads on the delegate that serves at that moment (after a failover, the runner-up), checks
+the input spec and class count against the manifest, classifies the bundled probe image
+(and compares the top-1 when the release names one), and times it against the budget.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgefleet.inference.classifier import Classifier
+from edgefleet.inference.images import decode_image
+from edgefleet.protocol import VariantSpec
+from edgefleet.rollout.release import ReleaseError
+from edgefleet.samples import sample_dir
+
+PROBE_IMAGE = "chelsea.jpg"
+TIMED_INVOKES = 10
+
+
+class Loader(Protocol):
+    """Loads a model on the delegate serving now (``Serving.load``)."""
+
+    def load(self, path: Path) -> Classifier: ...
+
+
+def preflight(loader: Loader, variant: VariantSpec, path: Path) -> tuple[Classifier, float]:
+    """The loaded classifier and its median latency; ReleaseError when it must not serve."""
+    classifier = loader.load(path)
+    plan = classifier.plan
+    spec = variant.input
+    if (plan.height, plan.width, str(plan.dtype)) != (spec.height, spec.width, spec.dtype):
+        raise ReleaseError(
+            f"model input {plan.height}x{plan.width} {plan.dtype} differs from the "
+            f"manifest's {spec.height}x{spec.width} {spec.dtype}"
+        )
+    if variant.labels is not None and classifier.num_classes != variant.labels:
+        raise ReleaseError(f"{classifier.num_classes} classes, manifest says {variant.labels}")
+    scores = classifier.classify(decode_image(sample_dir() / PROBE_IMAGE))
+    if not np.all(np.isfinite(scores)):
+        raise ReleaseError("self-test gave non-finite outputs")
+    top = classifier.top(scores, 1)
+    if variant.expected_top1 is not None and top[0].label != variant.expected_top1:
+        raise ReleaseError(f"self-test top-1 {top[0].label!r}, expected {variant.expected_top1!r}")
+    times = []
+    for _ in range(TIMED_INVOKES):
+        started = time.perf_counter()
+        classifier.interpreter.invoke()
+        times.append((time.perf_counter() - started) * 1e3)
+    latency = statistics.median(times)
+    if variant.latency_budget_ms is not None and latency > variant.latency_budget_ms:
+        raise ReleaseError(
+            f"latency {latency:.1f} ms exceeds the budget {variant.latency_budget_ms} ms"
+        )
+    return classifier, latency

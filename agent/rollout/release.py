@@ -1,0 +1,180 @@
+"""Model releases: the signed manifest, its canonical encoding, Ed25519 keys, chunking.
+
+A manifest names a model release (name, monotonically rising version, validity window,
+minimum agent version) and one or more variants (per delegate kind), each with its size,
+sha256, chunk size and the sha256 of every chunk. It is signed with Ed25519 over a canonical
+encoding (sorted keys, no whitespace, UTF-8) of everything except the signature itself.
+Devices trust the public keys listed in their config, by key id.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import ValidationError
+
+from edgefleet.errors import UserError
+from edgefleet.fsutil import atomic_write_bytes
+from edgefleet.protocol import InputSpecRef, Manifest, VariantSpec
+
+MAX_MANIFEST_BYTES = 64 * 1024
+DEFAULT_CHUNK = 128 * 1024
+
+
+class ReleaseError(Exception):
+    """A manifest or model that must not be installed; the message is the reason reported."""
+
+
+def generate_keys(out: Path, key_id: str) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private = out / f"{key_id}.key"
+    public = out / f"{key_id}.pub"
+    atomic_write_bytes(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    private.chmod(0o600)
+    atomic_write_bytes(
+        public,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+    return private, public
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load signing key {path}: {exc}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UserError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key(text: str) -> Ed25519PublicKey:
+    """A PEM public key, or the raw 32-byte key in base64."""
+    try:
+        if "BEGIN" in text:
+            key = serialization.load_pem_public_key(text.encode())
+        else:
+            key = Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True))
+    except ValueError as exc:
+        raise UserError(f"invalid public key: {exc}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise UserError("trusted keys must be Ed25519 public keys")
+    return key
+
+
+def sign(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
+    signed = manifest.model_copy(update={"signature": ""})
+    signature = key.sign(signed.canonical())
+    return signed.model_copy(update={"signature": base64.b64encode(signature).decode()})
+
+
+def parse_manifest(payload: bytes) -> Manifest:
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ReleaseError(f"manifest of {len(payload)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ReleaseError(f"manifest is not JSON: {exc}") from None
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "manifest"
+        raise ReleaseError(f"malformed manifest: {loc}: {first['msg']}") from None
+
+
+def verify_signature(manifest: Manifest, trusted: dict[str, Ed25519PublicKey]) -> None:
+    if not manifest.signature:
+        raise ReleaseError("manifest is not signed")
+    key = trusted.get(manifest.key_id)
+    if key is None:
+        raise ReleaseError(f"signed by unknown key {manifest.key_id!r}")
+    try:
+        signature = base64.b64decode(manifest.signature, validate=True)
+        key.verify(signature, manifest.canonical())
+    except (ValueError, InvalidSignature):
+        raise ReleaseError("bad signature") from None
+
+
+def check_manifest(
+    manifest: Manifest,
+    trusted: dict[str, Ed25519PublicKey],
+    active_version: int,
+    max_bytes: int,
+    kinds: list[str],
+    agent_version: str,
+    now: float | None = None,
+) -> VariantSpec:
+    """Every check made before a single chunk is downloaded; returns the variant to fetch."""
+    verify_signature(manifest, trusted)
+    now = time.time() if now is None else now
+    if manifest.expires <= now:
+        raise ReleaseError("manifest expired")
+    if manifest.version <= active_version and not manifest.rollback:
+        raise ReleaseError(
+            f"version {manifest.version} is not newer than the active {active_version}"
+        )
+    if _version_tuple(agent_version) < _version_tuple(manifest.min_agent_version):
+        raise ReleaseError(f"needs agent {manifest.min_agent_version}, this is {agent_version}")
+    variant = manifest.variant_for(kinds)
+    if variant is None:
+        have = ", ".join(v.kind for v in manifest.variants)
+        raise ReleaseError(f"no variant for this device's delegates {kinds} (release has {have})")
+    if variant.size > max_bytes:
+        raise ReleaseError(f"model of {variant.size} bytes exceeds the cap of {max_bytes}")
+    expected_chunks = -(-variant.size // variant.chunk_size)
+    if len(variant.chunks) != expected_chunks:
+        raise ReleaseError(f"{len(variant.chunks)} chunk hashes for {expected_chunks} chunks")
+    return variant
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def chunk(data: bytes, size: int = DEFAULT_CHUNK) -> list[bytes]:
+    return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def describe_variant(
+    kind: str,
+    data: bytes,
+    input_spec: dict[str, Any],
+    chunk_size: int,
+    labels: int | None = None,
+    expected_top1: str | None = None,
+    latency_budget_ms: float | None = None,
+) -> VariantSpec:
+    return VariantSpec(
+        kind=kind,
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        chunk_size=chunk_size,
+        chunks=[hashlib.sha256(c).hexdigest() for c in chunk(data, chunk_size)],
+        input=InputSpecRef.model_validate(input_spec),
+        labels=labels,
+        expected_top1=expected_top1,
+        latency_budget_ms=latency_budget_ms,
+    )
