@@ -17,7 +17,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
+def atomic_write_bytes(path: Path, data: bytes, durable: bool = True, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
 
     ``durable=False`` skips the fsyncs: for data that is verified again before use (download
@@ -32,7 +32,7 @@ def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> None:
             fh.flush()
             if durable:
                 os.fsync(fh.fileno())
-        tmp.chmod(0o644)
+        tmp.chmod(mode)
         tmp.replace(path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -142,6 +142,13 @@ class FleetTopics:
         return parts[index + 1]
 
     @staticmethod
+    def group_of(topic: str) -> str:
+        """The group in ``{prefix}/groups/{group}/...``."""
+        parts = topic.split("/")
+        index = len(parts) - 1 - parts[::-1].index("groups")
+        return parts[index + 1]
+
+    @staticmethod
     def leaf_of(topic: str) -> str:
         return topic.rsplit("/", 1)[-1]
 
@@ -151,6 +158,14 @@ class FleetTopics:
     def chunks(self, name: str, version: int, kind: str) -> str:
         """Every chunk of one variant (a wildcard filter)."""
         return f"{self.prefix}/models/{name}/{version}/{kind}/+"
+
+    def every_group(self, leaf: str) -> str:
+        """``{prefix}/groups/+/{leaf}``: one leaf of every group."""
+        return f"{self.prefix}/groups/+/{leaf}"
+
+    def release(self, name: str, version: int) -> str:
+        """The retained manifest of a published release (its index: what was published)."""
+        return f"{self.prefix}/models/{name}/{version}/manifest"
 
     def all_chunks(self) -> str:
         """Every chunk of every release (a wildcard filter)."""

@@ -639,8 +639,10 @@ def test_wrong_total_sha_and_clear(tmp_path: Path, broker: Broker, keys: tuple[P
     )
     assert proc.returncode == 0, proc.stderr
     assert "cleared 18 retained chunks" in proc.stdout
+    assert "and 1 desired states naming it" in proc.stdout
     left = Operator(broker.url)
     assert left.collect("edgefleet/v1/models/lite0-float/4/+/+", 1.0) == {}
+    assert left.collect("edgefleet/v1/devices/+/model/desired", 1.0) == {}
     left.close()
     sub.stop()
 

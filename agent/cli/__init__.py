@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from edgefleet import __version__, logs
-from edgefleet.cli import device, fleet
+from edgefleet.cli import device, fleet, rollout
 from edgefleet.cli.device import DEFAULT_CONFIG
 from edgefleet.errors import ConfigError, UserError
 
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=device.cmd_demo)
 
     fleet.add_fleet_commands(sub)
-    fleet.add_rollout_commands(sub)
+    rollout.add_rollout_commands(sub)
 
     schema = sub.add_parser("schema", help="print the config JSON schema")
     schema.add_argument("--out", help="write to this file")

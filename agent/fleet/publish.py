@@ -6,6 +6,7 @@ retained, so devices pull them whenever they are ready, without a server process
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -75,7 +76,11 @@ class Broker:
         time.sleep(seconds)
         self.client.unsubscribe(topic)
         with self._lock:
-            return dict(self.messages)
+            return {
+                name: payload
+                for name, payload in self.messages.items()
+                if mqtt.topic_matches_sub(topic, name)
+            }
 
     def snapshot(self) -> dict[str, bytes]:
         with self._lock:
@@ -84,6 +89,12 @@ class Broker:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _input_spec(path: Path) -> tuple[dict[str, Any], int]:
@@ -151,6 +162,29 @@ def desired_topic(prefix: str, target: str) -> str:
     return FleetTopics(prefix).desired(target)
 
 
+def check_unpublished(
+    broker: Broker, manifest: Manifest, prefix: str = DEFAULT_PREFIX, seconds: float = 1.0
+) -> None:
+    """Refuse to publish a name and version again with other content: versions are immutable.
+
+    Devices key what they downloaded, verified and refused by release; the same name and
+    version meaning two different models would leave a fleet split without anyone noticing.
+    """
+    topic = FleetTopics(prefix).release(manifest.name, manifest.version)
+    payload = broker.collect(topic, seconds).get(topic)
+    if not payload:
+        return
+    try:
+        published = json.loads(payload)
+    except ValueError:
+        return  # not ours to judge: the publish overwrites it
+    if isinstance(published, dict) and published.get("rollout_id") != manifest.rollout_id:
+        raise UserError(
+            f"{manifest.name} v{manifest.version} is already published with other content "
+            f"(release {published.get('rollout_id')}); publish it as a new version"
+        )
+
+
 def publish_release(
     broker: Broker,
     manifest: Manifest,
@@ -159,7 +193,7 @@ def publish_release(
     prefix: str = DEFAULT_PREFIX,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Chunks first (retained), then the desired manifest on each target (retained)."""
+    """Chunks first (retained), the release index, then each target's desired manifest."""
     infos = []
     topics = FleetTopics(prefix)
     for variant in manifest.variants:
@@ -172,6 +206,7 @@ def publish_release(
         if progress is not None:
             progress(done, len(infos))
     body = manifest.model_dump_json().encode()
+    broker.publish(topics.release(manifest.name, manifest.version), body).wait_for_publish(30)
     for target in targets:
         broker.publish(desired_topic(prefix, target), body).wait_for_publish(30)
 
@@ -179,24 +214,50 @@ def publish_release(
 def rollout_states(
     broker: Broker, prefix: str = DEFAULT_PREFIX, seconds: float = 1.5
 ) -> dict[str, dict[str, Any]]:
-    states = {}
+    return _json_by_device(broker, FleetTopics(prefix).every_device("rollout"), seconds)
+
+
+def _json_by_device(broker: Broker, topic_filter: str, seconds: float) -> dict[str, dict[str, Any]]:
+    found: dict[str, dict[str, Any]] = {}
+    for topic, payload in broker.collect(topic_filter, seconds).items():
+        if not payload:
+            continue
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(body, dict):
+            found[FleetTopics.device_of(topic)] = body
+    return found
+
+
+def clear_release(
+    broker: Broker, name: str, version: int, prefix: str = DEFAULT_PREFIX
+) -> tuple[int, int]:
+    """Remove a release's retained chunks and index, and every desired state naming it.
+
+    Returns (chunks cleared, desired states cleared). A desired manifest left pointing at
+    deleted chunks would hold its devices in ``downloading`` until they stall.
+    """
     topics = FleetTopics(prefix)
-    for topic, payload in broker.collect(topics.every_device("rollout"), seconds).items():
-        if topic.endswith("/rollout") and payload:
-            try:
-                states[topics.device_of(topic)] = json.loads(payload)
-            except ValueError:
-                continue
-    return states
-
-
-def clear_release(broker: Broker, name: str, version: int, prefix: str = DEFAULT_PREFIX) -> int:
-    """Remove the retained chunks of a release (an empty retained message clears one)."""
-    found = broker.collect(FleetTopics(prefix).release_chunks(name, version), 2.0)
-    infos = [broker.publish(topic, b"") for topic in found]
+    desired = {
+        **broker.collect(topics.every_device("model/desired"), 1.0),
+        **broker.collect(topics.every_group("model/desired"), 1.0),
+    }
+    stale = []
+    for topic, payload in desired.items():
+        try:
+            body = json.loads(payload) if payload else None
+        except ValueError:
+            continue
+        if isinstance(body, dict) and (body.get("name"), body.get("version")) == (name, version):
+            stale.append(topic)
+    chunks = broker.collect(topics.release_chunks(name, version), 2.0)
+    clear = [*stale, *chunks, topics.release(name, version)]
+    infos = [broker.publish(topic, b"") for topic in clear]
     for info in infos:
         info.wait_for_publish(30)
-    return len(infos)
+    return len(chunks), len(stale)
 
 
 TERMINAL = Rollout.TERMINAL
@@ -210,18 +271,59 @@ def wave_order(devices: list[str]) -> list[str]:
 def known_devices(
     broker: Broker, prefix: str, group: str | None, seconds: float = 1.5
 ) -> list[str]:
-    devices = []
+    """Devices known from their retained status, in ``group`` when one is given."""
+    statuses = _json_by_device(broker, FleetTopics(prefix).every_device("status"), seconds)
+    return sorted(
+        device
+        for device, status in statuses.items()
+        if group is None or group in (status.get("groups") or [])
+    )
+
+
+def target_devices(broker: Broker, targets: list[str], prefix: str) -> list[str]:
+    """The devices ``device:ID``, ``group:NAME`` and ``fleet`` targets name, known now."""
+    devices: set[str] = set()
+    for target in targets:
+        kind, _, name = target.partition(":")
+        if kind == "device":
+            devices.add(name)
+        else:
+            devices.update(known_devices(broker, prefix, name if kind == "group" else None))
+    return sorted(devices)
+
+
+Progress = Callable[[dict[str, dict[str, Any]]], None]
+
+
+def watch_devices(
+    broker: Broker,
+    manifest: Manifest,
+    devices: list[str],
+    prefix: str,
+    timeout_s: float,
+    on_update: Progress | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Each device's latest rollout state for this release, until all are final or time is up."""
     topics = FleetTopics(prefix)
-    for topic, payload in broker.collect(topics.every_device("status"), seconds).items():
-        if not topic.endswith("/status") or not payload:
-            continue
-        try:
-            status = json.loads(payload)
-        except ValueError:
-            continue
-        if group is None or group in (status.get("groups") or []):
-            devices.append(topics.device_of(topic))
-    return devices
+    broker.client.subscribe(topics.every_device("rollout"), qos=1)
+    deadline = time.monotonic() + timeout_s
+    states: dict[str, dict[str, Any]] = {}
+    while True:
+        messages = broker.snapshot()
+        for device in devices:
+            payload = messages.get(topics.device(device).rollout)
+            try:
+                state = json.loads(payload) if payload else None
+            except ValueError:
+                continue
+            if isinstance(state, dict) and state.get("rollout_id") == manifest.rollout_id:
+                states[device] = state
+        if on_update is not None:
+            on_update(states)
+        done = all(states.get(d, {}).get("state") in TERMINAL for d in devices)
+        if done or time.monotonic() >= deadline:
+            return states
+        time.sleep(0.2)
 
 
 def run_waves(
@@ -234,13 +336,13 @@ def run_waves(
     prefix: str = DEFAULT_PREFIX,
     wave_timeout_s: float = 600.0,
     report: Callable[[str], None] = print,
+    on_update: Progress | None = None,
 ) -> bool:
     """Publish per-device desired states wave by wave; False when a wave fails too often."""
     publish_release(broker, manifest, blobs, [], prefix)
     order = wave_order(known_devices(broker, prefix, group))
     if not order:
         raise UserError("no devices known from their status topics")
-    broker.client.subscribe(FleetTopics(prefix).every_device("rollout"), qos=1)
     body = manifest.model_dump_json().encode()
     started: set[str] = set()
     for percent in waves:
@@ -249,8 +351,8 @@ def run_waves(
             if device not in started:
                 broker.publish(desired_topic(prefix, f"device:{device}"), body).wait_for_publish(30)
                 started.add(device)
-        outcome = _wait_wave(broker, manifest, wave, prefix, wave_timeout_s)
-        failures = [d for d in wave if outcome.get(d) != "active"]
+        states = watch_devices(broker, manifest, wave, prefix, wave_timeout_s, on_update)
+        failures = [d for d in wave if states.get(d, {}).get("state") != Rollout.ACTIVE]
         rate = len(failures) / len(wave)
         detail = f": {', '.join(sorted(failures))}" if failures else ""
         report(
@@ -266,24 +368,39 @@ def run_waves(
     return True
 
 
-def _wait_wave(
-    broker: Broker, manifest: Manifest, wave: list[str], prefix: str, timeout_s: float
-) -> dict[str, str]:
-    deadline = time.monotonic() + timeout_s
-    outcome: dict[str, str] = {}
-    while time.monotonic() < deadline:
-        messages = broker.snapshot()
-        for device in wave:
-            payload = messages.get(FleetTopics(prefix).device(device).rollout)
-            if not payload:
-                continue
-            try:
-                state = json.loads(payload)
-            except ValueError:
-                continue
-            if state.get("rollout_id") == manifest.rollout_id and state.get("state") in TERMINAL:
-                outcome[device] = str(state["state"])
-        if len(outcome) == len(wave):
-            break
-        time.sleep(0.2)
-    return outcome
+def fleet_view(
+    broker: Broker, prefix: str = DEFAULT_PREFIX, seconds: float = 1.5
+) -> list[dict[str, Any]]:
+    """One row per device known from status, rollout or desired state: desired vs active."""
+    topics = FleetTopics(prefix)
+    status = _json_by_device(broker, topics.every_device("status"), seconds)
+    rollout = rollout_states(broker, prefix, 0.3)
+    desired = _json_by_device(broker, topics.every_device("model/desired"), 0.3)
+    groups: dict[str, dict[str, Any]] = {}
+    for topic, payload in broker.collect(topics.every_group("model/desired"), 0.3).items():
+        with contextlib.suppress(ValueError):
+            body = json.loads(payload) if payload else None
+            if isinstance(body, dict):
+                groups[FleetTopics.group_of(topic)] = body
+    rows = []
+    now = time.time()
+    for device in sorted({*status, *rollout, *desired}):
+        st, ro = status.get(device, {}), rollout.get(device, {})
+        want = desired.get(device) or next(
+            (groups[g] for g in st.get("groups") or [] if g in groups), None
+        )
+        model = st.get("model") or {}
+        ts = max(float(st.get("ts") or 0), float(ro.get("ts") or 0))
+        rows.append(
+            {
+                "device": device,
+                "presence": st.get("state", "unknown"),
+                "active": f"{model.get('name')} v{model.get('version')}" if model else "",
+                "desired": f"{want.get('name')} v{want.get('version')}" if want else "",
+                "state": ro.get("state", ""),
+                "progress": ro.get("progress", ""),
+                "reason": ro.get("reason", ""),
+                "age_s": round(now - ts, 1) if ts else None,
+            }
+        )
+    return rows

@@ -16,6 +16,7 @@ health window follows; failing it swaps the previous model back.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import json
@@ -24,7 +25,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -37,12 +38,19 @@ from edgefleet.inference.classifier import Classifier
 from edgefleet.mqtt.link import Incoming
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics, VariantSpec
 from edgefleet.rollout.preflight import preflight
-from edgefleet.rollout.release import ReleaseError, check_manifest, load_public_key, parse_manifest
+from edgefleet.rollout.release import (
+    ReleaseError,
+    check_manifest,
+    load_public_key,
+    parse_manifest,
+    verify_signature,
+)
 from edgefleet.rollout.settings import RolloutSettings
 from edgefleet.rollout.store import ActiveModel, ModelStore
 from edgefleet.runtime.stats import LoopStats
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 class ServingPort(Protocol):
@@ -69,8 +77,23 @@ class LinkPort(Protocol):
     def unsubscribe(self, topic: str) -> None: ...
 
 
+class BoundedMemo(collections.OrderedDict[str, T]):
+    """A dict that forgets its oldest entries beyond ``limit`` (no unbounded growth)."""
+
+    def __init__(self, limit: int = 256) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: str, value: T) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
+
+
 @dataclasses.dataclass
 class _Download:
+    digest: str  # sha256 of the desired payload it serves
     manifest: Manifest
     variant: VariantSpec
     folder: Path
@@ -108,6 +131,7 @@ class RolloutManager:
         self.link = link
         self.settings = settings
         self.store = ModelStore(state_dir)
+        self.state_dir = state_dir
         self.downloads = state_dir / "downloads"
         self.device = topics.device
         self.fleet_topics = FleetTopics(topics.prefix)
@@ -121,9 +145,12 @@ class RolloutManager:
         self._desired: dict[str, bytes] = {}
         self._download: _Download | None = None
         self._health: _Health | None = None
-        self._failed: dict[str, float] = {}  # rollout_id -> retry not before
-        self._attempts: dict[str, int] = {}  # rollout_id -> retries so far (backoff)
-        self._rejected: set[str] = set()  # sha256 of payloads that are not manifests
+        # Only authenticated releases are remembered by rollout_id; payloads that did not
+        # parse or verify are remembered by their own hash, so they can never shadow a
+        # genuine release that reuses their rollout_id. Both memories are bounded.
+        self._failed: BoundedMemo[float] = BoundedMemo()  # rollout_id -> retry not before
+        self._attempts: BoundedMemo[int] = BoundedMemo()  # rollout_id -> retries so far
+        self._rejected: BoundedMemo[str] = BoundedMemo()  # payload sha256 -> reason
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self.state: dict[str, Any] = {}
@@ -160,6 +187,9 @@ class RolloutManager:
                 rollout_id=manifest.rollout_id, name=manifest.name, version=manifest.version
             )
         body.update(fields)
+        if isinstance(body.get("reason"), str):
+            # Paths in reasons are the device's own business: report them within the store.
+            body["reason"] = body["reason"].replace(f"{self.state_dir}/", "")
         self.state = body
         self.link.publish_now(self.state_topic, json.dumps(body).encode(), retain=True)
         log.info("rollout", **{k: v for k, v in body.items() if k not in ("device", "ts")})
@@ -196,52 +226,90 @@ class RolloutManager:
         return record.version if record is not None else 0
 
     def _consider_desired(self) -> None:
-        payload = self._effective_desired()
-        if payload is None or self._download is not None or self._health is not None:
+        """Converge to the latest desired state; called whenever it, or the device, changed."""
+        wanted = self._wanted()
+        if wanted is None:
             return
-        digest = hashlib.sha256(payload).hexdigest()
-        if digest in self._rejected:
-            return
-        try:
-            manifest = parse_manifest(payload)
-        except ReleaseError as exc:
-            self._rejected.add(digest)
-            self._publish(Rollout.FAILED, None, reason=str(exc))
-            return
-        record = self.store.active()
-        if record is not None and record.rollout_id == manifest.rollout_id:
-            if not self.state:  # first word since a restart: say what runs
-                self._publish(Rollout.ACTIVE, manifest, note="running it since the agent started")
-            return
+        digest, manifest = wanted
         if self._failed.get(manifest.rollout_id, 0) > time.monotonic():
-            return
-        kinds = self.serving.kinds()
+            return  # failed before; retried when its backoff ends (never, if final)
         try:
             variant = check_manifest(
                 manifest,
                 self.trusted,
                 self._active_version(),
                 self.settings.max_model_bytes,
-                kinds,
+                self.serving.kinds(),
                 __version__,
             )
         except ReleaseError as exc:
             self._fail(manifest, str(exc), retry=False)
             return
         self._publish(Rollout.RECEIVED, manifest, variant=variant.kind)
-        self._begin_download(manifest, variant)
+        self._begin_download(digest, manifest, variant)
 
-    def _begin_download(self, manifest: Manifest, variant: VariantSpec) -> None:
+    def _wanted(self) -> tuple[str, Manifest] | None:
+        """The authenticated desired release to act on now, if there is one."""
+        payload = self._effective_desired()
+        if payload is None or self._health is not None:
+            return None  # during a health window: taken up when the window ends
+        digest = hashlib.sha256(payload).hexdigest()
+        download = self._download
+        if (download is not None and download.digest == digest) or digest in self._rejected:
+            return None
+        manifest = self._authenticated(payload, digest)
+        if manifest is None:
+            return None
+        record = self.store.active()
+        if record is not None and record.rollout_id == manifest.rollout_id:
+            if download is not None:
+                self._abandon(download, "the desired release is the active one again")
+            if self.state.get("rollout_id") != manifest.rollout_id:
+                self._publish(Rollout.ACTIVE, manifest, note="the desired release is active")
+            return None
+        if download is not None and not self._supersede(download, manifest, digest):
+            return None
+        return digest, manifest
+
+    def _authenticated(self, payload: bytes, digest: str) -> Manifest | None:
+        """The manifest if it parses and its signature verifies; else remembered by hash."""
+        try:
+            manifest = parse_manifest(payload)
+            verify_signature(manifest, self.trusted)
+        except ReleaseError as exc:
+            self._rejected[digest] = str(exc)
+            log.warning("desired release refused", reason=str(exc), sha256=digest[:16])
+            if self._download is None:  # never hide a genuine download's progress
+                self._publish(Rollout.FAILED, None, reason=str(exc))
+            return None
+        return manifest
+
+    def _supersede(self, download: _Download, manifest: Manifest, digest: str) -> bool:
+        """True when ``manifest`` replaces the download in progress (now abandoned)."""
+        if download.manifest.rollout_id == manifest.rollout_id:
+            download.digest = digest  # the same release published again: carry on
+            return False
+        self._abandon(download, f"superseded by {manifest.name} v{manifest.version}")
+        return True
+
+    def _abandon(self, download: _Download, reason: str) -> None:
+        """Stop a download the desired state no longer asks for; its verified parts stay."""
+        self.link.unsubscribe(download.topic)
+        self._download = None
+        log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
+
+    def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
         folder = self.downloads / variant.sha256
+        self._clean_downloads(keep=folder)
         folder.mkdir(parents=True, exist_ok=True)
         have = set()
-        for index, digest in enumerate(variant.chunks):
+        for index, expected in enumerate(variant.chunks):
             part = folder / f"{index}.part"
-            if part.exists() and hashlib.sha256(part.read_bytes()).hexdigest() == digest:
+            if part.exists() and hashlib.sha256(part.read_bytes()).hexdigest() == expected:
                 have.add(index)  # kept from an interrupted download
         topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
         now = time.monotonic()
-        self._download = _Download(manifest, variant, folder, topic, have, now, now)
+        self._download = _Download(digest, manifest, variant, folder, topic, have, now, now)
         if len(have) == len(variant.chunks):
             self._finish_download()
             return
@@ -265,7 +333,8 @@ class RolloutManager:
         if not 0 <= index < len(download.variant.chunks) or index in download.have:
             return
         if hashlib.sha256(incoming.payload).hexdigest() != download.variant.chunks[index]:
-            self._abort(f"chunk {index} does not match its hash")
+            # Never stored; fetched again on the retry (the publisher may have fixed it).
+            self._abort(f"chunk {index} does not match its hash", retry=True)
             return
         # Parts are re-verified by hash on resume: no fsync per chunk; the whole model is
         # fsynced when it enters the store.
@@ -283,7 +352,17 @@ class RolloutManager:
             return
         self.link.unsubscribe(download.topic)
         self._download = None
+        if not retry:
+            shutil.rmtree(download.folder, ignore_errors=True)
         self._fail(download.manifest, reason, retry=retry)
+
+    def _clean_downloads(self, keep: Path | None = None) -> None:
+        """Partial downloads other than ``keep`` (abandoned or failed releases) go."""
+        if not self.downloads.is_dir():
+            return
+        for folder in self.downloads.iterdir():
+            if folder != keep:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def _fail(self, manifest: Manifest, reason: str, retry: bool) -> None:
         delay = float("inf")
@@ -294,6 +373,8 @@ class RolloutManager:
             delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2**attempt)
         self._failed[manifest.rollout_id] = time.monotonic() + delay
         self._publish(Rollout.FAILED, manifest, reason=reason, retry_in_s=delay if retry else None)
+        if not retry:
+            self.store.gc()  # a model that failed preflight does not stay beside the active one
 
     def _finish_download(self) -> None:
         download = self._download
@@ -302,13 +383,14 @@ class RolloutManager:
         self.link.unsubscribe(download.topic)
         manifest, variant = download.manifest, download.variant
         self._publish(
-            "verifying", manifest, download_s=round(time.monotonic() - download.started, 2)
+            Rollout.VERIFYING, manifest, download_s=round(time.monotonic() - download.started, 2)
         )
         data = b"".join(
             (download.folder / f"{i}.part").read_bytes() for i in range(len(variant.chunks))
         )
         self._download = None
         if len(data) != variant.size or hashlib.sha256(data).hexdigest() != variant.sha256:
+            shutil.rmtree(download.folder, ignore_errors=True)
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
         path = self.store.put(data, variant.sha256)
@@ -359,8 +441,16 @@ class RolloutManager:
         health = self._health
         if health is not None:
             self._check_health(health)
-        if self._download is None and self._health is None and self._failed:
+        if self._download is None and self._health is None and self._retry_due():
             self._consider_desired()
+
+    def _retry_due(self) -> bool:
+        """Whether a failed release's backoff ended (then it no longer blocks a retry)."""
+        now = time.monotonic()
+        due = [key for key, not_before in self._failed.items() if not_before <= now]
+        for key in due:
+            del self._failed[key]
+        return bool(due)
 
     def _check_health(self, health: _Health) -> None:
         stats = self.stats
@@ -375,10 +465,12 @@ class RolloutManager:
             self._health = None
             self._failed[health.manifest.rollout_id] = float("inf")
             self._publish(
-                "rolled_back",
+                Rollout.ROLLED_BACK,
                 health.manifest,
                 reason=f"{errors} inference errors in the health window",
             )
+            self.store.gc()
+            self._consider_desired()  # a change that came during the window
             return
         if (
             done >= self.settings.health_frames
@@ -387,5 +479,6 @@ class RolloutManager:
             self._health = None
             removed = self.store.gc()
             self._publish(
-                "active", health.manifest, frames_checked=done, gc=[p.name for p in removed]
+                Rollout.ACTIVE, health.manifest, frames_checked=done, gc=[p.name for p in removed]
             )
+            self._consider_desired()  # a change that came during the window

@@ -33,26 +33,31 @@ class ReleaseError(Exception):
     """A manifest or model that must not be installed; the message is the reason reported."""
 
 
-def generate_keys(out: Path, key_id: str) -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
+def generate_keys(out: Path, key_id: str, overwrite: bool = False) -> tuple[Path, Path]:
+    """A new Ed25519 pair: ``KEY_ID.key`` (mode 0600) and ``KEY_ID.pub``; never replaces one
+    silently, since devices that trust the old key would refuse every release signed anew."""
     private = out / f"{key_id}.key"
     public = out / f"{key_id}.pub"
-    atomic_write_bytes(
-        private,
-        key.private_bytes(
+    existing = [p for p in (private, public) if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"{existing[0]} exists; --force replaces it (devices trust the old key)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
-        ),
-    )
-    private.chmod(0o600)
-    atomic_write_bytes(
-        public,
-        key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    )
+        )
+        atomic_write_bytes(private, pem, mode=0o600)
+        atomic_write_bytes(
+            public,
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+    except OSError as exc:
+        raise UserError(f"cannot write keys to {out}: {exc.strerror}") from None
     return private, public
 
 

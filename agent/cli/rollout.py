@@ -1,0 +1,412 @@
+"""Release keys and rollouts: `edgefleet keys generate`, `edgefleet rollout publish|status|clear`.
+
+Targets: ``device:ID``, ``group:NAME`` (the retained desired state of the group, which every
+member, also one that joins later, picks up), or ``fleet`` (every device known from its retained
+status, each given a device-level desired state). ``--waves`` takes ``group:NAME`` or ``fleet``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.errors import UserError
+from edgefleet.protocol import DEFAULT_PREFIX, ID_PATTERN, KIND_PATTERN, Rollout
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+
+    from edgefleet.fleet.publish import Broker
+    from edgefleet.protocol import Manifest
+
+DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
+BROKER_ENV = "EDGEFLEET_BROKER"
+MAX_CHUNK = 16 * 1024 * 1024
+Subparsers = argparse._SubParsersAction
+
+
+# -- argument types: a bad value is one line and exit 2, from argparse itself --------------------
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def _version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+def _chunk_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and {MAX_CHUNK} bytes")
+    return int(text)
+
+
+def _name(text: str) -> str:
+    if not re.match(ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: letters, digits, '_', '.', '-', starting with a letter or digit (max 64)"
+        )
+    return text
+
+
+def _target(text: str) -> str:
+    if text == "fleet":
+        return text
+    kind, _, name = text.partition(":")
+    if kind not in ("device", "group") or not re.match(ID_PATTERN, name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use device:ID, group:NAME or fleet (IDs: letters, digits, '_', '.', '-')"
+        )
+    return text
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def _waves(text: str) -> list[float]:
+    try:
+        waves = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: percentages, e.g. 10,50,100") from None
+    if not waves or any(not 0 < w <= 100 for w in waves) or waves != sorted(waves):
+        raise argparse.ArgumentTypeError(f"{text!r}: rising percentages in (0, 100]")
+    return waves
+
+
+# -- keys ------------------------------------------------------------------------------------
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from edgefleet.rollout.release import generate_keys
+
+    private, public = generate_keys(Path(args.out), args.key_id, overwrite=args.force)
+    print(f"private key: {private} (mode 0600; keep it off the devices)")
+    print(f"public key:  {public} (list it under rollout.trusted_keys.{args.key_id})")
+    return 0
+
+
+# -- the operator's connection ----------------------------------------------------------------
+def _operator(args: argparse.Namespace) -> Broker:
+    from edgefleet.fleet.publish import Broker
+
+    url = args.broker
+    if url is None:
+        from_env = os.environ.get(BROKER_ENV)
+        url = from_env or DEFAULT_BROKER
+        origin = f"${BROKER_ENV}" if from_env else f"the default; --broker or ${BROKER_ENV} sets it"
+        print(f"broker: {url} ({origin})", file=sys.stderr)
+    password = None
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--password-file {args.password_file}: {exc.strerror}") from None
+    return Broker(url, args.username, password, args.ca)
+
+
+# -- publish ----------------------------------------------------------------------------------
+def _models(args: argparse.Namespace) -> dict[str, Path]:
+    models = {"cpu": Path(args.model)}
+    for item in args.variant or []:
+        kind, _, path = item.partition("=")
+        if not re.match(KIND_PATTERN, kind) or not path:
+            raise UserError(f"--variant {item!r}: use KIND=FILE (cpu, edgetpu, gpu, ..., any)")
+        models[kind] = Path(path)
+    return models
+
+
+def cmd_rollout_publish(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from edgefleet.fleet.publish import build_release, check_unpublished, publish_release
+
+    manifest, blobs = build_release(
+        _models(args),
+        args.name,
+        args.version,
+        Path(args.key),
+        args.key_id or Path(args.key).stem,
+        args.expires_in * 3600,
+        chunk_size=args.chunk_size,
+        rollback=args.rollback,
+        expected_top1=args.expected_top1,
+    )
+    console = Console(stderr=True)
+    broker = _operator(args)
+    try:
+        check_unpublished(broker, manifest, args.prefix)
+        if args.waves:
+            return _publish_waves(args, broker, manifest, blobs, console)
+        direct = [t for t in args.target if t != "fleet"]
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("chunks", total=1)
+
+            def advance(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            publish_release(broker, manifest, blobs, direct, args.prefix, advance)
+        devices = _fan_out(broker, manifest, args)
+        print(
+            f"rollout {manifest.rollout_id}: {manifest.name} v{manifest.version} -> "
+            f"{', '.join(args.target)}"
+        )
+        if args.no_wait:
+            return 0
+        states = _watch(broker, manifest, devices, args, console)
+    finally:
+        broker.close()
+    return _summary(states, devices, console)
+
+
+def _fan_out(broker: Broker, manifest: Manifest, args: argparse.Namespace) -> list[str]:
+    """The devices to watch; ``fleet`` also gives each known device its desired state."""
+    from edgefleet.fleet.publish import desired_topic, target_devices
+
+    devices = target_devices(broker, args.target, args.prefix)
+    if "fleet" in args.target:
+        body = manifest.model_dump_json().encode()
+        for device in devices:
+            broker.publish(desired_topic(args.prefix, f"device:{device}"), body)
+    return devices
+
+
+def _watch(
+    broker: Broker,
+    manifest: Manifest,
+    devices: list[str],
+    args: argparse.Namespace,
+    console: Console,
+) -> dict[str, dict[str, Any]]:
+    from rich.live import Live
+
+    from edgefleet.fleet.publish import watch_devices
+
+    if not devices:
+        console.print("no target device is known yet (from its status); not waiting")
+        return {}
+    with Live(console=console, transient=True, refresh_per_second=4) as live:
+
+        def show(states: dict[str, dict[str, Any]]) -> None:
+            live.update(_progress_table(devices, states))
+
+        return watch_devices(broker, manifest, devices, args.prefix, args.wait_timeout, show)
+
+
+def _progress_table(devices: list[str], states: dict[str, dict[str, Any]]) -> RenderableType:
+    from rich.table import Table
+
+    counts: dict[str, int] = {}
+    for device in devices:
+        name = str(states.get(device, {}).get("state", "waiting"))
+        counts[name] = counts.get(name, 0) + 1
+    table = Table(title=", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    for column in ("device", "state", "progress"):
+        table.add_column(column)
+    for device in devices[:40]:
+        state = states.get(device, {})
+        progress = state.get("progress")
+        table.add_row(
+            device, str(state.get("state", "waiting")), f"{progress}%" if progress else ""
+        )
+    return table
+
+
+def _summary(states: dict[str, dict[str, Any]], devices: list[str], console: Console) -> int:
+    from rich.table import Table
+
+    if not devices:
+        return 0
+    table = Table(title="rollout outcome")
+    for column in ("device", "state", "reason"):
+        table.add_column(column)
+    bad = 0
+    for device in devices:
+        state = states.get(device, {})
+        name = str(state.get("state", "no answer"))
+        bad += name != Rollout.ACTIVE
+        table.add_row(device, name, str(state.get("reason", "")))
+    console.print(table)
+    console.print(f"{len(devices) - bad}/{len(devices)} active")
+    return 1 if bad else 0
+
+
+def _publish_waves(
+    args: argparse.Namespace,
+    broker: Broker,
+    manifest: Manifest,
+    blobs: dict[str, bytes],
+    console: Console,
+) -> int:
+    from rich.live import Live
+
+    from edgefleet.fleet.publish import run_waves
+
+    group = None
+    for target in args.target:
+        kind, _, name = target.partition(":")
+        if kind == "group":
+            group = name
+        elif target != "fleet":
+            raise UserError("--waves takes --target group:NAME or --target fleet")
+    with Live(console=console, transient=True, refresh_per_second=4) as live:
+
+        def show(states: dict[str, dict[str, Any]]) -> None:
+            live.update(_progress_table(sorted(states), states))
+
+        ok = run_waves(
+            broker,
+            manifest,
+            blobs,
+            group,
+            args.waves,
+            args.max_failure_rate,
+            args.prefix,
+            args.wave_timeout,
+            report=print,
+            on_update=show,
+        )
+    return 0 if ok else 1
+
+
+# -- status and clear -------------------------------------------------------------------------
+def _status_table(rows: list[dict[str, Any]]) -> RenderableType:
+    from rich.table import Table
+
+    table = Table(title=f"fleet: {len(rows)} devices")
+    columns = ("device", "presence", "active", "desired", "state", "progress", "reason", "age")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        age = row["age_s"]
+        progress = row["progress"]
+        table.add_row(
+            row["device"],
+            row["presence"],
+            row["active"],
+            row["desired"],
+            row["state"],
+            f"{progress}%" if progress != "" else "",
+            row["reason"],
+            f"{age:.0f} s" if age is not None else "",
+        )
+    return table
+
+
+def cmd_rollout_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from edgefleet.fleet.publish import fleet_view
+
+    broker = _operator(args)
+    console = Console()
+    try:
+        if not args.watch:
+            console.print(_status_table(fleet_view(broker, args.prefix)))
+            return 0
+        with Live(console=console, refresh_per_second=1) as live:
+            while True:
+                live.update(_status_table(fleet_view(broker, args.prefix, 0.5)))
+                time.sleep(args.interval)
+    finally:
+        broker.close()
+
+
+def cmd_rollout_clear(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.publish import clear_release
+
+    broker = _operator(args)
+    try:
+        chunks, desired = clear_release(broker, args.name, args.version, args.prefix)
+    finally:
+        broker.close()
+    print(
+        f"cleared {chunks} retained chunks of {args.name} v{args.version} "
+        f"and {desired} desired states naming it"
+    )
+    return 0
+
+
+# -- the parser -------------------------------------------------------------------------------
+def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    keys = sub.add_parser("keys", help="release signing keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    gen = keys_sub.add_parser("generate", help="an Ed25519 key pair", formatter_class=fmt)
+    gen.add_argument("--out", default=".", help="folder for KEY_ID.key and KEY_ID.pub")
+    gen.add_argument("--key-id", type=_name, default="release", help="the key's name")
+    gen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
+    gen.set_defaults(func=cmd_keys_generate)
+
+    rollout = sub.add_parser(
+        "rollout", help="publish and watch model rollouts", description=__doc__
+    )
+    rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--broker", help=f"mqtt[s]://host:port (default: ${BROKER_ENV}, else {DEFAULT_BROKER})"
+    )
+    common.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
+    common.add_argument("--username", help="the operator's broker user")
+    common.add_argument("--password-file", help="file holding the operator's password")
+    common.add_argument("--ca", type=Path, help="CA bundle for mqtts://")
+    pub = rsub.add_parser(
+        "publish", parents=[common], help="chunk, sign, publish and watch", formatter_class=fmt
+    )
+    pub.add_argument("model", help="the .tflite file (the cpu variant)")
+    pub.add_argument("--name", required=True, type=_name, help="release name")
+    pub.add_argument("--version", required=True, type=_version, help="release version (>= 1)")
+    pub.add_argument(
+        "--target",
+        required=True,
+        action="append",
+        type=_target,
+        help="device:ID, group:NAME or fleet (repeatable)",
+    )
+    pub.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    pub.add_argument("--key-id", help="the key id devices trust (default: the key file's name)")
+    pub.add_argument("--variant", action="append", help="KIND=FILE, e.g. edgetpu=m_edgetpu.tflite")
+    pub.add_argument("--expires-in", type=_positive_float, default=24 * 7, help="validity in hours")
+    pub.add_argument("--chunk-size", type=_chunk_size, default=128 * 1024, help="bytes")
+    pub.add_argument("--rollback", action="store_true", help="allow a lower version")
+    pub.add_argument("--expected-top1", help="label the probe image must give (self-test)")
+    pub.add_argument("--no-wait", action="store_true", help="return once published")
+    pub.add_argument(
+        "--wait-timeout", type=_positive_float, default=600.0, help="seconds to wait for devices"
+    )
+    pub.add_argument("--waves", type=_waves, help="rising percentages, e.g. 10,50,100")
+    pub.add_argument(
+        "--max-failure-rate", type=_rate, default=0.05, help="a wave above this halts the rollout"
+    )
+    pub.add_argument("--wave-timeout", type=_positive_float, default=600.0, help="s per wave")
+    pub.set_defaults(func=cmd_rollout_publish)
+    status = rsub.add_parser(
+        "status", parents=[common], help="the fleet: desired vs active", formatter_class=fmt
+    )
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument("--interval", type=_positive_float, default=2.0, help="seconds")
+    status.set_defaults(func=cmd_rollout_status)
+    clear = rsub.add_parser(
+        "clear", parents=[common], help="remove a release and its desired states"
+    )
+    clear.add_argument("name", type=_name)
+    clear.add_argument("version", type=_version)
+    clear.set_defaults(func=cmd_rollout_clear)
