@@ -33,6 +33,29 @@ def _add_global_fields(_logger: Any, _method: str, event: dict[str, Any]) -> dic
     return event
 
 
+# syslog priorities by level: journald reads a "<N>" prefix on each line of a stream it
+# collects (SyslogLevelPrefix=, on by default), so `journalctl -p err` finds our errors.
+_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "info": 6, "debug": 7}
+
+
+def is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM``)."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return expected == f"{st.st_dev}:{st.st_ino}"
+
+
+def _with_priority(render: Any) -> Any:
+    def prefixed(logger: Any, method: str, event: dict[str, Any]) -> str:
+        level = str(event.get("level", method))
+        return f"<{_PRIORITY.get(level, 6)}>{render(logger, method, event)}"
+
+    return prefixed
+
+
 def wants_json(fmt: str, stream: TextIO) -> bool:
     if fmt != "auto":
         return fmt == "json"
@@ -55,9 +78,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     if as_json:
+        render = structlog.processors.JSONRenderer(sort_keys=False)
         processors += [
             structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(sort_keys=False),
+            _with_priority(render) if is_journal(out) else render,
         ]
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=out.isatty()))

@@ -12,7 +12,9 @@ release manifests) forbid them.
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
@@ -25,6 +27,37 @@ HEX64: Final = r"^[0-9a-f]{64}$"
 # ``kind`` (cpu, edgetpu, gpu, or a third party's), or ``any``.
 KIND_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,31}$"
 ANY_KIND: Final = "any"
+
+# JSON from the network or disk is parsed only once its nesting is known to be bounded: the
+# standard parser recurses per level, and `[[[[...` under any size cap exhausts the stack.
+MAX_JSON_DEPTH: Final = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth(payload: bytes) -> int:
+    """How deeply ``payload``'s arrays and objects nest (strings do not count)."""
+    brackets = _JSON_STRING.sub(b"", payload).translate(None, _NOT_BRACKETS)
+    steps = (1 if b in b"[{" else -1 for b in brackets)
+    return max(itertools.accumulate(steps), default=0)
+
+
+def loads(payload: bytes | str, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for untrusted input: ValueError when nested deeper than ``max_depth``.
+
+    Non-finite numbers (``NaN``, ``Infinity``) are refused too: no message of ours has them.
+    """
+    data = payload.encode() if isinstance(payload, str) else payload
+    # Nesting cannot exceed the number of opening brackets: most messages need no scan.
+    opened = data.count(b"[") + data.count(b"{")
+    if opened > max_depth and json_depth(data) > max_depth:
+        raise ValueError(f"JSON nested deeper than {max_depth} levels")
+    return json.loads(data, parse_constant=_refuse_constant)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
 
 # -- state names ---------------------------------------------------------------------------
 PresenceState = Literal["online", "offline", "stopped"]

@@ -6,7 +6,9 @@ acks look like success either way); with MQTT 5 the PUBACK/SUBACK must carry 0x8
 
 from __future__ import annotations
 
+import json
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -30,18 +32,22 @@ NOT_AUTHORIZED = 0x87
 
 @dataclass
 class Env:
-    port: int
+    port: int  # the devices' listener
+    fleet_port: int  # operators and collectors
     ca: CA
     folder: Path
     passwords: dict[str, str]
     proc: subprocess.Popen[bytes]
 
 
-def _adapt(config: str, folder: Path, port: int, server: tuple[Path, Path], ca: Path) -> str:
-    """The shipped file with this test's port and paths; nothing else changes."""
-    text = config.replace("listener 8883", f"listener {port} 127.0.0.1")
-    text = text.replace("/etc/mosquitto/edgefleet/passwd", str(folder / "passwd"))
-    text = text.replace("/etc/mosquitto/edgefleet/acl", str(folder / "acl"))
+def _adapt(
+    config: str, folder: Path, ports: tuple[int, int], server: tuple[Path, Path], ca: Path
+) -> str:
+    """The shipped file with this test's ports and paths; nothing else changes."""
+    text = config.replace("listener 8883", f"listener {ports[0]} 127.0.0.1")
+    text = text.replace("listener 8884", f"listener {ports[1]} 127.0.0.1")
+    for name in ("passwd-fleet", "acl-fleet", "passwd", "acl", "crl.pem"):
+        text = text.replace(f"/etc/mosquitto/edgefleet/{name}\n", f"{folder / name}\n")
     text = text.replace("/etc/mosquitto/edgefleet/ca.crt", str(ca))
     text = text.replace("/etc/mosquitto/edgefleet/server.crt", str(server[0]))
     text = text.replace("/etc/mosquitto/edgefleet/server.key", str(server[1]))
@@ -51,47 +57,71 @@ def _adapt(config: str, folder: Path, port: int, server: tuple[Path, Path], ca: 
     return f"user root\nlog_dest file {folder / 'broker.log'}\n" + text
 
 
-def _start(folder: Path, conf_name: str, ca: CA) -> tuple[int, subprocess.Popen[bytes]]:
-    port = free_port()
-    server = ca.issue("localhost", server=True)
+def _start(
+    folder: Path,
+    conf_name: str,
+    ca: CA | None,
+    files: tuple[tuple[Path, Path], Path] | None = None,
+) -> tuple[tuple[int, int], subprocess.Popen[bytes]]:
+    """The shipped config in a real mosquitto; ``files``: (server cert and key, CA) to use."""
+    ports = (free_port(), free_port())
+    if files is None:
+        assert ca is not None
+        files = (ca.issue("localhost", server=True), ca.cert_path)
     conf = folder / conf_name
-    conf.write_text(_adapt((SHIPPED / conf_name).read_text(), folder, port, server, ca.cert_path))
+    conf.write_text(_adapt((SHIPPED / conf_name).read_text(), folder, ports, *files))
     proc = subprocess.Popen(
         [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     time.sleep(0.5)
     assert proc.poll() is None, (folder / "broker.log").read_text()
-    return port, proc
+    return ports, proc
+
+
+def _cli(*args: str) -> str:
+    proc = subprocess.run(
+        cli_command(*args), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
 
 
 def _add(folder: Path, device: str, groups: str = "", *extra: str) -> str:
     args = ["broker", "add-device", device, "--acl", str(folder / "acl")]
     if groups:
         args += ["--groups", groups]
-    proc = subprocess.run(
-        cli_command(*args, *extra), capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
+    return _cli(*args, *extra)
+
+
+def _password(out: str) -> str:
+    found = re.search(r"^password: (\S+)$", out, re.MULTILINE)
+    assert found, out
+    return found.group(1)
+
+
+def _add_service(folder: Path, role: str, name: str) -> str:
+    """Enrol an operator or collector on the fleet-services listener; its password."""
+    out = _cli(
+        "broker", f"add-{role}", name,
+        "--acl", str(folder / "acl-fleet"), "--passwd", str(folder / "passwd-fleet"),
+    )  # fmt: skip
+    return _password(out)
 
 
 @pytest.fixture
 def password_broker(tmp_path: Path) -> Iterator[Env]:
-    (tmp_path / "acl").write_text((SHIPPED / "acl").read_text())
+    for name in ("acl", "acl-fleet"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
     passwords = {}
     for user, groups in (("dev-a", "lab"), ("dev-b", "")):
         out = _add(tmp_path, user, groups, "--passwd", str(tmp_path / "passwd"))
-        passwords[user] = re.search(r"^password: (\S+)$", out, re.MULTILINE).group(1)  # type: ignore[union-attr]
-    for role in ("operator", "collector"):
-        passwords[role] = f"{role}-secret"
-        subprocess.run(
-            ["mosquitto_passwd", "-b", str(tmp_path / "passwd"), role, passwords[role]],
-            check=True,
-            capture_output=True,
-        )
+        passwords[user] = _password(out)
+    for role, name in (("operator", "operator"), ("collector", "collector-1")):
+        passwords[name] = _add_service(tmp_path, role, name)
+    passwords["collector-2"] = _add_service(tmp_path, "collector", "collector-2")
     ca = CA(tmp_path)
-    port, proc = _start(tmp_path, "mosquitto.conf", ca)
-    yield Env(port, ca, tmp_path, passwords, proc)
+    ports, proc = _start(tmp_path, "mosquitto.conf", ca)
+    yield Env(ports[0], ports[1], ca, tmp_path, passwords, proc)
     proc.kill()
     proc.wait(5)
 
@@ -106,10 +136,19 @@ class Client:
         password: str | None = None,
         cert: tuple[Path, Path] | None = None,
         ca: Path | None = None,
+        port: int | None = None,
+        client_id: str | None = None,
+        will: str | None = None,
     ) -> None:
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=user or "anon", protocol=mqtt.MQTTv5
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or user or "anon",
+            protocol=mqtt.MQTTv5,
         )
+        if will is not None:
+            self.client.will_set(will, b"offline", qos=1, retain=True)
+        self.disconnected = threading.Event()
+        self.client.on_disconnect = lambda *_a: self.disconnected.set()
         if user is not None and cert is None:
             self.client.username_pw_set(user, password)
         self.client.tls_set(
@@ -129,7 +168,7 @@ class Client:
             mid, [rc.value for rc in rcs]
         )
         try:
-            self.client.connect("127.0.0.1", env.port)
+            self.client.connect("127.0.0.1", port or env.port)
         except OSError:
             self.done.set()
             return
@@ -170,7 +209,7 @@ def test_authentication(password_broker: Env) -> None:
 
 def test_acl_matrix(password_broker: Env) -> None:
     env = password_broker
-    op = Client(env, "operator", env.passwords["operator"])
+    op = Client(env, "operator", env.passwords["operator"], port=env.fleet_port)
     assert op.subscribe("edgefleet/v1/#") == [1]
     dev_a = Client(env, "dev-a", env.passwords["dev-a"])
     dev_b = Client(env, "dev-b", env.passwords["dev-b"])
@@ -211,7 +250,7 @@ def test_acl_matrix(password_broker: Env) -> None:
     ]
     assert dev_b.got == []
 
-    collector = Client(env, "collector", env.passwords["collector"])
+    collector = Client(env, "collector-1", env.passwords["collector-1"], port=env.fleet_port)
     assert collector.subscribe("$share/c/edgefleet/v1/devices/+/predictions") == [1]
     assert collector.publish("edgefleet/v1/devices/dev-a/ack") < 0x80
     assert collector.publish("edgefleet/v1/devices/dev-a/cmd/ping") == NOT_AUTHORIZED
@@ -220,10 +259,16 @@ def test_acl_matrix(password_broker: Env) -> None:
 
 
 def test_mtls_variant(tmp_path: Path) -> None:
-    (tmp_path / "acl").write_text((SHIPPED / "acl").read_text())
+    for name in ("acl", "acl-fleet"):
+        (tmp_path / name).write_text((SHIPPED / name).read_text())
+    (tmp_path / "passwd-fleet").touch()
     ca = CA(tmp_path)
-    port, proc = _start(tmp_path, "mosquitto-mtls.conf", ca)
-    env = Env(port, ca, tmp_path, {}, proc)
+    _cli(
+        "broker", "crl", "--crl", str(tmp_path / "crl.pem"),
+        "--ca-cert", str(ca.cert_path), "--ca-key", str(ca.key_path),
+    )  # fmt: skip
+    ports, proc = _start(tmp_path, "mosquitto-mtls.conf", ca)
+    env = Env(ports[0], ports[1], ca, tmp_path, {}, proc)
     try:
         _add(
             tmp_path,
@@ -250,6 +295,18 @@ def test_mtls_variant(tmp_path: Path) -> None:
         assert bad.connack != 0
         no_cert = Client(env, "dev-a", password="x")  # noqa: S106 - a wrong one on purpose
         assert no_cert.connack != 0
+
+        # Revoked: the CRL names its certificate; after a reload it cannot connect.
+        _cli(
+            "broker", "remove-device", "dev-a", "--acl", str(tmp_path / "acl"),
+            "--crl", str(tmp_path / "crl.pem"), "--cert", str(cert[0]),
+            "--ca-cert", str(ca.cert_path), "--ca-key", str(ca.key_path),
+        )  # fmt: skip
+        assert "user dev-a" not in (tmp_path / "acl").read_text()
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        revoked = Client(env, "dev-a", cert=cert)
+        assert revoked.connack != 0
     finally:
         proc.kill()
         proc.wait(5)
@@ -276,3 +333,138 @@ def test_add_device_refuses_bad_input(tmp_path: Path) -> None:
         assert message in proc.stderr
         assert "Traceback" not in proc.stderr
     assert sys.executable
+
+
+def test_a_device_cannot_take_over_another_ones_session(password_broker: Env) -> None:
+    """dev-a with its own password but dev-b's client id: the broker makes it dev-a."""
+    env = password_broker
+    watch = Client(env, "operator", env.passwords["operator"], port=env.fleet_port)
+    watch.subscribe("edgefleet/v1/devices/+/status")
+    status = "edgefleet/v1/devices/dev-b/status"
+    dev_b = Client(env, "dev-b", env.passwords["dev-b"], will=status)
+    assert dev_b.connack == 0
+    for _ in range(3):  # over and over, as an attacker would
+        intruder = Client(env, "dev-a", env.passwords["dev-a"], client_id="dev-b")
+        assert intruder.connack == 0  # it may connect, as itself
+        assert intruder.publish("edgefleet/v1/devices/dev-a/metrics") < 0x80
+        intruder.close()
+    time.sleep(1.0)
+    assert not dev_b.disconnected.is_set(), "dev-b lost its connection"
+    assert status not in watch.got  # no last will: nobody saw dev-b go offline
+    # A device's password does not work on the fleet-services listener, where ids are free.
+    sneaky = Client(env, "dev-a", env.passwords["dev-a"], port=env.fleet_port, client_id="dev-b")
+    assert sneaky.connack in (134, 135)
+    assert not dev_b.disconnected.is_set()
+    for client in (watch, dev_b, sneaky):
+        client.close()
+
+
+def test_two_collectors_still_share_the_load(password_broker: Env) -> None:
+    from edgefleet.fleet.collector import Collector, CollectorSettings
+
+    env = password_broker
+    collectors = [
+        Collector(
+            CollectorSettings(
+                broker=f"mqtts://127.0.0.1:{env.fleet_port}",
+                db=f"sqlite:///{env.folder / f'{name}.db'}",
+                username=name,
+                password=env.passwords[name],
+                ca=env.ca.cert_path,
+            )
+        )
+        for name in ("collector-1", "collector-2")
+    ]
+    for collector in collectors:
+        collector.start()
+    try:
+        for collector in collectors:
+            assert collector.connected.wait(10)
+        time.sleep(0.5)
+        dev_a = Client(env, "dev-a", env.passwords["dev-a"])
+        for mseq in range(1, 41):
+            body = {"boot_id": "b", "mseq": mseq, "floor": 1, "ts": 1.0, "fps": 1.0}
+            info = dev_a.client.publish(
+                "edgefleet/v1/devices/dev-a/metrics", json.dumps(body), qos=1
+            )
+            info.wait_for_publish(5)
+        wait_for(lambda: sum(c.stored for c in collectors) == 40, 10, "40 stored")
+        assert all(c.stored > 0 for c in collectors), [c.stored for c in collectors]
+        dev_a.close()
+    finally:
+        for collector in collectors:
+            collector.stop()
+
+
+def test_a_removed_device_can_no_longer_connect(password_broker: Env) -> None:
+    env = password_broker
+    out = _cli(
+        "broker", "remove-device", "dev-a", "--acl", str(env.folder / "acl"),
+        "--passwd", str(env.folder / "passwd"),
+    )  # fmt: skip
+    assert "passwd: dev-a removed" in out
+    assert "user dev-a" not in (env.folder / "acl").read_text()
+    env.proc.send_signal(signal.SIGHUP)  # what `systemctl reload mosquitto` does
+    time.sleep(0.5)
+    gone = Client(env, "dev-a", env.passwords["dev-a"])
+    assert gone.connack in (134, 135)
+    still = Client(env, "dev-b", env.passwords["dev-b"])
+    assert still.connack == 0
+    for client in (gone, still):
+        client.close()
+
+
+def test_a_fleet_enrolled_from_zero_with_the_tool(tmp_path: Path) -> None:
+    """docs/deploy.md's enrolment, step by step: init, services, a device, the agent on it."""
+    from edgefleet.fleet.collector import Collector, CollectorSettings
+
+    from .mqtt_helpers import running
+
+    fleet = tmp_path / "edgefleet"
+    _cli("broker", "init", "--out", str(fleet), "--server-name", "localhost",
+         "--server-name", "127.0.0.1")  # fmt: skip
+    for name in ("acl", "acl-fleet"):
+        (fleet / name).write_text((SHIPPED / name).read_text())
+    services = {"alice": "operator", "collector-1": "collector"}
+    secrets = {name: _add_service(fleet, role, name) for name, role in services.items()}
+    device = _add(fleet, "pi-1", "kitchen", "--passwd", str(fleet / "passwd"))
+    (tmp_path / "pi-1.secret").write_text(_password(device) + "\n")
+    ca = fleet / "fleet-ca.crt"
+    ports, proc = _start(
+        fleet, "mosquitto.conf", None, ((fleet / "server.crt", fleet / "server.key"), ca)
+    )
+    collector = Collector(
+        CollectorSettings(
+            broker=f"mqtts://127.0.0.1:{ports[1]}",
+            db=f"sqlite:///{tmp_path / 'fleet.db'}",
+            username="collector-1",
+            password=secrets["collector-1"],
+            ca=ca,
+        )
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "device: {id: pi-1, groups: [kitchen]}\n"
+        "source: {type: synthetic, fps: 10, width: 64, height: 48}\n"
+        f"state_dir: {tmp_path / 'state'}\nsinks: []\nlogging: {{format: json}}\n"
+        f"fleet:\n  url: mqtts://127.0.0.1:{ports[0]}\n  username: pi-1\n"
+        f"  password: !file {tmp_path / 'pi-1.secret'}\n  tls: {{ca: {ca}}}\n"
+        "  metrics_interval_s: 1\n"
+    )
+    try:
+        collector.start()
+        with running(config) as agent:
+            wait_for(lambda: collector.stored > 0, 30, "the device's reports stored")
+            (tmp_path / "alice.secret").write_text(secrets["alice"])
+            status = _cli(
+                "rollout", "status", "--broker", f"mqtts://127.0.0.1:{ports[1]}",
+                "--ca", str(ca), "--username", "alice",
+                "--password-file", str(tmp_path / "alice.secret"),
+            )  # fmt: skip
+            row = next(line for line in status.splitlines() if "pi-1" in line)
+            assert "online" in row
+            agent.terminate()
+    finally:
+        collector.stop()
+        proc.kill()
+        proc.wait(5)

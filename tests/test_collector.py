@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from edgefleet.errors import UserError
-from edgefleet.fleet.collector import Store
+from edgefleet.fleet.collector import Collector, CollectorSettings, Store
 from edgefleet.rollout.store import ActiveModel, ModelStore
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
@@ -97,3 +98,40 @@ def test_model_store_falls_back(tmp_path: Path) -> None:
     assert store.active() is None
     with pytest.raises(ValueError, match="does not match"):
         store.put(b"other", sha)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_poisoned_message_never_costs_another(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deep nesting, NaN, absurd numbers and broken results are rejected one by one."""
+    if backend == "postgresql" and not _pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    url = PG_URL if backend == "postgresql" else f"sqlite:///{tmp_path / 'fleet.db'}"
+    collector = Collector(CollectorSettings(broker="mqtt://127.0.0.1:1", db=url))
+    acks: list[tuple[str, dict[str, object]]] = []
+    monkeypatch.setattr(
+        collector.client, "publish", lambda topic, body, qos: acks.append((topic, json.loads(body)))
+    )
+    boot = uuid.uuid4().hex
+    topic = "edgefleet/v1/devices/d1/predictions"
+    broken_results = {**_message(boot, 3, 1, [3]), "results": [{"seq": "x"}]}
+    batch = [
+        (topic, json.dumps(_message(boot, 1, 1, [1])).encode()),
+        (topic, b"[" * 50_000),  # under the size cap, deeper than any parser's stack
+        (topic, json.dumps(_message(boot, 2, 1, [2])).encode().replace(b"0.5", b"NaN")),
+        (topic, json.dumps(broken_results).encode()),
+        (topic, json.dumps({**_message(boot, 10**30, 1, [4])}).encode()),
+        (topic, json.dumps(_message(boot, 4, 1, [4])).encode()),
+    ]
+    collector._store_batch(batch)
+    cur = collector.store.cursor()
+    cur.execute(
+        collector.store._q("SELECT seq FROM predictions WHERE boot_id = ? ORDER BY seq"), (boot,)
+    )
+    assert [row[0] for row in cur.fetchall()] == [1, 4]
+    assert collector.rejected == 4
+    # Messages 2 and 3 named their place: the acknowledgement moves past them, so the device
+    # does not resend them forever and message 4 is confirmed.
+    assert acks == [("edgefleet/v1/devices/d1/ack", {"boot_id": boot, "mseq": 4})]
+    collector.store.close()

@@ -75,7 +75,10 @@ def test_exact_error_texts(plugins: Plugins, tmp_path: Path) -> None:
         "agent.yaml:9: model.colour: Extra inputs are not permitted",
         "agent.yaml:6: source.fps: Input should be greater than 0",
         "agent.yaml:12: sinks[1].path: Field required",
-        ("agent.yaml:13: sinks[2].type: unknown sink type 'carrier-pigeon' (known: jsonl, stdout)"),
+        (
+            "agent.yaml:13: sinks[2].type: unknown sink type 'carrier-pigeon' "
+            "(known: console, jsonl, stdout)"
+        ),
     ]
 
 

@@ -8,17 +8,27 @@ import json
 import string
 import tempfile
 from pathlib import Path
+from typing import Any, cast
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from edgefleet.config.agentconfig import load_config
-from edgefleet.errors import ConfigError, ModelError
+from edgefleet.errors import ConfigError, ModelError, UserError
+from edgefleet.fleet.collector import Collector, CollectorSettings
 from edgefleet.inference.modelfile import read_packed
+from edgefleet.mqtt.commands import CommandHandler
+from edgefleet.mqtt.link import Incoming
+from edgefleet.mqtt.reporter import ReportState
+from edgefleet.mqtt.settings import ReportPolicy
 from edgefleet.plugin.manager import Plugins
-from edgefleet.protocol import Ack
+from edgefleet.protocol import Ack, FleetTopics
+from edgefleet.rollout.manager import RolloutManager, ServingPort
 from edgefleet.rollout.release import ReleaseError, parse_manifest
+from edgefleet.rollout.settings import RolloutSettings
+from edgefleet.runtime.pipeline import LoopSettings
+from edgefleet.runtime.stats import LoopStats
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),
@@ -108,3 +118,136 @@ def test_model_file_reader(data: bytes) -> None:
             read_packed(path)
         except ModelError as exc:
             assert str(exc)
+
+
+# -- hostile input: every handler of network input records a typed rejection or succeeds ------
+hostile = st.one_of(
+    st.integers(1, 5000).map(lambda n: b"[" * n),
+    st.integers(1, 300).map(lambda n: b'{"a":' * n + b"1" + b"}" * n),
+    st.sampled_from(
+        [
+            b'{"x": NaN}',
+            b'{"fps_cap": Infinity}',
+            b'{"mseq": 1e999}',
+            b'{"boot_id": "b", "mseq": 99999999999999999999999999999, "floor": 1}',
+            b'{"boot_id": "b", "mseq": -1, "floor": 0}',
+            b'{"boot_id": ["b"], "mseq": true}',
+        ]
+    ),
+    st.binary(max_size=64).map(lambda b: b"\xff\xfe" + b),
+    st.text(max_size=3).map(lambda s: json.dumps({"name": s * 20_000}).encode()),
+    json_values.map(lambda v: json.dumps(v).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile)
+def test_manifest_parser_refuses_hostile_input(payload: bytes) -> None:
+    try:
+        manifest = parse_manifest(payload)
+    except ReleaseError as exc:
+        assert str(exc)
+    else:
+        assert manifest.variants  # only a complete manifest gets through
+
+
+@settings(max_examples=300, deadline=None)
+@given(hostile | st.binary(max_size=200))
+def test_ack_parser_refuses_hostile_input(payload: bytes) -> None:
+    try:
+        ack = Ack.model_validate_json(payload)
+    except ValidationError:
+        return
+    assert isinstance(ack.boot_id, str)
+    assert 1 <= len(ack.boot_id) <= 64
+    assert isinstance(ack.mseq, int)
+    assert ack.mseq >= 0
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self.settings = LoopSettings()
+        self.stats = LoopStats()
+        self.last_frame = None
+        self.last_result = None
+
+
+class _Agent:
+    def __init__(self) -> None:
+        self.pipeline = _Loop()
+
+    def reload_settings(self) -> dict[str, Any]:
+        raise UserError("the agent was not started from a config file")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    name=st.sampled_from(["ping", "pause", "resume", "set", "reload", "snapshot", "x", ""]),
+    payload=hostile,
+)
+def test_commands_answer_hostile_input_once(name: str, payload: bytes) -> None:
+    handler = CommandHandler(_Agent(), ReportState(ReportPolicy()))
+    reply = handler.execute(name, payload)
+    assert isinstance(reply["ok"], bool)
+    assert reply["ok"] or reply["error"]
+    json.dumps(reply)  # the reply itself is always sendable
+
+
+class _Link:
+    def __init__(self) -> None:
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish_now(
+        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> None:
+        self.published.append((topic, payload))
+
+    def subscribe(self, topic: str) -> None:
+        pass
+
+    def unsubscribe(self, topic: str) -> None:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(payload=hostile, chunk_index=st.text(max_size=8))
+def test_rollout_handler_records_a_state_for_hostile_input(
+    payload: bytes, chunk_index: str
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        link = _Link()
+        topics = FleetTopics().device("dev-1")
+        manager = RolloutManager(
+            cast("ServingPort", object()),  # never reached: nothing hostile gets that far
+            LoopStats(),
+            link,
+            RolloutSettings(trusted_keys={}),
+            Path(tmp),
+            topics,
+            [],
+        )
+        manager._handle(Incoming(topics.desired, payload, None, None))
+        manager._handle(Incoming(f"edgefleet/v1/models/m/1/cpu/{chunk_index}", payload, None, None))
+        manager._tick()
+        states = [json.loads(body) for topic, body in link.published if topic == topics.rollout]
+        assert states
+        assert states[-1]["state"] == "failed"
+        assert states[-1]["reason"]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(hostile, min_size=1, max_size=5))
+def test_collector_stores_the_good_beside_hostile_messages(payloads: list[bytes]) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        collector = Collector(
+            CollectorSettings(broker="mqtt://127.0.0.1:1", db=f"sqlite:///{tmp}/f.db")
+        )
+        collector.client.publish = lambda *_a, **_k: None  # type: ignore[method-assign,assignment]
+        good = {"boot_id": "b0", "mseq": 1, "floor": 1, "ts": 1.0, "results": []}
+        topic = "edgefleet/v1/devices/d/metrics"
+        batch = [(topic, p) for p in payloads] + [(topic, json.dumps(good).encode())]
+        collector._store_batch(batch)
+        cur = collector.store.cursor()
+        cur.execute("SELECT count(*) FROM messages WHERE boot_id = 'b0' AND kind = 'metrics'")
+        assert cur.fetchone()[0] == 1
+        collector.store.close()

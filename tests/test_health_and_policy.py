@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -155,3 +156,23 @@ def test_any_command_payload_gets_a_reply_never_an_exception(name: str, payload:
     assert reply["command"] == name
     assert isinstance(reply["ok"], bool)
     assert reply["ok"] or (isinstance(reply["error"], str) and reply["error"])
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b'{"fps_cap": 1e-10}', "fps_cap: Value error, must be 0 (no cap) or at least 0.001"),
+        (b'{"fps_cap": 5000}', "fps_cap: Input should be less than or equal to 1000"),
+        (b'{"top_k": 0}', "top_k: Input should be greater than or equal to 1"),
+        (b'{"threshold": 1.5}', "threshold: Input should be less than or equal to 1"),
+        (b'{"fps_cap": NaN}', "payload is not JSON: NaN is not a JSON number"),
+        (b"[" * 4_000, "payload is not JSON: JSON nested deeper than 32 levels"),
+    ],
+)
+def test_set_refuses_what_the_config_refuses(payload: bytes, error: str) -> None:
+    handler = _handler()
+    reply = handler.execute("set", payload)
+    assert reply["ok"] is False
+    assert reply["error"] == error
+    assert handler.agent.pipeline is not None
+    assert handler.agent.pipeline.settings.fps_cap is None  # nothing applied

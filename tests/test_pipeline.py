@@ -5,8 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import Classifier, load_classifier
+from edgefleet.runtime.frames import Frame
 from edgefleet.runtime.pipeline import LoopSettings, Pipeline
 from edgefleet.runtime.results import Result
 from edgefleet.runtime.sinks import Sink
@@ -144,3 +147,71 @@ def test_stop_is_prompt(classifier: Classifier) -> None:
     pipeline.stop()
     assert time.monotonic() - started < 1.0
     assert not pipeline.alive()
+
+
+def test_an_fps_cap_is_not_counted_as_latency(classifier: Classifier) -> None:
+    """Under a cap the frame is fetched when it is due, so "total" is processing, not waiting."""
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=50, width=320, height=240))
+    pipeline = Pipeline(source, classifier, [sink], settings=LoopSettings(fps_cap=4))
+    _run(pipeline, sink, 8)
+    late = sink.results[3:]  # after the start-up burst the cap allows
+    elapsed = late[-1].ts - late[0].ts
+    assert elapsed > (len(late) - 1) / 4 * 0.9  # the cap held
+    totals = sorted(r.timings_ms["total"] for r in late)
+    # Before, a frame waited out the whole 250 ms interval in the slot; now it is prepared
+    # when due: capture wait (< 20 ms at 50 fps) + preprocess + inference.
+    assert totals[len(totals) // 2] < 150, totals
+
+
+class _Fails(SyntheticSource):
+    """A source whose get() raises what no plugin should: the thread must outlive it."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(SyntheticConfig(fps=50, width=64, height=48))
+        self.error = error
+        self.calls = 0
+
+    def get(self, timeout: float) -> Frame | None:
+        self.calls += 1
+        if self.calls == 3:
+            raise self.error
+        return super().get(timeout)
+
+
+def test_the_loop_survives_a_bad_setting_and_a_bad_frame(classifier: Classifier) -> None:
+    sink = Collect()
+    source = _Fails(RuntimeError("camera driver bug"))
+    pipeline = Pipeline(source, classifier, [sink], settings=LoopSettings())
+    pipeline.start()
+    try:
+        wait = time.monotonic() + 20
+        while len(sink.results) < 5 and time.monotonic() < wait:
+            time.sleep(0.02)
+        # A cap no command or config accepts, set behind their back: the wait fails.
+        pipeline.settings.fps_cap = "1e-300"  # type: ignore[assignment]
+        time.sleep(0.5)
+        pipeline.settings.fps_cap = None
+        before = len(sink.results)
+        while len(sink.results) < before + 5 and time.monotonic() < wait:
+            time.sleep(0.02)
+        assert len(sink.results) >= before + 5
+        assert pipeline.healthy(5.0)
+    finally:
+        pipeline.stop()
+
+
+# The thread's death is the point: pytest would otherwise turn it into an error.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_loop_thread_stops_the_watchdog(classifier: Classifier) -> None:
+    """What escapes every guard ends the thread; then the loop is unhealthy (no pings)."""
+    source = _Fails(SystemExit(3))
+    pipeline = Pipeline(source, classifier, [Collect()], settings=LoopSettings())
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 10
+        while pipeline.healthy(5.0) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pipeline.healthy(5.0)
+    finally:
+        pipeline.stop()

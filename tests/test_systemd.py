@@ -16,10 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from edgefleet.runtime.sdnotify import Notifier
 
-from .conftest import REPO
+from .conftest import REPO, cli_command
 from .mqtt_helpers import wait_for
 
 UNIT = REPO / "systemd" / "edgefleet.service"
@@ -57,7 +58,8 @@ def test_unit_verifies(tmp_path: Path) -> None:
         "Restart=on-failure",
         "StartLimitBurst=",
         "ExecStartPre=",
-        "ExecReload=/bin/kill -HUP $MAINPID",
+        "ExecReload=/opt/edgefleet/venv/bin/edgefleet reload --pid $MAINPID",
+        "SystemCallErrorNumber=EPERM",
         "StateDirectory=edgefleet",
         "ConfigurationDirectory=edgefleet",
         "LoadCredential=mqtt-password",
@@ -266,3 +268,68 @@ def test_abstract_socket(tmp_path: Path) -> None:
         notifier.close()
     finally:
         sock.close()
+
+
+def test_reload_returns_once_applied_or_refused(tmp_path: Path) -> None:
+    """`edgefleet reload` (the unit's ExecReload): SIGHUP, then wait for the agent's word."""
+    state = tmp_path / "state"
+    config = tmp_path / "agent.yaml"
+    text = (
+        "source: {type: synthetic, fps: 20, width: 64, height: 48}\n"
+        f"sinks: []\nstate_dir: '{state}'\nlogging: {{format: json}}\nmodel: {{top_k: 5}}\n"
+    )
+    config.write_text(text)
+    log = tmp_path / "agent.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            cli_command("run", "-c", str(config)), stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        # systemd sends reloads only after READY; here: after "agent running" is logged.
+        wait_for(lambda: "agent running" in log.read_text(), 60, "the agent running")
+        config.write_text(text.replace("top_k: 5", "top_k: 2"))
+        ok = subprocess.run(
+            cli_command("reload", "--pid", str(proc.pid), "--state-dir", str(state)),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert ok.stdout.strip() == 'reloaded: {"top_k": 2}'
+        config.write_text(text + "bogus: 1\n")
+        refused = subprocess.run(
+            cli_command("reload", "--pid", str(proc.pid), "--state-dir", str(state)),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert "reload refused:" in refused.stderr
+        assert "bogus: Extra inputs are not permitted" in refused.stderr
+        assert proc.poll() is None  # still serving on the settings it had
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_log_lines_carry_syslog_priorities_for_journald(tmp_path: Path) -> None:
+    """Under journald (stderr is $JOURNAL_STREAM) each line starts with <priority>."""
+    from edgefleet import logs
+
+    out = (tmp_path / "journal").open("w+")
+    st = os.fstat(out.fileno())
+    old = os.environ.get("JOURNAL_STREAM")
+    os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+    try:
+        logs.configure("info", "auto", out)
+        log = structlog.get_logger("t")
+        log.error("watchdog withheld")
+        log.warning("link down")
+        log.info("agent running")
+        out.flush()
+        lines = (tmp_path / "journal").read_text().splitlines()
+    finally:
+        if old is None:
+            os.environ.pop("JOURNAL_STREAM", None)
+        else:
+            os.environ["JOURNAL_STREAM"] = old
+        logs.configure("warning", "console")
+        out.close()
+    assert [line[:4] for line in lines] == ["<3>{", "<4>{", "<6>{"]
+    assert '"event": "watchdog withheld"' in lines[0]

@@ -8,11 +8,14 @@ then rollouts, then the link (spool pushed out within the budget, ``stopped`` sa
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import threading
 import time
 import types
 from collections.abc import Sequence
+from pathlib import Path
 
 import structlog
 
@@ -20,6 +23,7 @@ from edgefleet.app.agent import Agent
 from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.delegation.serving import Serving
 from edgefleet.errors import UserError
+from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.mqtt.fleetlink import FleetLink
 from edgefleet.plugin.manager import Plugins
 from edgefleet.protocol import Topics
@@ -28,6 +32,19 @@ from edgefleet.runtime.sdnotify import Notifier, Watchdog
 from edgefleet.runtime.sinks import Sink
 
 log = structlog.get_logger(__name__)
+
+
+RELOAD_RECORD = "reload.json"
+
+
+def record_reload(state_dir: Path, count: int, outcome: dict[str, object]) -> None:
+    """Say that reload number ``count`` of this process was handled, for ``edgefleet reload``."""
+    body = {"pid": os.getpid(), "count": count, **outcome}
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(state_dir / RELOAD_RECORD, json.dumps(body).encode(), durable=False)
+    except OSError as exc:
+        log.warning("reload not recorded", error=str(exc))
 
 
 class Daemon:
@@ -43,6 +60,7 @@ class Daemon:
         self.notifier = Notifier()
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
+        self._reloads = 0
 
     def start(self) -> None:
         """Start the agent, then its fleet link and rollouts; raises UserError when it can't."""
@@ -129,11 +147,15 @@ class Daemon:
 
     def _reload(self) -> None:
         self.notifier.reloading()
+        outcome: dict[str, object] = {"ok": True}
         try:
-            self.agent.reload_settings()
+            outcome["changed"] = self.agent.reload_settings()["changed"]
         except UserError as exc:
             # A broken file on reload must not stop a running agent: keep the old settings.
             log.error("reload refused, keeping the running settings", error=str(exc))
+            outcome = {"ok": False, "error": str(exc)}
+        self._reloads += 1
+        record_reload(self.config.core.state_dir, self._reloads, outcome)
         self.notifier.ready(self.agent.status_line())
 
     def _install_signals(self) -> None:

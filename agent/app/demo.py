@@ -19,45 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from edgefleet import logs
 from edgefleet.app.daemon import Daemon
 from edgefleet.config.agentconfig import load_config
 from edgefleet.fleet.collector import Echo
 from edgefleet.plugin.manager import make_plugin_manager
-from edgefleet.protocol import FleetTopics
+from edgefleet.protocol import FleetTopics, loads
 from edgefleet.rollout.release import generate_keys
-from edgefleet.runtime.results import Result
-from edgefleet.runtime.sinks import Sink
 from edgefleet.samples import sample_dir
 
 DEMO_DEVICE = "demo-device"
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
-class ConsoleSink(Sink):
-    """One readable line per result (the offline demo)."""
-
-    name = "console"
-
-    def __init__(self, console: Console) -> None:
-        self.console = console
-
-    def open(self, context: dict[str, Any]) -> None:
-        model = context["model"]
-        self.console.print(
-            f"[bold]edgefleet {context['agent_version']}[/] device [cyan]{context['device_id']}"
-            f"[/] model [green]{model['name']}[/] v{model['version']} "
-            f"sha256 {model['sha256'][:12]}"
-        )
-
-    def emit(self, result: Result) -> None:
-        best = ", ".join(f"{t.label} {t.score:.2f}" for t in result.top[:3])
-        ms = result.timings_ms
-        self.console.print(
-            f"#{result.seq:<4} {result.origin:<16} [bold]{best}[/]  "
-            f"[dim]infer {ms['inference']:.1f} ms, prep {ms['preprocess']:.1f} ms[/]"
-        )
 
 
 def find_mosquitto() -> str | None:
@@ -82,8 +56,13 @@ def local_broker(binary: str, workdir: Path, extra: str = "") -> Iterator[int]:
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
         f"persistence false\nlog_dest none\n{extra}"
     )
+    # Its own session: a Ctrl-C at the terminal reaches the agent, which stops first and
+    # says "stopped" through this broker; the broker goes last, when this block ends.
     proc = subprocess.Popen(
-        [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [binary, "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 10
@@ -98,6 +77,8 @@ def local_broker(binary: str, workdir: Path, extra: str = "") -> Iterator[int]:
 
 
 def _config_text(broker_port: int | None, state: Path, public_key: str = "") -> str:
+    # Offline, results are shown by the console sink; online, as they come back through the
+    # broker into the collector.
     fleet = ""
     if broker_port is not None:
         pem = public_key.replace("\n", "\\n")
@@ -114,7 +95,7 @@ def _config_text(broker_port: int | None, state: Path, public_key: str = "") -> 
         "model: {top_k: 3}\n"
         f"state_dir: '{state}'\n"
         "logging: {level: warning}\n"
-        "sinks: []\n"
+        f"sinks: {'[]' if fleet else '[{type: console}]'}\n"
         f"{fleet}"
     )
 
@@ -166,14 +147,19 @@ def _rollout_later(console: Console, port: int, key: Path, daemon: Daemon) -> No
     finally:
         operator.close()
     for payload in states.values():
-        if payload:
-            console.print(f"[yellow]rollout state: {payload.decode()[:160]}[/]")
+        with contextlib.suppress(ValueError):
+            state = loads(payload)
+            extra = f": {state['reason']}" if state.get("reason") else ""
+            console.print(
+                f"[yellow]rollout {state.get('name')} v{state.get('version')} "
+                f"{state.get('state')}{escape(extra)}[/]"
+            )
 
 
 def run_demo(duration: float | None = None) -> int:
     from edgefleet.fleet.collector import Collector, CollectorSettings
 
-    console = Console()
+    console = Console(soft_wrap=True)  # whole lines, also when piped
     logs.configure("warning", "console")
     binary = find_mosquitto()
     plugins = make_plugin_manager()
@@ -187,7 +173,7 @@ def run_demo(duration: float | None = None) -> int:
             config = load_config(
                 None, plugins.registries, environ={}, text=_config_text(None, work)
             )
-            return Daemon(config, plugins, extra_sinks=[ConsoleSink(console)]).run(duration)
+            return Daemon(config, plugins).run(duration)
         with local_broker(binary, work) as port:
             console.print(
                 f"[dim]local mosquitto on 127.0.0.1:{port}; agent -> broker -> "

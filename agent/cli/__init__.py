@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgefleet import __version__, logs
 from edgefleet.cli import device, fleet, rollout
+from edgefleet.cli.args import int_between, positive_float
 from edgefleet.cli.device import DEFAULT_CONFIG
 from edgefleet.errors import ConfigError, UserError
 
@@ -32,7 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file (exit 0 when valid)")
     check.add_argument("file")
+    check.add_argument(
+        "--credentials", help="resolve !credential NAME in this folder (the service's one)"
+    )
     check.set_defaults(func=device.cmd_check_config)
+
+    reload = sub.add_parser(
+        "reload", help="make a running agent re-read its config; return once it applied it"
+    )
+    reload.add_argument("--pid", type=int_between(1), required=True, help="the agent's pid")
+    reload.add_argument("--state-dir", required=True, help="the agent's state_dir")
+    reload.add_argument("--timeout", type=positive_float, default=30.0, help="seconds")
+    reload.set_defaults(func=device.cmd_reload)
 
     plugins = sub.add_parser("plugins", help="list plugins, what they provide, load failures")
     plugins.add_argument("-c", "--config", help="apply this config's block list")
@@ -42,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("inputs", nargs="+", metavar="INPUT")
     classify.add_argument("--model", help="model file (default: the factory model)")
     classify.add_argument("--labels", type=Path, help="labels file overriding embedded labels")
-    classify.add_argument("--top-k", type=int, default=5)
-    classify.add_argument("--threads", type=int, default=None)
-    classify.add_argument("--every", type=int, default=1, help="video: every Nth frame")
+    classify.add_argument("--top-k", type=int_between(1, 100), default=5, help="1..100")
+    classify.add_argument("--threads", type=int_between(1, 256), default=None)
+    classify.add_argument("--every", type=int_between(1), default=1, help="video: every Nth frame")
     classify.set_defaults(func=device.cmd_classify)
 
     bench = sub.add_parser("bench", help="measure every delegate candidate on a model")
     bench.add_argument("model", nargs="?", help="model file (default: the factory model)")
-    bench.add_argument("--budget", type=float, default=5.0, help="total seconds of timing")
+    bench.add_argument("--budget", type=positive_float, default=5.0, help="total seconds of timing")
     bench.add_argument("--candidates", help='JSON list, e.g. [{"type":"cpu","threads":1}]')
     bench.set_defaults(func=device.cmd_bench)
 

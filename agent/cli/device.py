@@ -9,10 +9,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgefleet import logs
 from edgefleet.errors import UserError
+
+if TYPE_CHECKING:
+    from edgefleet.plugin.registry import Registration
 
 DEFAULT_CONFIG = Path("/etc/edgefleet/agent.yaml")
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -26,6 +29,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     from edgefleet.config.agentconfig import load_config
     from edgefleet.plugin.manager import make_plugin_manager
 
+    logs.configure("error")  # what check-config finds, it says itself, one line each
+    if args.credentials:
+        # What systemd hands the service as $CREDENTIALS_DIRECTORY (install.sh checks with it).
+        os.environ["CREDENTIALS_DIRECTORY"] = args.credentials
     path = Path(args.file)
     plugins = make_plugin_manager()
     config = load_config(path, plugins.registries)
@@ -33,6 +40,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if config.core.plugins.block:
         plugins = make_plugin_manager(block=config.core.plugins.block)
         load_config(path, plugins.registries)
+        for name in plugins.unknown_blocked:
+            print(
+                f"warning: plugins.block: no installed plugin is called {name!r}", file=sys.stderr
+            )
     print(f"{path}: ok")
     return 0
 
@@ -52,9 +63,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = make_plugin_manager(block=block)
     console = Console(width=max(100, Console().width))
     table = Table(title="edgefleet plugins")
-    for column in ("plugin", "origin", "status", "provides", "hooks"):
+    for column in ("plugin", "origin", "status", "provides", "here", "hooks"):
         table.add_column(column)
     provided: dict[str, list[str]] = {}
+    here: dict[str, list[str]] = {}
     for registry in (
         plugins.registries.sources,
         plugins.registries.delegates,
@@ -62,6 +74,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     ):
         for entry in registry.entries():
             provided.setdefault(entry.plugin, []).append(f"{registry.kind}:{entry.type}")
+            said = _availability(registry.kind, entry)
+            if said:
+                here.setdefault(entry.plugin, []).append(said)
     for record in plugins.records:
         status = record.status if not record.error else f"{record.status}: {record.error}"
         table.add_row(
@@ -69,6 +84,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             record.origin,
             status,
             ", ".join(provided.get(record.name, [])),
+            "; ".join(here.get(record.name, [])),
             ", ".join(h.removeprefix("edgefleet_") for h in record.hooks),
         )
     console.print(table)
@@ -76,6 +92,63 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if failed:
         console.print(f"{len(failed)} plugin(s) failed to load; the agent runs without them.")
     return 0
+
+
+def _availability(kind: str, entry: Registration[Any]) -> str:
+    """Whether a type can work on this machine, with the reason when it cannot."""
+    from pydantic import ValidationError
+
+    try:
+        if kind == "delegate":
+            try:
+                config = entry.config_model(type=entry.type)
+            except ValidationError as exc:
+                needs = ", ".join(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+                return f"{entry.type}: depends on its config ({needs})"
+            found = entry.factory(config).availability()
+            ok, reason = found.ok, found.reason
+        elif entry.probe is not None:
+            ok, reason = entry.probe()
+        else:
+            return ""
+    except Exception as exc:  # noqa: BLE001 - a probe must not break the listing
+        ok, reason = False, f"{type(exc).__name__}: {exc}"
+    return f"{entry.type}: available" if ok else f"{entry.type}: unavailable ({reason})"
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the agent, then wait until it says it applied the file (or refused it)."""
+    import signal
+
+    from edgefleet.app.daemon import RELOAD_RECORD
+    from edgefleet.protocol import loads
+
+    record = Path(args.state_dir) / RELOAD_RECORD
+
+    def seen() -> tuple[int, dict[str, Any]]:
+        try:
+            body = loads(record.read_bytes())
+        except (OSError, ValueError):
+            return -1, {}
+        if not isinstance(body, dict) or body.get("pid") != args.pid:
+            return 0, {}  # none yet from this process
+        return int(body.get("count", 0)), body
+
+    before, _ = seen()
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise UserError(f"no process {args.pid}") from None
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        count, body = seen()
+        if count > max(before, 0):
+            if not body.get("ok"):
+                raise UserError(f"reload refused: {body.get('error')}")
+            print(f"reloaded: {json.dumps(body.get('changed', {}))}")
+            return 0
+        time.sleep(0.05)
+    raise UserError(f"the agent did not confirm the reload within {args.timeout} s")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -176,8 +249,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    import json as _json
-
+    from pydantic import ValidationError
     from rich.console import Console
     from rich.table import Table
 
@@ -187,14 +259,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from edgefleet.plugin.manager import make_plugin_manager
 
     model = Path(args.model) if args.model else factory_model_path()
+    if not model.is_file():
+        raise UserError(f"{model}: no such model file")
     registry = make_plugin_manager().registries.delegates
-    raw = _json.loads(args.candidates) if args.candidates else default_candidates(registry)
+    raw = _candidates(args.candidates) if args.candidates else default_candidates(registry)
     sections = []
-    for item in raw:
+    for i, item in enumerate(raw):
         entry = registry.get(str(item.get("type")))
         if entry is None:
-            raise UserError(f"unknown delegate type {item.get('type')!r}")
-        sections.append(entry.config_model.model_validate(item))
+            known = ", ".join(registry.names())
+            raise UserError(
+                f"--candidates[{i}]: unknown delegate type {item.get('type')!r} ({known})"
+            )
+        try:
+            sections.append(entry.config_model.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise UserError(f"--candidates[{i}].{where}: {first['msg']}") from None
     choice = choose(
         "auto", sections, registry, model, sha256_file(model), budget_s=args.budget, cache_dir=None
     )
@@ -219,6 +301,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _candidates(text: str) -> list[dict[str, Any]]:
+    from edgefleet.protocol import loads
+
+    try:
+        raw = loads(text)
+    except ValueError as exc:
+        raise UserError(f"--candidates is not JSON: {exc}") from None
+    if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+        raise UserError('--candidates: a JSON list of objects, e.g. [{"type":"cpu","threads":1}]')
+    return raw
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.app.demo import run_demo
 
@@ -231,7 +325,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(json_schema(make_plugin_manager().registries), indent=2) + "\n"
     if args.out:
-        Path(args.out).write_text(text, encoding="utf-8")
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"--out {args.out}: {exc.strerror}") from None
     else:
         sys.stdout.write(text)
     return 0

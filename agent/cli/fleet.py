@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
 
 
@@ -17,7 +18,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     password = None
     if args.password_file:
-        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        try:
+            password = Path(args.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise UserError(f"--password-file {args.password_file}: {exc.strerror}") from None
     settings = CollectorSettings(
         broker=args.broker,
         db=args.db,
@@ -41,13 +45,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
                     flush=True,
                 )
 
-    collector = Collector(settings, echo=echo if args.print else None)
+    collector = Collector(
+        settings, echo=echo if args.print else None, say=lambda text: print(text, flush=True)
+    )
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
+    print(f"collector: broker {args.broker}, storing into {collector.store.describe()}", flush=True)
     collector.start()
     done.wait()
     collector.stop()
+    print(
+        f"collector stopped: {collector.stored} messages stored, {collector.rejected} rejected",
+        flush=True,
+    )
     return 0
 
 
@@ -76,6 +87,66 @@ def cmd_add_device(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UserError(f"--password-file {path}: {exc.strerror}") from None
+
+
+def cmd_add_service(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.brokeradmin import add_service
+
+    written = add_service(
+        args.name,
+        args.role,
+        Path(args.acl),
+        Path(args.passwd),
+        args.prefix,
+        password=_secret(args.password_file),
+    )
+    for key, value in written.items():
+        print(f"{key}: {value}")
+    print("reload the broker to apply it (systemctl reload mosquitto)")
+    return 0
+
+
+def cmd_remove_device(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.brokeradmin import remove_device
+
+    done = remove_device(
+        args.device,
+        Path(args.acl),
+        passwd=args.passwd,
+        crl=args.crl,
+        cert=args.cert,
+        ca_cert=args.ca_cert,
+        ca_key=args.ca_key,
+    )
+    for key, value in done.items():
+        print(f"{key}: {value}")
+    print("reload the broker to apply it (systemctl reload mosquitto)")
+    return 0
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.brokeradmin import init_broker
+
+    for key, value in init_broker(args.out, args.server_name).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_crl(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.brokeradmin import revoke
+
+    count = revoke(args.ca_cert, args.ca_key, args.crl)
+    print(f"{args.crl}: {count} revoked certificates")
+    return 0
+
+
 def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     collect = sub.add_parser("collect", help="store the fleet's reports in a database, ack them")
     collect.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://...")
@@ -99,6 +170,10 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     collect.add_argument("--print", action="store_true", help="print predictions as they come")
     collect.set_defaults(func=cmd_collect)
 
+    _add_broker_commands(sub)
+
+
+def _add_broker_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     broker = sub.add_parser("broker", help="broker administration")
     broker_sub = broker.add_subparsers(dest="broker_command", required=True, metavar="ACTION")
     add = broker_sub.add_parser("add-device", help="password or client certificate + ACL")
@@ -112,3 +187,41 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     add.add_argument("--ca-key", type=Path, help="fleet CA private key (mTLS mode)")
     add.add_argument("--out", type=Path, help="where to write the device's certificate and key")
     add.set_defaults(func=cmd_add_device)
+    for role in ("operator", "collector"):
+        service = broker_sub.add_parser(
+            f"add-{role}",
+            help=f"a {role} identity on the fleet-services listener (password + ACL block)",
+        )
+        service.add_argument("name", help=f"the {role}'s user name, e.g. {role}-1")
+        service.add_argument("--acl", required=True, help="the fleet-services ACL file")
+        service.add_argument("--passwd", required=True, help="the fleet-services password file")
+        service.add_argument("--prefix", default=DEFAULT_PREFIX)
+        service.add_argument("--password-file", help="read the password here (default: generate)")
+        service.set_defaults(func=cmd_add_service, role=role)
+    remove = broker_sub.add_parser(
+        "remove-device", help="delete a device's password or revoke its certificate; ACL too"
+    )
+    remove.add_argument("device")
+    remove.add_argument("--acl", required=True, help="the devices' ACL file")
+    remove.add_argument("--passwd", type=Path, help="the devices' password file (password mode)")
+    remove.add_argument("--crl", type=Path, help="the CRL the broker reads (mTLS mode)")
+    remove.add_argument("--cert", type=Path, help="the device's certificate (mTLS mode)")
+    remove.add_argument("--ca-cert", type=Path, help="fleet CA certificate (mTLS mode)")
+    remove.add_argument("--ca-key", type=Path, help="fleet CA private key (mTLS mode)")
+    remove.set_defaults(func=cmd_remove_device)
+    init = broker_sub.add_parser(
+        "init", help="a new fleet: CA, server certificate, empty password files and CRL"
+    )
+    init.add_argument("--out", type=Path, required=True, help="folder to write them into")
+    init.add_argument(
+        "--server-name",
+        action="append",
+        required=True,
+        help="the broker's DNS name or IP address, as devices reach it (repeatable)",
+    )
+    init.set_defaults(func=cmd_init)
+    crl = broker_sub.add_parser("crl", help="issue the (empty or current) revocation list")
+    crl.add_argument("--crl", type=Path, required=True)
+    crl.add_argument("--ca-cert", type=Path, required=True)
+    crl.add_argument("--ca-key", type=Path, required=True)
+    crl.set_defaults(func=cmd_crl)

@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgefleet.cli import args as argtypes
 from edgefleet.errors import UserError
-from edgefleet.protocol import DEFAULT_PREFIX, ID_PATTERN, KIND_PATTERN, Rollout
+from edgefleet.protocol import DEFAULT_PREFIX, KIND_PATTERN, Rollout
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -26,70 +27,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 BROKER_ENV = "EDGEFLEET_BROKER"
-MAX_CHUNK = 16 * 1024 * 1024
 Subparsers = argparse._SubParsersAction
-
-
-# -- argument types: a bad value is one line and exit 2, from argparse itself --------------------
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
-    return value
-
-
-def _version(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
-    return int(text)
-
-
-def _chunk_size(text: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= MAX_CHUNK:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and {MAX_CHUNK} bytes")
-    return int(text)
-
-
-def _name(text: str) -> str:
-    if not re.match(ID_PATTERN, text):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: letters, digits, '_', '.', '-', starting with a letter or digit (max 64)"
-        )
-    return text
-
-
-def _target(text: str) -> str:
-    if text == "fleet":
-        return text
-    kind, _, name = text.partition(":")
-    if kind not in ("device", "group") or not re.match(ID_PATTERN, name):
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: use device:ID, group:NAME or fleet (IDs: letters, digits, '_', '.', '-')"
-        )
-    return text
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
-    return value
-
-
-def _waves(text: str) -> list[float]:
-    try:
-        waves = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: percentages, e.g. 10,50,100") from None
-    if not waves or any(not 0 < w <= 100 for w in waves) or waves != sorted(waves):
-        raise argparse.ArgumentTypeError(f"{text!r}: rising percentages in (0, 100]")
-    return waves
 
 
 # -- keys ------------------------------------------------------------------------------------
@@ -352,7 +290,7 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     gen = keys_sub.add_parser("generate", help="an Ed25519 key pair", formatter_class=fmt)
     gen.add_argument("--out", default=".", help="folder for KEY_ID.key and KEY_ID.pub")
-    gen.add_argument("--key-id", type=_name, default="release", help="the key's name")
+    gen.add_argument("--key-id", type=argtypes.name, default="release", help="the key's name")
     gen.add_argument("--force", action="store_true", help="overwrite an existing key pair")
     gen.set_defaults(func=cmd_keys_generate)
 
@@ -372,41 +310,53 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         "publish", parents=[common], help="chunk, sign, publish and watch", formatter_class=fmt
     )
     pub.add_argument("model", help="the .tflite file (the cpu variant)")
-    pub.add_argument("--name", required=True, type=_name, help="release name")
-    pub.add_argument("--version", required=True, type=_version, help="release version (>= 1)")
+    pub.add_argument("--name", required=True, type=argtypes.name, help="release name")
+    pub.add_argument(
+        "--version", required=True, type=argtypes.version, help="release version (>= 1)"
+    )
     pub.add_argument(
         "--target",
         required=True,
         action="append",
-        type=_target,
+        type=argtypes.target,
         help="device:ID, group:NAME or fleet (repeatable)",
     )
     pub.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
     pub.add_argument("--key-id", help="the key id devices trust (default: the key file's name)")
     pub.add_argument("--variant", action="append", help="KIND=FILE, e.g. edgetpu=m_edgetpu.tflite")
-    pub.add_argument("--expires-in", type=_positive_float, default=24 * 7, help="validity in hours")
-    pub.add_argument("--chunk-size", type=_chunk_size, default=128 * 1024, help="bytes")
+    pub.add_argument(
+        "--expires-in", type=argtypes.positive_float, default=24 * 7, help="validity in hours"
+    )
+    pub.add_argument("--chunk-size", type=argtypes.chunk_size, default=128 * 1024, help="bytes")
     pub.add_argument("--rollback", action="store_true", help="allow a lower version")
     pub.add_argument("--expected-top1", help="label the probe image must give (self-test)")
     pub.add_argument("--no-wait", action="store_true", help="return once published")
     pub.add_argument(
-        "--wait-timeout", type=_positive_float, default=600.0, help="seconds to wait for devices"
+        "--wait-timeout",
+        type=argtypes.positive_float,
+        default=600.0,
+        help="seconds to wait for devices",
     )
-    pub.add_argument("--waves", type=_waves, help="rising percentages, e.g. 10,50,100")
+    pub.add_argument("--waves", type=argtypes.waves, help="rising percentages, e.g. 10,50,100")
     pub.add_argument(
-        "--max-failure-rate", type=_rate, default=0.05, help="a wave above this halts the rollout"
+        "--max-failure-rate",
+        type=argtypes.rate,
+        default=0.05,
+        help="a wave above this halts the rollout",
     )
-    pub.add_argument("--wave-timeout", type=_positive_float, default=600.0, help="s per wave")
+    pub.add_argument(
+        "--wave-timeout", type=argtypes.positive_float, default=600.0, help="s per wave"
+    )
     pub.set_defaults(func=cmd_rollout_publish)
     status = rsub.add_parser(
         "status", parents=[common], help="the fleet: desired vs active", formatter_class=fmt
     )
     status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
-    status.add_argument("--interval", type=_positive_float, default=2.0, help="seconds")
+    status.add_argument("--interval", type=argtypes.positive_float, default=2.0, help="seconds")
     status.set_defaults(func=cmd_rollout_status)
     clear = rsub.add_parser(
         "clear", parents=[common], help="remove a release and its desired states"
     )
-    clear.add_argument("name", type=_name)
-    clear.add_argument("version", type=_version)
+    clear.add_argument("name", type=argtypes.name)
+    clear.add_argument("version", type=argtypes.version)
     clear.set_defaults(func=cmd_rollout_clear)

@@ -22,12 +22,14 @@ from edgefleet.config.yamlsource import Loc, Located, apply_env_overrides, load_
 from edgefleet.delegation.policies import POLICY_MODELS, DelegatePolicy
 from edgefleet.errors import ConfigError
 from edgefleet.mqtt.settings import FleetConfig
-from edgefleet.plugin.registry import PluginConfig, Registries, Registry
+from edgefleet.plugin.registry import NESTED_SECTION, PluginConfig, Registries, Registry
 from edgefleet.protocol import ID_PATTERN
 from edgefleet.rollout.settings import RolloutSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 _ID_PATTERN = ID_PATTERN
+FPS_CAP_MIN = 0.001  # one frame in about 17 minutes
+FPS_CAP_MAX = 1000.0
 MOVED_SINKS = {
     "mqtt": "the mqtt sink became the top-level `fleet:` section, and its `rollout:` key moved "
     "to the top level beside it (see configs/agent.example.yaml)",
@@ -71,7 +73,9 @@ class ModelConfig(_Strict):
 class LoopConfig(_Strict):
     """The classification loop."""
 
-    fps_cap: float | None = Field(default=None, gt=0)
+    fps_cap: float | None = Field(
+        default=None, ge=FPS_CAP_MIN, le=FPS_CAP_MAX, description="inferences per second at most"
+    )
     stats_window: int = Field(default=1024, ge=16, le=1_000_000)
 
 
@@ -179,6 +183,34 @@ def _validate_section(
         return None
 
 
+def _validate_nested(
+    section: PluginConfig | None,
+    loc: Loc,
+    registries: Registries,
+    located: Located,
+    problems: list[str],
+) -> None:
+    """Fields marked ``nested_section(kind)`` hold another plugin's section: check it too."""
+    if section is None:
+        return
+    by_kind = {"source": registries.sources, "delegate": registries.delegates}
+    by_kind["sink"] = registries.sinks
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra
+        kind = extra.get(NESTED_SECTION) if isinstance(extra, dict) else None
+        value = getattr(section, name)
+        if not isinstance(kind, str) or kind not in by_kind or value is None:
+            continue
+        where: Loc = (*loc, name)
+        if isinstance(value, Mapping) and value.get("type") == section.type:
+            problems.append(f"{located.where(where)}: {format_loc(where)}: cannot nest itself")
+            continue
+        nested = _validate_section(value, where, by_kind[kind], located, problems)
+        if isinstance(value, Mapping) and "type" not in value:
+            problems.append(f"{located.where(where)}: {format_loc(where)}: needs a `type`")
+        _validate_nested(nested, where, registries, located, problems)
+
+
 def _validate_delegate(
     raw: Any, registry: Registry[Any], located: Located, problems: list[str]
 ) -> tuple[PluginConfig | DelegatePolicy | None, list[PluginConfig]]:
@@ -219,6 +251,7 @@ def validate(located: Located, registries: Registries) -> AgentConfig:
     source = _validate_section(
         raw.get("source", default["source"]), ("source",), registries.sources, located, problems
     )
+    _validate_nested(source, ("source",), registries, located, problems)
     delegate, candidates = _validate_delegate(
         raw.get("delegate", default["delegate"]), registries.delegates, located, problems
     )
@@ -227,6 +260,8 @@ def validate(located: Located, registries: Registries) -> AgentConfig:
         _validate_section(item, ("sinks", i), registries.sinks, located, problems)
         for i, item in enumerate(raw_sinks if isinstance(raw_sinks, list) else [])
     ]
+    for i, sink in enumerate(sinks):
+        _validate_nested(sink, ("sinks", i), registries, located, problems)
     if problems:
         raise ConfigError(problems)
     if core is None or source is None or delegate is None:

@@ -146,6 +146,8 @@ def apply_env_overrides(located: Located, environ: dict[str, str], prefix: str) 
             if not isinstance(nxt, dict):
                 nxt = {}
                 target[part] = nxt
+                # A section only the variable made (a typo, say) is reported as the variable.
+                located.overrides.setdefault(loc, f"environment {name}")
             target = nxt
         target[parts[-1]] = value
         key: Loc = (*loc, parts[-1])

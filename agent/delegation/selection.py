@@ -33,6 +33,7 @@ from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.classifier import Classifier, ModelInfo, load_checked, read_model_info
 from edgefleet.inference.litert import available_runtimes
 from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.protocol import loads
 
 log = structlog.get_logger(__name__)
 
@@ -210,7 +211,7 @@ def _read_cache(path: Path | None, key: str) -> list[dict[str, Any]] | None:
     if path is None or not path.exists():
         return None
     try:
-        data = json.loads(path.read_text())
+        data = loads(path.read_bytes())
     except (OSError, ValueError):
         return None
     entry = data.get(key) if isinstance(data, dict) else None
@@ -221,7 +222,7 @@ def _write_cache(path: Path | None, key: str, table: list[Measurement]) -> None:
     if path is None:
         return
     try:
-        data = json.loads(path.read_text()) if path.exists() else {}
+        data = loads(path.read_bytes()) if path.exists() else {}
         if not isinstance(data, dict):
             data = {}
     except (OSError, ValueError):

@@ -35,7 +35,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.errors import UserError
 from edgefleet.mqtt.link import parse_url
-from edgefleet.protocol import DEFAULT_PREFIX, SPOOLED_KINDS, FleetTopics
+from edgefleet.protocol import (
+    DEFAULT_PREFIX,
+    MAX_JSON_DEPTH,
+    SPOOLED_KINDS,
+    FleetTopics,
+    json_depth,
+    loads,
+)
 
 log = structlog.get_logger(__name__)
 # (kind, device, body) of each stored message, for a live display
@@ -61,10 +68,35 @@ TABLES = [
 class _Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
     def fetchone(self) -> Any: ...
+    def fetchall(self) -> list[tuple[Any, ...]]: ...
+
+
+def _lenient_object(payload: bytes) -> dict[str, Any]:
+    """Depth still bounded, NaN allowed: enough to read a rejected message's place."""
+    if json_depth(payload) > MAX_JSON_DEPTH:
+        raise ValueError("JSON nested too deep")
+    body = json.loads(payload)
+    if not isinstance(body, dict):
+        raise TypeError("not a JSON object")
+    return body
+
+
+def _place(body: dict[str, Any]) -> tuple[str, int, int]:
+    """A spooled message's (boot_id, mseq, floor), checked: they feed the acknowledgement."""
+    boot_id, mseq, floor = body.get("boot_id"), body.get("mseq"), body.get("floor", 1)
+    if not isinstance(boot_id, str) or not 1 <= len(boot_id) <= 64:
+        raise ValueError("boot_id must be a string of 1..64 characters")
+    return boot_id, _counter("mseq", mseq), _counter("floor", floor)
+
+
+def _counter(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**62:
+        raise ValueError(f"{name} must be a positive integer below 2**62")
+    return value
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:
-    body = json.loads(payload)
+    body = loads(payload)
     if not isinstance(body, dict):
         raise TypeError("not a JSON object")
     return body
@@ -82,8 +114,13 @@ class Store:
             if not url.startswith("sqlite:///"):
                 raise UserError(f"database URL {url!r}: use sqlite:///PATH")
             path = Path(url.removeprefix("sqlite:///"))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn: Any = sqlite3.connect(path, check_same_thread=False)
+            if not path.parent.is_dir():
+                # Never create folders on a guess: a typo would scatter databases about.
+                raise UserError(f"database {path}: folder {path.parent} does not exist")
+            try:
+                self.conn: Any = sqlite3.connect(path, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise UserError(f"database {path}: {exc}") from None
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.ph = "?"
         elif self.kind in ("postgresql", "postgres"):
@@ -104,6 +141,13 @@ class Store:
         for ddl in TABLES:
             cur.execute(ddl)
         self.conn.commit()
+
+    def describe(self) -> str:
+        """The database, without a password."""
+        parts = urlsplit(self.url)
+        if parts.password:
+            return self.url.replace(f":{parts.password}@", ":***@")
+        return self.url
 
     def _q(self, sql: str) -> str:
         return sql.replace("?", self.ph)
@@ -159,6 +203,15 @@ class Store:
                 ),
             )
 
+    def save_rejected(self, cur: _Cursor, device: str, boot_id: str, mseq: int, error: str) -> None:
+        cur.execute(
+            self._q(
+                "INSERT INTO messages(boot_id, mseq, device, kind, ts, replayed, payload) "
+                "VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING"
+            ),
+            (boot_id, mseq, device, "rejected", None, False, json.dumps({"error": error[:500]})),
+        )
+
     def advance(self, cur: _Cursor, device: str, boot_id: str, floor: int) -> int:
         """Highest mseq of ``boot_id`` stored with nothing missing above ``floor - 1``."""
         cur.execute(self._q("SELECT mseq FROM acks WHERE boot_id = ?"), (boot_id,))
@@ -209,9 +262,16 @@ class CollectorSettings:
 class Collector:
     """Subscribes, stores in batches, acks after each commit."""
 
-    def __init__(self, settings: CollectorSettings, echo: Echo | None = None) -> None:
+    def __init__(
+        self,
+        settings: CollectorSettings,
+        echo: Echo | None = None,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
         self.s = settings
         self.echo = echo  # for live display
+        self.say = say or (lambda _text: None)  # connection news for a person watching
+        self._failures = 0
         self.store = Store(settings.db)
         self.host, self.port, self.tls = parse_url(settings.broker)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
@@ -239,9 +299,19 @@ class Collector:
             )
         client.reconnect_delay_set(1, 10)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
         return client
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        # paho retries with its backoff (1 s doubling to 10 s); say so, less often over time.
+        self._failures += 1
+        if self._failures in (1, 2, 5) or self._failures % 30 == 0:
+            self.say(
+                f"collector: cannot reach {self.host}:{self.port} "
+                f"({self._failures} attempts); retrying every 1-10 s"
+            )
 
     def subscriptions(self) -> list[str]:
         topics = FleetTopics(self.s.prefix)
@@ -256,10 +326,13 @@ class Collector:
     ) -> None:
         if rc.is_failure:
             log.error("collector: broker refused connection", reason=str(rc))
+            self.say(f"collector: {self.host}:{self.port} refused the connection: {rc}")
             return
         client.subscribe([(topic, 1) for topic in self.subscriptions()])
         self.connected.set()
+        self._failures = 0
         log.info("collector connected", broker=f"{self.host}:{self.port}")
+        self.say(f"collector: connected to {self.host}:{self.port}")
 
     def _on_disconnect(
         self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
@@ -306,6 +379,47 @@ class Collector:
                     log.exception("collector batch failed; not acked, devices will resend")
                     self.store.rollback()
 
+    def _store_one(
+        self, cur: _Cursor, device: str, kind: str, payload: bytes
+    ) -> tuple[str, str, int] | None:
+        """Store one message; (device, boot_id, floor) when it counts toward an ack."""
+        body = _json_object(payload)
+        if kind == "status":
+            self.store.save_status(cur, device, body)
+            return None
+        boot_id, _, floor = _place(body)
+        self.store.save_message(cur, kind, device, body)
+        self.stored += 1
+        if self.echo is not None:
+            self.echo(kind, device, body)
+        # The newest floor is the highest: the device only ever lets go of old messages.
+        return device, boot_id, floor
+
+    def _reject(
+        self, cur: _Cursor, device: str, payload: bytes, exc: Exception
+    ) -> tuple[str, str, int] | None:
+        """Count a message that cannot be stored; keep its place when it names one.
+
+        A message that still says which boot and mseq it is gets a ``rejected`` row, so the
+        acknowledgement moves past it: a device resending it forever would stall every
+        message behind it. One that does not say is only counted and logged.
+        """
+        self.rejected += 1
+        log.warning("collector: message rejected", device=device, error=type(exc).__name__)
+        try:
+            boot_id, mseq, floor = _place(_lenient_object(payload))
+        except Exception:  # noqa: BLE001 - nothing usable in it: counted, skipped
+            return None
+        cur.execute("SAVEPOINT rejected")
+        try:
+            self.store.save_rejected(cur, device, boot_id, mseq, f"{type(exc).__name__}: {exc}")
+        except Exception:  # noqa: BLE001
+            cur.execute("ROLLBACK TO SAVEPOINT rejected")
+            cur.execute("RELEASE SAVEPOINT rejected")
+            return None
+        cur.execute("RELEASE SAVEPOINT rejected")
+        return device, boot_id, floor
+
     def _store_batch(self, batch: Iterable[tuple[str, bytes]]) -> None:
         cur = self.store.cursor()
         touched: dict[tuple[str, str], int] = {}
@@ -314,22 +428,17 @@ class Collector:
             if len(parts) < 3 or parts[-3] != "devices":
                 continue
             device, kind = parts[-2], parts[-1]
+            # Each message in its own savepoint: one that fails (malformed, hostile, too large
+            # for a column) is undone alone and the rest of the batch still commits.
+            cur.execute("SAVEPOINT message")
             try:
-                body = _json_object(payload)
-                if kind == "status":
-                    self.store.save_status(cur, device, body)
-                    continue
-                self.store.save_message(cur, kind, device, body)
-            except (ValueError, TypeError, KeyError) as exc:
-                self.rejected += 1
-                log.warning("collector: malformed message skipped", topic=topic, error=str(exc))
-                continue
-            key = (device, str(body["boot_id"]))
-            # The newest floor is the highest: the device only ever lets go of old messages.
-            touched[key] = max(touched.get(key, 1), int(body.get("floor", 1)))
-            self.stored += 1
-            if self.echo is not None:
-                self.echo(kind, device, body)
+                key = self._store_one(cur, device, kind, payload)
+            except Exception as exc:  # noqa: BLE001 - one message must never cost another
+                cur.execute("ROLLBACK TO SAVEPOINT message")
+                key = self._reject(cur, device, payload, exc)
+            cur.execute("RELEASE SAVEPOINT message")
+            if key is not None:
+                touched[key[:2]] = max(touched.get(key[:2], 1), key[2])
         acks = {
             key: self.store.advance(cur, key[0], key[1], floor) for key, floor in touched.items()
         }

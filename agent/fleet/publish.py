@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import threading
 import time
@@ -24,7 +23,14 @@ from edgefleet.errors import UserError
 from edgefleet.inference.classifier import inspect_model
 from edgefleet.inference.modelfile import is_tflite
 from edgefleet.mqtt.link import parse_url
-from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, Manifest, Rollout, VariantSpec
+from edgefleet.protocol import (
+    DEFAULT_PREFIX,
+    FleetTopics,
+    Manifest,
+    Rollout,
+    VariantSpec,
+    loads,
+)
 from edgefleet.rollout.release import (
     DEFAULT_CHUNK,
     chunk,
@@ -175,7 +181,7 @@ def check_unpublished(
     if not payload:
         return
     try:
-        published = json.loads(payload)
+        published = loads(payload)
     except ValueError:
         return  # not ours to judge: the publish overwrites it
     if isinstance(published, dict) and published.get("rollout_id") != manifest.rollout_id:
@@ -223,7 +229,7 @@ def _json_by_device(broker: Broker, topic_filter: str, seconds: float) -> dict[s
         if not payload:
             continue
         try:
-            body = json.loads(payload)
+            body = loads(payload)
         except ValueError:
             continue
         if isinstance(body, dict):
@@ -247,7 +253,7 @@ def clear_release(
     stale = []
     for topic, payload in desired.items():
         try:
-            body = json.loads(payload) if payload else None
+            body = loads(payload) if payload else None
         except ValueError:
             continue
         if isinstance(body, dict) and (body.get("name"), body.get("version")) == (name, version):
@@ -313,7 +319,7 @@ def watch_devices(
         for device in devices:
             payload = messages.get(topics.device(device).rollout)
             try:
-                state = json.loads(payload) if payload else None
+                state = loads(payload) if payload else None
             except ValueError:
                 continue
             if isinstance(state, dict) and state.get("rollout_id") == manifest.rollout_id:
@@ -379,7 +385,7 @@ def fleet_view(
     groups: dict[str, dict[str, Any]] = {}
     for topic, payload in broker.collect(topics.every_group("model/desired"), 0.3).items():
         with contextlib.suppress(ValueError):
-            body = json.loads(payload) if payload else None
+            body = loads(payload) if payload else None
             if isinstance(body, dict):
                 groups[FleetTopics.group_of(topic)] = body
     rows = []

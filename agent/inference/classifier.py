@@ -125,6 +125,7 @@ class ModelInfo:
     trained: bool
     labels: tuple[str, ...] | None
     metadata: ModelMetadata | None
+    labels_file: Path | None = None  # where the labels came from, when not the model itself
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -173,6 +174,7 @@ def read_model_info(path: Path, labels_file: Path | None = None) -> ModelInfo:
         trained=meta.trained if meta else True,
         labels=tuple(labels) if labels else None,
         metadata=meta,
+        labels_file=labels_file,
     )
 
 
@@ -239,7 +241,11 @@ class Classifier:
         classes = shape[-1]
         labels = self.info.labels
         if labels is not None and len(labels) not in (classes, classes + 1):
-            raise ModelError(f"{self.info.path}: {len(labels)} labels for {classes} output classes")
+            origin = self.info.labels_file or self.info.path
+            raise ModelError(
+                f"{origin}: {len(labels)} labels, but the model {self.info.path.name} has "
+                f"{classes} output classes"
+            )
         return classes
 
     @property
@@ -324,8 +330,7 @@ def inspect_model(path: Path) -> Classifier:
 
     info = read_model_info(path)
     try:
-        interpreter = get_runtime().interpreter_class(model_path=str(path), num_threads=1)
-        interpreter.allocate_tensors()
+        interpreter = get_runtime().new_interpreter(model_path=str(path), num_threads=1)
     except (ValueError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot load model: {str(exc).strip()}") from None
     return Classifier(info, interpreter, delegate={"type": "inspect"})

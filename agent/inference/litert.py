@@ -6,9 +6,14 @@ property of the device (32-bit Pi OS only has tflite-runtime wheels).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
-from collections.abc import Callable
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +42,46 @@ class Runtime:
         made: Callable[..., Interpreter] = self.module.Interpreter
         return made
 
+    def new_interpreter(self, **kwargs: Any) -> Interpreter:
+        """An ``Interpreter(**kwargs)`` with tensors allocated, its INFO chatter dropped."""
+        with native_info_dropped():
+            interpreter = self.interpreter_class(**kwargs)
+            interpreter.allocate_tensors()
+        return interpreter
+
     def load_delegate(self, library: str, options: dict[str, str] | None = None) -> Any:
         return self.module.load_delegate(library, options or {})
+
+
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def native_info_dropped() -> Iterator[None]:
+    """Drop the runtime's ``INFO:`` lines (one per interpreter) that its C++ logger writes.
+
+    The runtime has no Python switch for its logger, so file descriptor 2 is pointed at a
+    temporary file for the duration and everything but ``INFO:`` lines (warnings, errors,
+    and whatever other threads wrote meanwhile) is written back to the real stderr after.
+    """
+    with _STDERR_LOCK, tempfile.TemporaryFile() as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().splitlines(keepends=True)
+                if not line.startswith(b"INFO: ")
+            ]
+            if kept:
+                os.write(2, b"".join(kept))
 
 
 def available_runtimes() -> list[Runtime]:

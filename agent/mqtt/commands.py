@@ -7,7 +7,6 @@ JSON, wrong types, unknown name, oversized) is answered, never raised.
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 import uuid
@@ -15,14 +14,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import cv2
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgefleet import protocol
+from edgefleet.config.agentconfig import FPS_CAP_MAX, FPS_CAP_MIN
 from edgefleet.errors import UserError
 from edgefleet.runtime.frames import Frame
 from edgefleet.runtime.pipeline import LoopSettings
 from edgefleet.runtime.results import Result
 from edgefleet.runtime.stats import LoopStats
 
+log = structlog.get_logger(__name__)
 REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
@@ -51,10 +54,20 @@ class ReportArgs(BaseModel):
 
 
 class SetArgs(_Args):
-    fps_cap: float | None = Field(default=None, ge=0, description="0 removes the cap")
+    fps_cap: float | None = Field(
+        default=None, ge=0, le=FPS_CAP_MAX, description="0 removes the cap"
+    )
     top_k: int | None = Field(default=None, ge=1, le=100)
     threshold: float | None = Field(default=None, ge=0, le=1)
     report: ReportArgs | None = None
+
+    @field_validator("fps_cap")
+    @classmethod
+    def _cap_in_range(cls, value: float | None) -> float | None:
+        # The same bounds as loop.fps_cap in the config; 0 means "no cap".
+        if value is not None and 0 < value < FPS_CAP_MIN:
+            raise ValueError(f"must be 0 (no cap) or at least {FPS_CAP_MIN}")
+        return value
 
 
 class SnapshotArgs(_Args):
@@ -127,6 +140,9 @@ class CommandHandler:
             reply["ok"] = True
         except (CommandError, UserError) as exc:
             reply["error"] = str(exc)
+        except Exception as exc:
+            log.exception("command failed", command=name)
+            reply["error"] = f"internal error: {type(exc).__name__}"
         return reply
 
     def _run(self, name: str | None, payload: bytes, reply: dict[str, Any]) -> dict[str, Any]:
@@ -151,7 +167,7 @@ class CommandHandler:
         if not payload.strip():
             return {}
         try:
-            data = json.loads(payload)
+            data = protocol.loads(payload)
         except (UnicodeDecodeError, ValueError) as exc:
             raise CommandError(f"payload is not JSON: {exc}") from None
         if not isinstance(data, dict):

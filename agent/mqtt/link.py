@@ -49,6 +49,9 @@ log = structlog.get_logger(__name__)
 
 AUTH_FAILURES = {134, 135, 140}  # bad user name or password, not authorised, bad auth method
 PUBLISH_REFUSED_LOG_EVERY = 100
+# Queued messages reach the spool in one transaction at least this often (group commit):
+# the window of results a SIGKILL can lose.
+SPOOL_EVERY_S = 0.02
 
 
 @dataclass
@@ -529,7 +532,7 @@ class MqttLink:
         last_resend = time.monotonic()
         next_metrics = time.monotonic() + self.metrics_interval_s
         while True:
-            self._wake.wait(0.02)
+            self._wake.wait(SPOOL_EVERY_S)
             self._wake.clear()
             try:
                 if self.metrics is not None and time.monotonic() >= next_metrics:
@@ -568,7 +571,7 @@ class MqttLink:
             seq = self.spool.next_seq()
             body = {**body, "device": self.s.device, "boot_id": self.s.boot_id, "mseq": seq}
             body.setdefault("ts", time.time())
-            topic = getattr(self.topics, kind)
+            topic = self.topics.spooled(kind)
             payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
             items.append((seq, topic, payload, self.s.qos))
         self.spool.put_many(items)

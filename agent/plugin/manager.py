@@ -60,6 +60,7 @@ class Plugins:
     def __init__(self, pm: pluggy.PluginManager, records: list[PluginRecord]) -> None:
         self.pm = pm
         self.records = records
+        self.unknown_blocked: list[str] = []  # plugins.block names nothing installed has
         self.registries = Registries(
             sources=Registry("source"), delegates=Registry("delegate"), sinks=Registry("sink")
         )
@@ -159,7 +160,7 @@ def make_plugin_manager(
     pm.add_hookspecs(hookspecs)
     blocked = set(block)
     records: list[PluginRecord] = []
-    eps = (
+    eps = list(
         importlib.metadata.entry_points(group=hookspecs.ENTRY_POINT_GROUP)
         if entry_points is None
         else entry_points
@@ -175,6 +176,9 @@ def make_plugin_manager(
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the agent
             record.status, record.error = "failed", f"load: {_describe_exc(exc)}"
             log.error("plugin failed to load", plugin=ep.name, error=record.error)
+    unknown = sorted(blocked - {ep.name for ep in eps})
+    if unknown:
+        log.warning("plugins.block names no installed plugin", names=unknown)
     for name, obj in extra:
         record = PluginRecord(name=name, origin="in-process", target=repr(obj))
         records.append(record)
@@ -182,7 +186,9 @@ def make_plugin_manager(
             _register(pm, obj, name, record)
         except Exception as exc:  # noqa: BLE001
             record.status, record.error = "failed", f"load: {_describe_exc(exc)}"
-    return Plugins(pm, records)
+    plugins = Plugins(pm, records)
+    plugins.unknown_blocked = unknown
+    return plugins
 
 
 def _register(pm: pluggy.PluginManager, obj: object, name: str, record: PluginRecord) -> None:

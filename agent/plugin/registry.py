@@ -13,9 +13,22 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
+from pydantic.config import JsonDict
 
 T = TypeVar("T")
 C = TypeVar("C", bound="PluginConfig")
+
+
+NESTED_SECTION = "edgefleet_section"
+
+
+def nested_section(kind: str) -> JsonDict:
+    """``json_schema_extra`` for a field that holds another plugin's section of ``kind``.
+
+    ``Field(default=None, json_schema_extra=nested_section("source"))``: the config loader
+    validates such a field with the plugin its ``type`` names, errors keeping file:line.
+    """
+    return {NESTED_SECTION: kind}
 
 
 class PluginConfig(BaseModel):
@@ -35,6 +48,8 @@ class Registration(Generic[T]):
     factory: Callable[[Any], T]
     plugin: str
     summary: str
+    # Whether the type can work on this machine, and why not: (ok, reason). Never raises.
+    probe: Callable[[], tuple[bool, str]] | None = None
 
 
 class Registry(Generic[T]):
@@ -51,8 +66,12 @@ class Registry(Generic[T]):
         config_model: type[C],
         factory: Callable[[C], T],
         summary: str = "",
+        probe: Callable[[], tuple[bool, str]] | None = None,
     ) -> None:
-        """Register ``type_name``; a second registration of the same name is refused."""
+        """Register ``type_name``; a second registration of the same name is refused.
+
+        ``probe`` says whether the type can work here (``edgefleet plugins`` shows it).
+        """
         if type_name in self._entries:
             owner = self._entries[type_name].plugin
             raise ValueError(f"{self.kind} type {type_name!r} already registered by {owner}")
@@ -65,6 +84,7 @@ class Registry(Generic[T]):
             factory=factory,
             plugin=self.current_plugin,
             summary=summary,
+            probe=probe,
         )
 
     def get(self, type_name: str) -> Registration[T] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from pydantic import ValidationError
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.protocol import InputSpecRef, Manifest, VariantSpec
+from edgefleet.protocol import InputSpecRef, Manifest, VariantSpec, loads
 
 MAX_MANIFEST_BYTES = 64 * 1024
 DEFAULT_CHUNK = 128 * 1024
@@ -95,7 +94,7 @@ def parse_manifest(payload: bytes) -> Manifest:
     if len(payload) > MAX_MANIFEST_BYTES:
         raise ReleaseError(f"manifest of {len(payload)} bytes exceeds {MAX_MANIFEST_BYTES}")
     try:
-        data = json.loads(payload)
+        data = loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ReleaseError(f"manifest is not JSON: {exc}") from None
     try:

@@ -34,6 +34,8 @@ from edgefleet.runtime.stats import LoopStats
 
 log = structlog.get_logger(__name__)
 POOL_SIZE = 3  # one being written, one waiting in the slot, one being copied in
+MAX_CAP_INTERVAL_S = 3600.0  # an fps cap below one frame an hour is treated as one an hour
+CAP_WAIT_STEP_S = 0.25
 
 
 class _BufferPool:
@@ -105,6 +107,8 @@ class Pipeline:
         self._errors_logged = 0
         self._generation = 0
         self._deliver_lock = threading.Lock()
+        self._due = threading.Event()  # under an fps cap: the next frame may be prepared
+        self._due.set()
 
     @property
     def classifier(self) -> Classifier:
@@ -168,30 +172,40 @@ class Pipeline:
     # -- prepare thread --------------------------------------------------------------
     def _prepare_loop(self) -> None:
         while not self._stop.is_set():
-            # Prepare one frame ahead, no more: wait until the model took the last one, then
-            # fetch the freshest frame. Preparing frames the model will never see would only
-            # steal cores from invoke().
-            if not self._slot.wait_empty(0.1):
-                continue
-            frame = self.source.get(timeout=0.1)
-            if frame is None:
-                if self.source.ended:
-                    break
-                continue
-            pool = self._pool
-            buffer = pool.acquire()
-            started = time.perf_counter()
             try:
-                pool.classifier.preprocessor(frame.image, buffer)
-            except (ValueError, RuntimeError) as exc:
-                pool.release(buffer)
-                self._count_error("bad frame skipped", exc, origin=frame.origin)
-                continue
-            elapsed = time.perf_counter() - started
-            displaced = self._slot.put(_Prepared(buffer, pool, frame, elapsed))
-            if displaced is not None:
-                displaced.pool.release(displaced.buffer)
+                if not self._prepare_one():
+                    break
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one frame's bug
+                self._count_error("prepare failed", exc)
         self._slot.close()
+
+    def _prepare_one(self) -> bool:
+        """Prepare one frame ahead, no more; False once the source has ended."""
+        # Wait until the model took the last one, then fetch the freshest frame: preparing
+        # frames the model will never see would only steal cores from invoke(). Under an fps
+        # cap, also wait until the next frame is due, so it is fresh when it is inferred.
+        if not self._slot.wait_empty(0.1):
+            return True
+        if self.settings.fps_cap and not self._due.wait(0.1):
+            return True
+        frame = self.source.get(timeout=0.1)
+        if frame is None:
+            return not self.source.ended
+        pool = self._pool
+        buffer = pool.acquire()
+        started = time.perf_counter()
+        try:
+            pool.classifier.preprocessor(frame.image, buffer)
+        except (ValueError, RuntimeError) as exc:
+            pool.release(buffer)
+            self._count_error("bad frame skipped", exc, origin=frame.origin)
+            return True
+        elapsed = time.perf_counter() - started
+        self._due.clear()
+        displaced = self._slot.put(_Prepared(buffer, pool, frame, elapsed))
+        if displaced is not None:
+            displaced.pool.release(displaced.buffer)
+        return True
 
     # -- infer thread ----------------------------------------------------------------
     def _infer_loop(self, generation: int = 0) -> None:
@@ -211,13 +225,32 @@ class Pipeline:
             except Exception as exc:  # noqa: BLE001 - a bug in one frame must not end the loop
                 self.stats.errors += 1
                 self._count_error("frame failed", exc)
-            cap = self.settings.fps_cap
-            if cap:
-                next_due = max(next_due + 1.0 / cap, time.monotonic() - 1.0 / cap)
-                delay = next_due - time.monotonic()
-                if delay > 0 and self._stop.wait(delay):
-                    break
+            try:
+                next_due = self._wait_for_cap(next_due)
+            except Exception as exc:  # noqa: BLE001 - nor may a bad setting
+                self._count_error("fps cap wait failed", exc)
+                self._due.set()
         self.finished.set()
+
+    def _wait_for_cap(self, next_due: float) -> float:
+        """Sleep until the next frame is due under the fps cap; then ask for a fresh one.
+
+        The wait is cut into short steps: a cap changed meanwhile (``set``, reload) takes
+        effect at once, and the loop keeps beating, so neither the watchdog nor the stuck-
+        invoke detection mistakes a long interval for a hung loop.
+        """
+        cap = self.settings.fps_cap
+        if cap:
+            interval = min(1.0 / cap, MAX_CAP_INTERVAL_S)
+            next_due = max(next_due + interval, time.monotonic() - interval)
+            while not self._stop.is_set() and self.settings.fps_cap == cap:
+                delay = next_due - time.monotonic()
+                if delay <= 0:
+                    break
+                self._stop.wait(min(delay, CAP_WAIT_STEP_S))
+                self.last_beat = time.monotonic()
+        self._due.set()
+        return next_due
 
     def _infer_one(self, item: _Prepared) -> None:
         classifier = self._pool.classifier

@@ -13,7 +13,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import cv2
 import numpy as np
 import structlog
 
@@ -191,6 +190,8 @@ class OpenCvSource(ThreadedSource):
 
     def read_rgb(self, lost: str) -> np.ndarray:
         """The next frame as RGB; SourceError(``lost``) when the capture has none."""
+        import cv2  # deferred: commands that never touch a frame start faster
+
         ok, bgr = self._cap.read()
         if not ok or bgr is None:
             raise SourceError(lost)

@@ -52,9 +52,7 @@ class CpuDelegate(Delegate):
         if not self.config.xnnpack:
             resolver = runtime.module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
             kwargs["experimental_op_resolver_type"] = resolver
-        interpreter = runtime.interpreter_class(**kwargs)
-        interpreter.allocate_tensors()
-        return interpreter
+        return runtime.new_interpreter(**kwargs)
 
     def describe(self) -> dict[str, Any]:
         runtime = get_runtime(self.config.runtime)

@@ -151,11 +151,9 @@ class EdgeTpuDelegate(Delegate):
             **self.config.options,
         }
         delegate = runtime.load_delegate(self.config.library, options)
-        interpreter = runtime.interpreter_class(
+        return runtime.new_interpreter(
             model_path=str(model_path), experimental_delegates=[delegate]
         )
-        interpreter.allocate_tensors()
-        return interpreter
 
     def describe(self) -> dict[str, Any]:
         device, _ = self.chosen_device()

@@ -39,11 +39,9 @@ class ExternalDelegate(Delegate):
     def make_interpreter(self, model_path: Path) -> Interpreter:
         runtime = get_runtime("auto")
         delegate = runtime.load_delegate(str(self.config.library), self.config.options)
-        interpreter = runtime.interpreter_class(
+        return runtime.new_interpreter(
             model_path=str(model_path), experimental_delegates=[delegate]
         )
-        interpreter.allocate_tensors()
-        return interpreter
 
     def describe(self) -> dict[str, Any]:
         return {"type": "external", "library": str(self.config.library), "kind": self.kind}

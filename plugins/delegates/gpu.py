@@ -74,11 +74,9 @@ class GpuDelegate(Delegate):
 
     def make_interpreter(self, model_path: Path) -> Interpreter:
         runtime = get_runtime("auto")
-        interpreter = runtime.interpreter_class(
+        return runtime.new_interpreter(
             model_path=str(model_path), experimental_delegates=[self._load()]
         )
-        interpreter.allocate_tensors()
-        return interpreter
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -14,7 +14,7 @@ from pydantic import Field
 from edgefleet.errors import UserError
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.offers import SourceOffer
-from edgefleet.plugin.registry import PluginConfig, Registry
+from edgefleet.plugin.registry import PluginConfig, Registry, nested_section
 from edgefleet.runtime.sources import Source
 
 FALLBACK_SCORE = 10
@@ -25,7 +25,9 @@ class AutoConfig(PluginConfig):
 
     type: Literal["auto"] = "auto"
     fallback: dict[str, Any] | None = Field(
-        default=None, description="section to use when no camera is found"
+        default=None,
+        description="section to use when no camera is found",
+        json_schema_extra=nested_section("source"),
     )
     min_score: int = Field(default=50, description="offers below this lose to the fallback")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import Field
 
@@ -37,6 +36,8 @@ class CameraSource(OpenCvSource):
         self.config = config
 
     def open(self) -> None:
+        import cv2  # deferred: commands that never touch a frame start faster
+
         path = device_path(self.config.device)
         # Checking first keeps OpenCV from printing its own warnings on every retry.
         if not path.exists():
@@ -62,7 +63,12 @@ class CameraSource(OpenCvSource):
 
 @hookimpl
 def edgefleet_register_sources(registry: Registry[Any]) -> None:
-    registry.add("camera", CameraConfig, CameraSource, "V4L2 camera via OpenCV")
+    registry.add("camera", CameraConfig, CameraSource, "V4L2 camera via OpenCV", probe=_any_camera)
+
+
+def _any_camera() -> tuple[bool, str]:
+    found = sorted(str(p) for p in Path("/dev").glob("video*"))
+    return (True, ", ".join(found)) if found else (False, "no /dev/video* device")
 
 
 @hookimpl

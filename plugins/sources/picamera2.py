@@ -75,7 +75,13 @@ class Picamera2Source(ThreadedSource):
 
 @hookimpl
 def edgefleet_register_sources(registry: Registry[Any]) -> None:
-    registry.add("picamera2", Picamera2Config, Picamera2Source, "Raspberry Pi camera module")
+    registry.add(
+        "picamera2",
+        Picamera2Config,
+        Picamera2Source,
+        "Raspberry Pi camera module",
+        probe=picamera2_available,
+    )
 
 
 @hookimpl

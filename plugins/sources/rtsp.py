@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import Field
 
@@ -37,6 +36,8 @@ class RtspSource(OpenCvSource):
         self.config = config
 
     def open(self) -> None:
+        import cv2  # deferred: commands that never touch a frame start faster
+
         timeout_ms = int(self.config.open_timeout_s * 1000)
         # OpenCV reads FFmpeg options from this variable when the capture opens.
         os.environ["OPENCV_FFMPEG_CAPTURE_OPTIONS"] = f"rtsp_transport;{self.config.transport}"

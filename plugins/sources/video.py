@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from pydantic import Field
 
@@ -31,6 +30,8 @@ class VideoSource(OpenCvSource):
         self.config = config
 
     def open(self) -> None:
+        import cv2  # deferred: commands that never touch a frame start faster
+
         path = self.config.path
         if not path.is_file():
             raise SourceError(f"video file not found: {path}")
@@ -47,6 +48,8 @@ class VideoSource(OpenCvSource):
         self._status.detail["path"] = str(path)
 
     def read(self) -> tuple[np.ndarray, str]:
+        import cv2  # deferred: commands that never touch a frame start faster
+
         try:
             rgb = self.read_rgb("end of video")
         except SourceError:

@@ -1,0 +1,88 @@
+"""Argument types for the command line: a bad value is one line and exit 2, from argparse."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable
+
+from edgefleet.protocol import ID_PATTERN
+
+MAX_CHUNK = 16 * 1024 * 1024
+
+
+def int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """A whole number in ``[low, high]`` (no upper bound when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be greater than 0")
+    return value
+
+
+def version(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a whole number of at least 1")
+    return int(text)
+
+
+def chunk_size(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CHUNK:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and {MAX_CHUNK} bytes")
+    return int(text)
+
+
+def name(text: str) -> str:
+    if not re.match(ID_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: letters, digits, '_', '.', '-', starting with a letter or digit (max 64)"
+        )
+    return text
+
+
+def target(text: str) -> str:
+    if text == "fleet":
+        return text
+    kind, _, name = text.partition(":")
+    if kind not in ("device", "group") or not re.match(ID_PATTERN, name):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: use device:ID, group:NAME or fleet (IDs: letters, digits, '_', '.', '-')"
+        )
+    return text
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
+def waves(text: str) -> list[float]:
+    try:
+        waves = [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: percentages, e.g. 10,50,100") from None
+    if not waves or any(not 0 < w <= 100 for w in waves) or waves != sorted(waves):
+        raise argparse.ArgumentTypeError(f"{text!r}: rising percentages in (0, 100]")
+    return waves

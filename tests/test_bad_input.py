@@ -1,0 +1,215 @@
+"""What a new user types wrong: one line, exit 2, no traceback; and what a user sees."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edgefleet.errors import ConfigError
+from edgefleet.plugin.manager import Plugins
+
+from .conftest import REPO, cli_command
+
+SAMPLES = REPO / "agent" / "samples"
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        cli_command(*args),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["classify", "--threads", "0", "x.jpg"], "argument --threads: '0' must be between"),
+        (["classify", "clip.mp4", "--every", "0"], "argument --every: '0' must be at least 1"),
+        (["classify", "--every", "-5", "x"], "argument --every: '-5' must be at least 1"),
+        (["classify", "--top-k", "0", "x"], "argument --top-k: '0' must be between 1 and 100"),
+        (["classify", "--top-k", "-2", "x"], "argument --top-k: '-2' must be between 1 and 100"),
+        (["bench", "/nope.tflite"], "error: /nope.tflite: no such model file"),
+        (["bench", "--candidates", "notjson"], "error: --candidates is not JSON"),
+        (
+            ["bench", "--candidates", '[{"type":"cpu","threads":0}]'],
+            "error: --candidates[0].threads: Input should be greater than or equal to 1",
+        ),
+        (["bench", "--budget", "-1"], "argument --budget: '-1' must be greater than 0"),
+        (
+            ["schema", "--out", "/nonexistent/dir/x.json"],
+            "error: --out /nonexistent/dir/x.json: No such file or directory",
+        ),
+        (
+            ["collect", "--broker", "mqtt://127.0.0.1:9", "--db", "sqlite:////nonexistent/d/x.db"],
+            "error: database /nonexistent/d/x.db: folder /nonexistent/d does not exist",
+        ),
+    ],
+)
+def test_one_line_exit_2_no_traceback(args: list[str], message: str) -> None:
+    proc = _run(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not Path("/nonexistent").exists()
+
+
+def test_classify_says_what_is_wrong_with_each_input(tmp_path: Path) -> None:
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "notes.jpg").write_text("shopping list\n")
+    cut = (SAMPLES / "coffee.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(cut[: len(cut) // 2])
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "red.gif")
+    proc = _run("classify", str(tmp_path))
+    assert proc.returncode == 1  # some inputs failed; the others were classified
+    errors = sorted(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert errors == [
+        f"error: {tmp_path / 'cut.jpg'}: truncated JPEG (no end-of-image marker)",
+        f"error: {tmp_path / 'empty.jpg'}: empty file",
+        f"error: {tmp_path / 'notes.jpg'}: not a decodable image (text)",
+    ]
+    assert "red.gif" in proc.stdout  # a folder scan takes GIFs, as naming one does
+    assert "INFO:" not in proc.stderr  # the runtime's chatter stays out of the terminal
+
+
+def test_a_labels_file_that_does_not_fit_is_named() -> None:
+    readme = REPO / "README.md"
+    count = sum(1 for line in readme.read_text().splitlines() if line.strip())
+    proc = _run("classify", "--labels", str(readme), str(SAMPLES / "coffee.jpg"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (
+        f"error: {readme}: {count} labels, but the model efficientnet-lite0-int8.tflite "
+        "has 1000 output classes"
+    )
+
+
+def test_nested_plugin_sections_are_checked(plugins: Plugins, tmp_path: Path) -> None:
+    from edgefleet.config.agentconfig import load_config
+
+    cases = {
+        "source:\n  type: auto\n  fallback:\n    type: synthetic\n    fps: 0\n": (
+            "agent.yaml:5: source.fallback.fps: Input should be greater than 0"
+        ),
+        "source: {type: auto, fallback: {type: nosuch}}\n": (
+            "agent.yaml:1: source.fallback.type: unknown source type 'nosuch'"
+        ),
+        "source: {type: auto, fallback: {type: auto}}\n": (
+            "agent.yaml:1: source.fallback: cannot nest itself"
+        ),
+    }
+    for text, expected in cases.items():
+        path = tmp_path / "agent.yaml"
+        path.write_text(text)
+        with pytest.raises(ConfigError) as info:
+            load_config(path, plugins.registries, environ={})
+        problems = [p.replace(str(tmp_path) + "/", "") for p in info.value.problems]
+        assert problems[0].startswith(expected), problems
+    path.write_text(next(iter(cases)))
+    proc = _run("check-config", str(path))
+    assert proc.returncode == 2  # what check-config calls ok, run starts
+
+
+def test_a_mistyped_override_names_the_variable(plugins: Plugins, tmp_path: Path) -> None:
+    from edgefleet.config.agentconfig import load_config
+
+    path = tmp_path / "agent.yaml"
+    path.write_text("model: {top_k: 3}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, plugins.registries, environ={"EDGEFLEET_MODLE__TOP_K": "3"})
+    assert info.value.problems == [
+        "environment EDGEFLEET_MODLE__TOP_K: modle: Extra inputs are not permitted"
+    ]
+
+
+def test_blocking_an_unknown_plugin_warns(tmp_path: Path) -> None:
+    path = tmp_path / "agent.yaml"
+    path.write_text("plugins: {block: [nosuchplugin]}\nsource: {type: synthetic}\n")
+    proc = _run("check-config", str(path))
+    assert proc.returncode == 0
+    assert proc.stderr.strip() == (
+        "warning: plugins.block: no installed plugin is called 'nosuchplugin'"
+    )
+
+
+def test_plugins_say_what_works_here() -> None:
+    proc = _run("plugins")
+    assert proc.returncode == 0
+    flat = " ".join(proc.stdout.split())
+    assert "cpu: available" in flat
+    # No EdgeTPU here: the row says so and why (the table may wrap the words).
+    row = next(line for line in proc.stdout.splitlines() if "│ edgetpu" in line)
+    assert "edgetpu:" in row
+    assert "libedgetpu.so.1" in flat
+
+
+def test_the_console_sink_shows_readable_lines(tmp_path: Path) -> None:
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        f"source: {{type: images, path: '{SAMPLES}', loop: false, fps: null}}\n"
+        "sinks: [{type: console}]\n"
+        f"state_dir: '{tmp_path}'\nlogging: {{level: error}}\n"
+    )
+    proc = _run("run", "-c", str(config))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("edgefleet ")
+    coffee = next(line for line in lines if "coffee.jpg" in line)
+    assert "espresso" in coffee
+    assert "efficientnet-lite0 v0" in coffee
+
+
+def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group; the agent stops before its private broker."""
+    proc = subprocess.Popen(
+        cli_command("demo"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(seen) < 4:
+            line = proc.stdout.readline()
+            seen.append(line)
+        os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        rest, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(seen) + rest
+    assert proc.returncode == 0, output
+    assert "link down" not in output
+    assert "disconnected" not in output
+    assert "Traceback" not in output
+    assert "collector stored" in output
+
+
+def test_collect_says_what_it_does(tmp_path: Path) -> None:
+    db = tmp_path / "fleet.db"
+    proc = subprocess.Popen(
+        cli_command("collect", "--broker", "mqtt://127.0.0.1:9", "--db", f"sqlite:///{db}"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(4)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"collector: broker mqtt://127.0.0.1:9, storing into sqlite:///{db}"
+    assert "collector: cannot reach 127.0.0.1:9 (1 attempts); retrying every 1-10 s" in lines
+    assert lines[-1] == "collector stopped: 0 messages stored, 0 rejected"
