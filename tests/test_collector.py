@@ -11,7 +11,6 @@ import pytest
 
 from edgefleet.errors import UserError
 from edgefleet.fleet.collector import Collector, CollectorSettings, Store
-from edgefleet.rollout.store import ActiveModel, ModelStore
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -80,24 +79,6 @@ def test_bad_database_urls(tmp_path: Path) -> None:
         Store("mysql://x")
     with pytest.raises(UserError, match="cannot connect"):
         Store("postgresql://nobody@127.0.0.1:1/none")
-
-
-def test_model_store_falls_back(tmp_path: Path) -> None:
-    store = ModelStore(tmp_path)
-    assert store.active() is None  # empty: the factory model runs
-    data = b"model-bytes-1"
-    import hashlib
-
-    sha = hashlib.sha256(data).hexdigest()
-    store.put(data, sha)
-    store.activate(ActiveModel(sha256=sha, name="m", version=1))
-    assert store.active() is not None
-    store.path_for(sha).write_bytes(b"tampered")  # damaged on disk
-    assert store.active() is None
-    store.pointer.write_text("{not json")
-    assert store.active() is None
-    with pytest.raises(ValueError, match="does not match"):
-        store.put(b"other", sha)
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any
 
-import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from edgefleet.errors import UserError
-from edgefleet.mqtt.commands import CommandHandler
 from edgefleet.mqtt.reporter import ReportState
 from edgefleet.mqtt.settings import ReportPolicy
 from edgefleet.runtime import health
-from edgefleet.runtime.pipeline import LoopSettings
 from edgefleet.runtime.results import Label, Result
 
 
@@ -90,89 +80,3 @@ def test_policy_change_interval_min_score_batch() -> None:
     assert [r["seq"] for r in done] == [1, 2, 3]
     assert batch.add(_result("a", 0.9, 4), 1.0) is None
     assert batch.take_if_due(11.0) is not None  # batch_ms elapsed
-
-
-class _FakeStats:
-    inferences = 3
-
-    def fps(self) -> float:
-        return 1.0
-
-
-class _FakeAgent:
-    """The AgentControl port: a loop, and a reload that cannot find a config file."""
-
-    def __init__(self) -> None:
-        self.pipeline = SimpleNamespace(
-            settings=LoopSettings(), stats=_FakeStats(), last_frame=None, last_result=None
-        )
-
-    def reload_settings(self) -> dict[str, Any]:
-        raise UserError("the agent was not started from a config file")
-
-
-def _handler() -> CommandHandler:
-    return CommandHandler(_FakeAgent(), ReportState(ReportPolicy()), max_bytes=4096)
-
-
-def test_set_changes_settings_and_report() -> None:
-    handler = _handler()
-    reply = handler.execute(
-        "set", json.dumps({"top_k": 3, "fps_cap": 0, "report": {"mode": "change"}}).encode()
-    )
-    assert reply["ok"] is True
-    assert reply["result"]["top_k"] == 3
-    assert reply["result"]["fps_cap"] is None
-    assert reply["result"]["report"]["mode"] == "change"
-    bad = handler.execute("set", b'{"report": {"mode": "sometimes"}}')
-    assert bad["ok"] is False
-    assert bad["error"].startswith("report.mode: Input should be")
-    empty = handler.execute("set", b"{}")
-    assert empty == {
-        "command": "set",
-        "ok": False,
-        "error": "nothing to set (fps_cap, top_k, threshold, report)",
-    }
-    snap = handler.execute("snapshot", b"")
-    assert snap["error"] == "no frame has been classified yet"
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
-@settings(max_examples=300, deadline=None)
-@given(
-    name=st.sampled_from(["ping", "pause", "resume", "set", "reload", "snapshot", "nope", ""]),
-    payload=st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())),
-)
-def test_any_command_payload_gets_a_reply_never_an_exception(name: str, payload: bytes) -> None:
-    reply: dict[str, Any] = _handler().execute(name, payload)
-    assert reply["command"] == name
-    assert isinstance(reply["ok"], bool)
-    assert reply["ok"] or (isinstance(reply["error"], str) and reply["error"])
-
-
-@pytest.mark.parametrize(
-    ("payload", "error"),
-    [
-        (b'{"fps_cap": 1e-10}', "fps_cap: Value error, must be 0 (no cap) or at least 0.001"),
-        (b'{"fps_cap": 5000}', "fps_cap: Input should be less than or equal to 1000"),
-        (b'{"top_k": 0}', "top_k: Input should be greater than or equal to 1"),
-        (b'{"threshold": 1.5}', "threshold: Input should be less than or equal to 1"),
-        (b'{"fps_cap": NaN}', "payload is not JSON: NaN is not a JSON number"),
-        (b"[" * 4_000, "payload is not JSON: JSON nested deeper than 32 levels"),
-    ],
-)
-def test_set_refuses_what_the_config_refuses(payload: bytes, error: str) -> None:
-    handler = _handler()
-    reply = handler.execute("set", payload)
-    assert reply["ok"] is False
-    assert reply["error"] == error
-    assert handler.agent.pipeline is not None
-    assert handler.agent.pipeline.settings.fps_cap is None  # nothing applied

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from edgefleet.factory import factory_model_path
@@ -13,7 +14,7 @@ from edgefleet.runtime.frames import Frame
 from edgefleet.runtime.pipeline import LoopSettings, Pipeline
 from edgefleet.runtime.results import Result
 from edgefleet.runtime.sinks import Sink
-from edgefleet_plugins.delegates.cpu import CpuDelegate
+from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 
 
@@ -215,3 +216,27 @@ def test_a_dead_loop_thread_stops_the_watchdog(classifier: Classifier) -> None:
         assert not pipeline.healthy(5.0)
     finally:
         pipeline.stop()
+
+
+def test_a_frame_prepared_for_the_old_input_is_prepared_again(classifier: Classifier) -> None:
+    """A swap to a model with another input (int8 -> float) costs no frame."""
+    from edgefleet.runtime.frames import Frame
+    from edgefleet.runtime.pipeline import _BufferPool, _Prepared
+
+    from .conftest import REPO
+
+    float_model = load_classifier(
+        REPO / "models" / "efficientnet-lite0-fp32.tflite", CpuDelegate(CpuConfig(threads=1))
+    )
+    assert float_model.plan != classifier.plan
+    sink = Collect()
+    pipeline = Pipeline(SyntheticSource(SyntheticConfig(fps=None)), classifier, [sink])
+    old = _BufferPool(classifier)
+    buffer = old.acquire()
+    image = np.full((48, 64, 3), 90, dtype=np.uint8)
+    classifier.preprocessor(image, buffer)
+    frame = Frame(image=image, index=7, captured=time.monotonic(), origin="t", capture_wait=0.0)
+    pipeline.swap(float_model)
+    pipeline._infer_one(_Prepared(buffer, old, frame, 0.0))
+    assert [(r.frame, r.model) for r in sink.results] == [(7, float_model.info.name)]
+    assert pipeline.stats.reprepared == 1

@@ -6,6 +6,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
+
 from edgefleet.mqtt.spool import Spool
 
 
@@ -81,3 +83,118 @@ def test_damaged_file_is_moved_aside_not_deleted(tmp_path: Path) -> None:
     _fill(spool, 2)
     assert spool.depth() == 2
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+# -- the survivors of tools/mutate.py: each limit at its edge, each failure path -------------
+def test_settings_that_make_it_durable(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "deep" / "er" / "s.sqlite", "boot-a")  # folders made
+    assert spool.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert spool.db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    assert spool.dropped == 0
+    assert spool.floor("boot-a") == 1  # nothing held: the next seq
+    spool.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        spool.depth()
+
+
+def test_a_spool_that_opens_but_fails_its_check_is_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    spool = Spool(path, "boot-a")
+    _fill(spool, 400, size=200)
+    spool.close()
+    probe = sqlite3.connect(path)
+    size = probe.execute("PRAGMA page_size").fetchone()[0]
+    leaves = [
+        row[0]
+        for row in probe.execute(
+            "SELECT pageno FROM dbstat WHERE name = 'outbox' AND pagetype = 'leaf' ORDER BY pageno"
+        )
+    ]
+    probe.close()
+    # Damage one leaf of the table (the start of its cell content area, in the page header):
+    # its covering index still answers count(*), so the file opens and reads; only
+    # quick_check finds the damage ("free space corruption"), and says so in a row.
+    data = bytearray(path.read_bytes())
+    start = (leaves[-1] - 1) * size + 5
+    data[start : start + 2] = b"\xff\xff"
+    path.write_bytes(bytes(data))
+    (tmp_path / "s.sqlite-wal").write_bytes(b"")  # a side file goes along with it
+    check = sqlite3.connect(path).execute("PRAGMA quick_check").fetchone()[0]
+    assert check != "ok"  # it opens; only the check finds the damage
+    again = Spool(path, "boot-a")
+    assert again.moved_aside is not None
+    assert again.moved_aside.read_bytes() == bytes(data)  # kept as it was
+    assert Path(f"{again.moved_aside}-wal").exists()
+    assert again.depth() == 0
+    _fill(again, 2)
+    assert again.depth() == 2
+
+
+def test_a_failing_write_commits_nothing(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", "boot-a")
+    _fill(spool, 2)
+    before = spool.bytes
+    bad = [(3, "t/x", b"{}", 1), (4, "t/x", None, 1)]  # the second violates NOT NULL
+    with pytest.raises(sqlite3.IntegrityError):
+        spool.put_many(bad)  # type: ignore[arg-type]
+    assert [m.seq for m in spool.pending(10)] == [1, 2]  # not half of the batch
+    assert spool.bytes == before
+    _fill(spool, 1)  # and the spool still works
+    assert spool.depth() == 3
+
+
+def test_the_bytes_bound_at_its_edge(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", "boot-a", max_bytes=1020)
+    _fill(spool, 10, size=100)  # 10 x 102 bytes: exactly the bound
+    assert spool.bytes == 1020
+    assert spool.dropped == 0
+    _fill(spool, 1, size=0)  # 2 more bytes: over it, the oldest go
+    assert spool.dropped > 0
+    assert spool.bytes <= 1020
+
+
+def test_the_age_bound_at_its_edge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [1000.0]
+    monkeypatch.setattr("edgefleet.mqtt.spool.time.time", lambda: now[0])
+    spool = Spool(tmp_path / "s.sqlite", "boot-a", max_age_s=10)
+    _fill(spool, 2)
+    now[0] = 1010.0  # exactly max_age_s old: still kept
+    _fill(spool, 1)
+    assert spool.dropped == 0
+    now[0] = 1010.001
+    _fill(spool, 1)
+    assert spool.dropped == 2
+    assert [m.seq for m in spool.pending(10)] == [3, 4]
+
+
+def test_pending_skips_excluded_ids_and_keeps_its_limit(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", "boot-a")
+    _fill(spool, 6)
+    ids = [m.id for m in spool.pending(10)]
+    got = spool.pending(2, exclude_ids={ids[0], ids[1]})
+    assert [m.id for m in got] == ids[2:4]
+    got = spool.pending(3, exclude_ids={ids[1]})
+    assert [m.id for m in got] == [ids[0], ids[2], ids[3]]
+    assert len(spool.pending(4, exclude_ids=set())) == 4
+
+
+def test_requeue_keeps_what_is_still_in_flight(tmp_path: Path) -> None:
+    """Collector mode: resend what no collector confirmed, but not what is on the wire."""
+    spool = Spool(tmp_path / "s.sqlite", "boot-a")
+    _fill(spool, 4)
+    ids = [m.id for m in spool.pending(10)]
+    spool.mark_sent(ids)
+    assert spool.pending(10) == []
+    assert spool.requeue_unacked(keep={ids[1]}) == 3
+    assert [m.id for m in spool.pending(10)] == [ids[0], ids[2], ids[3]]
+    assert all(m.attempts == 1 for m in spool.pending(10))
+
+
+def test_spooled_messages_are_immutable(tmp_path: Path) -> None:
+    import dataclasses
+
+    spool = Spool(tmp_path / "s.sqlite", "boot-a")
+    _fill(spool, 1)
+    message = spool.pending(1)[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        message.seq = 5  # type: ignore[misc]

@@ -137,7 +137,7 @@ class FleetLink:
                 fps=snap["fps"],
                 inferences=snap["inferences"],
                 dropped_frames=pipeline.dropped,
-                stale_dropped=snap["stale_dropped"],
+                reprepared=snap["reprepared"],
                 latency_ms=snap["latency_ms"],
                 errors=snap["errors"],
                 paused=pipeline.settings.paused,

@@ -255,9 +255,12 @@ class Pipeline:
     def _infer_one(self, item: _Prepared) -> None:
         classifier = self._pool.classifier
         if item.pool.classifier is not classifier and item.pool.classifier.plan != classifier.plan:
+            # Prepared for the model that served before a swap, whose input differs: prepare
+            # the same frame again for this one (a fraction of a millisecond) rather than
+            # lose it, so a swap costs no frame.
             item.pool.release(item.buffer)
-            self.stats.stale_dropped += 1  # prepared for a model with another input
-            return
+            self.stats.reprepared += 1
+            item = self._reprepare(item.frame)
         t0 = time.perf_counter()
         try:
             classifier.set_input(item.buffer)
@@ -299,6 +302,13 @@ class Pipeline:
         self.last_frame = frame
         self.stats.record(result.timings_ms)
         self._deliver(result)
+
+    def _reprepare(self, frame: Frame) -> _Prepared:
+        pool = self._pool
+        buffer = pool.acquire()
+        started = time.perf_counter()
+        pool.classifier.preprocessor(frame.image, buffer)
+        return _Prepared(buffer, pool, frame, time.perf_counter() - started)
 
     def _deliver(self, result: Result) -> None:
         passed = result

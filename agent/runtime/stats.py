@@ -46,7 +46,7 @@ class LoopStats:
         self.errors = 0
         self.vetoed = 0
         self.sink_errors = 0
-        self.stale_dropped = 0
+        self.reprepared = 0  # frames prepared again after a swap changed the input
         self._times = Rolling(window)
         self.started = time.monotonic()
 
@@ -77,7 +77,7 @@ class LoopStats:
                 "errors": self.errors,
                 "vetoed": self.vetoed,
                 "sink_errors": self.sink_errors,
-                "stale_dropped": self.stale_dropped,
+                "reprepared": self.reprepared,
                 "latency_ms": {k: v.summary() for k, v in self.stages.items()},
                 "uptime_s": round(time.monotonic() - self.started, 1),
             }

@@ -1,0 +1,420 @@
+"""Release manifests: canonical form, signature, every check at and beside its limit."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edgefleet.protocol import Manifest
+from edgefleet.rollout.release import (
+    ReleaseError,
+    check_manifest,
+    describe_variant,
+    generate_keys,
+    load_private_key,
+    load_public_key,
+    parse_manifest,
+    sign,
+)
+
+SPEC = {"height": 224, "width": 224, "dtype": "uint8"}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return generate_keys(tmp_path_factory.mktemp("keys"), "release")
+
+
+def _manifest(keys: tuple[Path, Path], **changes: object) -> Manifest:
+    data = b"TFL3" * 100
+    now = time.time()
+    fields: dict[str, object] = {
+        "rollout_id": "r1",
+        "name": "lite0",
+        "version": 2,
+        "created": now,
+        "expires": now + 3600,
+        "key_id": "release",
+        "variants": [describe_variant("cpu", data, SPEC, 128)],
+    }
+    fields.update(changes)
+    return sign(Manifest.model_validate(fields), load_private_key(keys[0]))
+
+
+def _trusted(keys: tuple[Path, Path]) -> dict[str, Ed25519PublicKey]:
+    return {"release": load_public_key(keys[1].read_text())}
+
+
+def _check(
+    manifest: Manifest,
+    keys: tuple[Path, Path],
+    active: int = 1,
+    kinds: tuple[str, ...] = ("cpu",),
+    cap: int = 10**8,
+) -> None:
+    check_manifest(manifest, _trusted(keys), active, cap, list(kinds), "0.1.0")
+
+
+def test_good_manifest_passes(keys: tuple[Path, Path]) -> None:
+    manifest = _manifest(keys)
+    _check(manifest, keys)
+    again = parse_manifest(manifest.model_dump_json().encode())
+    assert again.canonical() == manifest.canonical()
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("unsigned", "manifest is not signed"),
+        ("tampered", "bad signature"),
+        ("unknown_key", "signed by unknown key 'other'"),
+        ("expired", "manifest expired"),
+        ("older", "version 1 is not newer than the active 1"),
+        ("oversize", "exceeds the cap of 100"),
+        ("edgetpu_only", "no variant for this device's delegates ['cpu'] (release has edgetpu)"),
+        ("newer_agent", "needs agent 9.0.0"),
+    ],
+)
+def test_manifest_attacks_are_refused(keys: tuple[Path, Path], change: str, reason: str) -> None:
+    manifest = _manifest(keys)
+    cap = 10**8
+    if change == "unsigned":
+        manifest = manifest.model_copy(update={"signature": ""})
+    elif change == "tampered":
+        manifest = manifest.model_copy(update={"version": 99})
+    elif change == "unknown_key":
+        manifest = _manifest(keys, key_id="other")
+    elif change == "expired":
+        manifest = _manifest(keys, expires=time.time() - 1)
+    elif change == "older":
+        manifest = _manifest(keys, version=1)
+    elif change == "oversize":
+        cap = 100
+    elif change == "edgetpu_only":
+        variant = describe_variant("edgetpu", b"TFL3" * 10, SPEC, 128)
+        manifest = _manifest(keys, variants=[variant])
+    elif change == "newer_agent":
+        manifest = _manifest(keys, min_agent_version="9.0.0")
+    with pytest.raises(ReleaseError) as info:
+        _check(manifest, keys, cap=cap)
+    assert reason in str(info.value)
+
+
+def test_explicit_rollback_may_go_back(keys: tuple[Path, Path]) -> None:
+    _check(_manifest(keys, version=1, rollback=True), keys, active=3)
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{not json", "manifest is not JSON"),
+        (b'{"name": "x"}', "malformed manifest"),
+        (b"x" * 70_000, "exceeds 65536"),
+    ],
+)
+def test_malformed_manifests(payload: bytes, reason: str) -> None:
+    with pytest.raises(ReleaseError, match=reason):
+        parse_manifest(payload)
+
+
+# -- each limit on both of its sides; the encoding and signature pinned -----------------------
+GOLDEN_KEY = bytes(range(32))
+GOLDEN_CANONICAL_SHA256 = "66b448d9d3047c7a5a15a52e7693f5b61818464819f787587ac098c9753a5c6d"
+GOLDEN_SIGNATURE = (
+    "/ogdFRxmuKtcLrdVEM/Rc9TtLnU3uWCic7FwIZfThF2WDyYuh/5UOGo6gjWt7ZYzz3abpIcpTrxt+liX5amrDg=="
+)
+
+
+def _golden() -> Manifest:
+    from edgefleet.protocol import InputSpecRef, VariantSpec
+
+    variant = VariantSpec(
+        kind="cpu",
+        size=400,
+        sha256="a" * 64,
+        chunk_size=128,
+        chunks=["b" * 64] * 4,
+        input=InputSpecRef(height=224, width=224, dtype="uint8"),
+        labels=1000,
+        expected_top1="café",  # UTF-8 in the signed bytes, not \u escapes
+    )
+    return Manifest(
+        rollout_id="r1",
+        name="lite0",
+        version=2,
+        created=1795908000.0,
+        expires=1796512800.0,
+        key_id="release",
+        variants=[variant],
+    )
+
+
+def test_canonical_encoding_and_signature_are_pinned() -> None:
+    """A change to the encoding would break every signature already out there: noticed."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    manifest = _golden()
+    canonical = manifest.canonical()
+    assert canonical.startswith(b'{"created":1795908000.0,"expires":1796512800.0,"key_id"')
+    assert '"expected_top1":"café"'.encode() in canonical
+    assert hashlib.sha256(canonical).hexdigest() == GOLDEN_CANONICAL_SHA256
+    key = Ed25519PrivateKey.from_private_bytes(GOLDEN_KEY)
+    signed = sign(manifest, key)
+    assert signed.signature == GOLDEN_SIGNATURE
+    from edgefleet.rollout.release import verify_signature
+
+    verify_signature(signed, {"release": key.public_key()})  # and it verifies
+
+
+def test_the_check_returns_the_variant_to_fetch(keys: tuple[Path, Path]) -> None:
+    cpu = describe_variant("cpu", b"TFL3" * 100, SPEC, 128)
+    tpu = describe_variant("edgetpu", b"TFL4" * 100, SPEC, 128)
+    manifest = _manifest(keys, variants=[tpu, cpu])
+    variant = check_manifest(
+        manifest,
+        _trusted(keys),
+        1,
+        10**8,
+        ["edgetpu", "cpu"],
+        "0.1.0",
+    )
+    assert variant == tpu
+    variant = check_manifest(manifest, _trusted(keys), 1, 10**8, ["cpu"], "0.1.0")
+    assert variant == cpu
+    anything = describe_variant("any", b"TFL5" * 100, SPEC, 128)
+    variant = check_manifest(
+        _manifest(keys, variants=[anything]),
+        _trusted(keys),
+        1,
+        10**8,
+        ["gpu"],
+        "0.1.0",
+    )
+    assert variant == anything
+
+
+def test_limits_on_both_sides(keys: tuple[Path, Path]) -> None:
+    manifest = _manifest(keys)  # a 400-byte variant
+    _check(manifest, keys, cap=400)  # exactly at the cap: allowed
+    with pytest.raises(ReleaseError, match="exceeds the cap of 399"):
+        _check(manifest, keys, cap=399)
+    _check(_manifest(keys, version=2), keys, active=1)
+    with pytest.raises(ReleaseError, match="version 2 is not newer than the active 2"):
+        _check(_manifest(keys, version=2), keys, active=2)
+    _check(_manifest(keys, min_agent_version="0.1.0"), keys)  # the same version: allowed
+    with pytest.raises(ReleaseError, match=r"needs agent 0\.1\.1"):
+        _check(_manifest(keys, min_agent_version="0.1.1"), keys)
+
+
+def test_expiry_at_its_instant(keys: tuple[Path, Path]) -> None:
+    manifest = _manifest(keys, expires=1000.0)
+    check_manifest(manifest, _trusted(keys), 1, 10**8, ["cpu"], "0.1.0", now=999.999)
+    with pytest.raises(ReleaseError, match="manifest expired"):
+        check_manifest(manifest, _trusted(keys), 1, 10**8, ["cpu"], "0.1.0", now=1000.0)
+
+
+def test_chunk_count_must_fit_the_size(keys: tuple[Path, Path]) -> None:
+    variant = describe_variant("cpu", b"TFL3" * 100, SPEC, 128)  # 400 bytes: 4 chunks
+    short = variant.model_copy(update={"chunks": variant.chunks[:3]})
+    with pytest.raises(ReleaseError, match="3 chunk hashes for 4 chunks"):
+        _check(_manifest(keys, variants=[short]), keys)
+    extra = variant.model_copy(update={"chunks": [*variant.chunks, variant.chunks[0]]})
+    with pytest.raises(ReleaseError, match="5 chunk hashes for 4 chunks"):
+        _check(_manifest(keys, variants=[extra]), keys)
+
+
+def test_manifest_size_cap_on_both_sides() -> None:
+    from edgefleet.rollout.release import MAX_MANIFEST_BYTES
+
+    at_cap = b" " * (MAX_MANIFEST_BYTES - 2) + b"{}"
+    with pytest.raises(ReleaseError, match="malformed manifest"):  # parsed, not refused by size
+        parse_manifest(at_cap)
+    with pytest.raises(ReleaseError, match=f"exceeds {MAX_MANIFEST_BYTES}"):
+        parse_manifest(at_cap + b" ")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("version", 0, "version: Input should be greater than or equal to 1"),
+        ("variants", [], "variants: List should have at least 1 item"),
+        ("key_id", "k" * 65, "key_id: String should have at most 64 characters"),
+        ("key_id", "", "key_id: String should have at least 1 character"),
+        ("colour", "red", "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_manifest_fields_are_bounded(
+    keys: tuple[Path, Path], field: str, value: object, message: str
+) -> None:
+    import json
+
+    body = json.loads(_manifest(keys).model_dump_json())
+    body[field] = value
+    with pytest.raises(ReleaseError, match=re.escape(message)):
+        parse_manifest(json.dumps(body).encode())
+    body = json.loads(_manifest(keys).model_dump_json())
+    assert parse_manifest(json.dumps(body).encode()).key_id == "release"  # unchanged: fine
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("size", 0, "size: Input should be greater than 0"),
+        ("chunk_size", 16 * 1024 * 1024 + 1, "chunk_size: Input should be less than or equal to"),
+        ("chunks", [], "chunks: List should have at least 1 item"),
+        ("kind", "Bad Kind", "kind: String should match pattern"),
+        ("shiny", True, "shiny: Extra inputs are not permitted"),
+    ],
+)
+def test_variant_fields_are_bounded(
+    keys: tuple[Path, Path], field: str, value: object, message: str
+) -> None:
+    import json
+
+    body = json.loads(_manifest(keys).model_dump_json())
+    body["variants"][0][field] = value
+    with pytest.raises(ReleaseError, match=re.escape(message)):
+        parse_manifest(json.dumps(body).encode())
+    body["variants"][0]["chunk_size"] = 16 * 1024 * 1024
+    body["variants"][0].pop("shiny", None)
+    if field not in ("chunk_size", "shiny"):
+        return
+    assert parse_manifest(json.dumps(body).encode()).variants[0].chunk_size == 16 * 1024 * 1024
+
+
+def test_signature_and_key_decoding_are_strict(keys: tuple[Path, Path]) -> None:
+    from edgefleet.errors import UserError
+
+    manifest = _manifest(keys)
+    loose = manifest.model_copy(update={"signature": manifest.signature + "!!"})
+    with pytest.raises(ReleaseError, match="bad signature"):
+        _check(loose, keys)
+    with pytest.raises(UserError, match="invalid public key"):
+        load_public_key("not base64 at all!")
+    with pytest.raises(UserError, match="invalid public key"):
+        load_public_key("AAAA")  # base64, but not 32 bytes
+
+
+def test_chunks_cut_the_file_in_order() -> None:
+    from edgefleet.rollout.release import DEFAULT_CHUNK, chunk
+
+    assert chunk(b"abcdefgh", 3) == [b"abc", b"def", b"gh"]
+    assert [len(c) for c in chunk(b"x" * 300_000)] == [131_072, 131_072, 37_856]
+    assert DEFAULT_CHUNK == 128 * 1024  # what docs/protocol.md's example shows
+    import hashlib
+
+    variant = describe_variant("cpu", b"abcdefgh", SPEC, 3)
+    assert variant.chunks == [hashlib.sha256(c).hexdigest() for c in (b"abc", b"def", b"gh")]
+    assert variant.size == 8
+
+
+def test_agent_versions_compare_by_number(keys: tuple[Path, Path]) -> None:
+    _check(_manifest(keys, min_agent_version="0.1.x"), keys)  # a part without digits is 0
+    _check(_manifest(keys, min_agent_version="0.0.9"), keys)
+    with pytest.raises(ReleaseError, match=r"needs agent 0\.10"):
+        _check(_manifest(keys, min_agent_version="0.10"), keys)
+
+
+def test_keys_are_generated_safely(tmp_path: Path) -> None:
+    from edgefleet.errors import UserError
+
+    out = tmp_path / "new" / "folder"
+    private, public = generate_keys(out, "ops")
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert public.stat().st_mode & 0o777 == 0o644
+    first = private.read_bytes()
+    with pytest.raises(UserError, match="exists; --force replaces it"):
+        generate_keys(out, "ops")
+    public.unlink()  # the public half alone missing still refuses: the private one exists
+    with pytest.raises(UserError, match="exists"):
+        generate_keys(out, "ops")
+    generate_keys(out, "ops", overwrite=True)
+    assert private.read_bytes() != first
+    load_private_key(private)
+    load_public_key(public.read_text())
+
+
+def test_keys_of_the_wrong_kind_are_refused(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from edgefleet.errors import UserError
+
+    other = ec.generate_private_key(ec.SECP256R1())
+    pem = other.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "ec.key").write_bytes(pem)
+    with pytest.raises(UserError, match="is not an Ed25519 private key"):
+        load_private_key(tmp_path / "ec.key")
+    with pytest.raises(UserError, match="cannot load signing key"):
+        load_private_key(tmp_path / "missing.key")
+    public = other.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with pytest.raises(UserError, match="trusted keys must be Ed25519 public keys"):
+        load_public_key(public.decode())
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "low", "high"),
+    [
+        ("input", "height", 1, 4096),
+        ("input", "width", 1, 4096),
+        ("variant", "chunk_size", 1, 16 * 1024 * 1024),
+        ("variant", "size", 1, None),
+        ("variant", "labels", 1, None),
+        ("variant", "latency_budget_ms", 0.001, None),
+        ("manifest", "rollout_id", "r", "r" * 64),
+        ("manifest", "version", 1, None),
+    ],
+)
+def test_model_limits_on_both_sides(
+    keys: tuple[Path, Path], where: str, field: str, low: object, high: object
+) -> None:
+    import json
+
+    def parse_with(value: object) -> None:
+        body = json.loads(_manifest(keys).model_dump_json())
+        target = {"manifest": body, "variant": body["variants"][0]}.get(where)
+        if target is None:
+            target = body["variants"][0]["input"]
+        target[field] = value
+        parse_manifest(json.dumps(body).encode())
+
+    parse_with(low)  # the edge itself is allowed
+    below = "" if isinstance(low, str) else (0 if isinstance(low, int) else 0.0)
+    with pytest.raises(ReleaseError):
+        parse_with(below)
+    if high is not None:
+        parse_with(high)
+        above = high + "r" if isinstance(high, str) else high + 1  # type: ignore[operator]
+        with pytest.raises(ReleaseError):
+            parse_with(above)
+
+
+def test_the_last_release_survivors(keys: tuple[Path, Path], tmp_path: Path) -> None:
+    """Strict base64, the first problem reported, versions without digits, unwritable keys."""
+    import base64
+
+    from edgefleet.errors import UserError
+
+    raw = base64.b64encode(b"\x01" * 32).decode()
+    load_public_key(raw)  # a raw 32-byte key in base64 is fine
+    with pytest.raises(UserError, match="invalid public key"):
+        load_public_key(raw[:20] + "!" + raw[20:])  # lenient decoding would accept it
+    with pytest.raises(ReleaseError, match=r"malformed manifest: rollout_id: Field required"):
+        parse_manifest(b'{"version": 0}')  # two problems: the first field's is reported
+    manifest = _manifest(keys, min_agent_version="0.1.0")
+    check_manifest(manifest, _trusted(keys), 1, 10**8, ["cpu"], "0.1.dev")  # dev counts as 0
+    (tmp_path / "taken").write_text("a file where the folder should be")
+    with pytest.raises(UserError, match="cannot write keys to"):
+        generate_keys(tmp_path / "taken", "k")
