@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import Classifier, load_classifier
 from edgefleet.plugin.manager import Plugins, make_plugin_manager
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
+
+from .mqtt_helpers import Broker
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("EDGEFLEET_SHARED", REPO.parent / "shared"))
@@ -36,6 +39,22 @@ def samples() -> Path:
     if not SAMPLES.is_dir():
         pytest.skip(f"shared ImageNet samples not found at {SAMPLES}")
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A release signing key pair (private, public), made once."""
+    from edgefleet.rollout.release import generate_keys
+
+    return generate_keys(tmp_path_factory.mktemp("keys"), "release")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A private mosquitto on a free loopback port, killed afterwards."""
+    started = Broker(tmp_path).start()
+    yield started
+    started.kill()
 
 
 @pytest.fixture(scope="session")

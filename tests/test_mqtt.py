@@ -32,13 +32,6 @@ PREFIX = "edgefleet/v1/devices/dev-1"
 
 
 @pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path).start()
-    yield b
-    b.kill()
-
-
-@pytest.fixture
 def sub(broker: Broker) -> Iterator[Subscriber]:
     s = Subscriber(broker.port, ["edgefleet/v1/#"]).start()
     yield s

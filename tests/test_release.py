@@ -24,11 +24,6 @@ from edgefleet.rollout.release import (
 SPEC = {"height": 224, "width": 224, "dtype": "uint8"}
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return generate_keys(tmp_path_factory.mktemp("keys"), "release")
-
-
 def _manifest(keys: tuple[Path, Path], **changes: object) -> Manifest:
     data = b"TFL3" * 100
     now = time.time()

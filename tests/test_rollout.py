@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,19 +27,7 @@ FP32 = REPO / "models" / "efficientnet-lite0-fp32.tflite"
 SPEC = {"height": 224, "width": 224, "dtype": "uint8"}
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return generate_keys(tmp_path_factory.mktemp("keys"), "release")
-
-
 # -- end to end -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path).start()
-    yield b
-    b.kill()
 
 
 def _device_config(tmp_path: Path, broker: Broker, keys: tuple[Path, Path]) -> Path:

@@ -21,7 +21,6 @@ from edgefleet.protocol import FleetTopics, Manifest
 from edgefleet.rollout.release import (
     chunk,
     describe_variant,
-    generate_keys,
     load_private_key,
     sign,
 )
@@ -33,18 +32,6 @@ FP32 = REPO / "models" / "efficientnet-lite0-fp32.tflite"
 TOPICS = FleetTopics()
 DEVICE = TOPICS.device("dev-1")
 SPEC = {"height": 224, "width": 224, "dtype": "uint8"}
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return generate_keys(tmp_path_factory.mktemp("keys"), "release")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    b = Broker(tmp_path).start()
-    yield b
-    b.kill()
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,6 +69,9 @@ class _Cursor(Protocol):
     def execute(self, sql: str, params: Sequence[Any] = ...) -> Any: ...
     def fetchone(self) -> Any: ...
     def fetchall(self) -> list[tuple[Any, ...]]: ...
+
+
+_Stored = tuple[str, str, dict[str, Any]]  # kind, device, body: for the echo, after commit
 
 
 def _lenient_object(payload: bytes) -> dict[str, Any]:
@@ -380,7 +383,7 @@ class Collector:
                     self.store.rollback()
 
     def _store_one(
-        self, cur: _Cursor, device: str, kind: str, payload: bytes
+        self, cur: _Cursor, device: str, kind: str, payload: bytes, stored: list[_Stored]
     ) -> tuple[str, str, int] | None:
         """Store one message; (device, boot_id, floor) when it counts toward an ack."""
         body = _json_object(payload)
@@ -389,9 +392,7 @@ class Collector:
             return None
         boot_id, _, floor = _place(body)
         self.store.save_message(cur, kind, device, body)
-        self.stored += 1
-        if self.echo is not None:
-            self.echo(kind, device, body)
+        stored.append((kind, device, body))
         # The newest floor is the highest: the device only ever lets go of old messages.
         return device, boot_id, floor
 
@@ -420,32 +421,55 @@ class Collector:
         cur.execute("RELEASE SAVEPOINT rejected")
         return device, boot_id, floor
 
-    def _store_batch(self, batch: Iterable[tuple[str, bytes]]) -> None:
-        cur = self.store.cursor()
-        touched: dict[tuple[str, str], int] = {}
-        for topic, payload in batch:
-            parts = topic.split("/")
-            if len(parts) < 3 or parts[-3] != "devices":
-                continue
-            device, kind = parts[-2], parts[-1]
-            # Each message in its own savepoint: one that fails (malformed, hostile, too large
-            # for a column) is undone alone and the rest of the batch still commits.
-            cur.execute("SAVEPOINT message")
-            try:
-                key = self._store_one(cur, device, kind, payload)
-            except Exception as exc:  # noqa: BLE001 - one message must never cost another
-                cur.execute("ROLLBACK TO SAVEPOINT message")
-                key = self._reject(cur, device, payload, exc)
-            cur.execute("RELEASE SAVEPOINT message")
-            if key is not None:
-                touched[key[:2]] = max(touched.get(key[:2], 1), key[2])
+    def _store_batch(self, batch: list[tuple[str, bytes]]) -> None:
+        """Store a batch in one transaction, then acknowledge what it completed.
+
+        Fast path: the whole batch as it is. When one message fails (malformed, hostile, too
+        large for a column) the transaction is rolled back and the batch stored again with a
+        savepoint per message, so that message is undone alone and every other one commits.
+        """
+        try:
+            touched, stored = self._store_all(batch, isolate=False)
+        except Exception:  # noqa: BLE001 - a bad message: again, one message at a time
+            self.store.rollback()
+            touched, stored = self._store_all(batch, isolate=True)
         acks = {
-            key: self.store.advance(cur, key[0], key[1], floor) for key, floor in touched.items()
+            key: self.store.advance(self.store.cursor(), key[0], key[1], floor)
+            for key, floor in touched.items()
         }
         self.store.commit()
+        self.stored += len(stored)
+        if self.echo is not None:
+            for kind, device, body in stored:
+                self.echo(kind, device, body)
         for (device, boot_id), mseq in acks.items():
             self.client.publish(
                 FleetTopics(self.s.prefix).device(device).ack,
                 json.dumps({"boot_id": boot_id, "mseq": mseq}),
                 qos=1,
             )
+
+    def _store_all(
+        self, batch: list[tuple[str, bytes]], isolate: bool
+    ) -> tuple[dict[tuple[str, str], int], list[_Stored]]:
+        cur = self.store.cursor()
+        touched: dict[tuple[str, str], int] = {}
+        stored: list[_Stored] = []
+        for topic, payload in batch:
+            parts = topic.split("/")
+            if len(parts) < 3 or parts[-3] != "devices":
+                continue
+            device, kind = parts[-2], parts[-1]
+            if not isolate:
+                key = self._store_one(cur, device, kind, payload, stored)
+            else:
+                cur.execute("SAVEPOINT message")
+                try:
+                    key = self._store_one(cur, device, kind, payload, stored)
+                except Exception as exc:  # noqa: BLE001 - one message never costs another
+                    cur.execute("ROLLBACK TO SAVEPOINT message")
+                    key = self._reject(cur, device, payload, exc)
+                cur.execute("RELEASE SAVEPOINT message")
+            if key is not None:
+                touched[key[:2]] = max(touched.get(key[:2], 1), key[2])
+        return touched, stored
