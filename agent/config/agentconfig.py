@@ -193,8 +193,11 @@ def _validate_nested(
     """Fields marked ``nested_section(kind)`` hold another plugin's section: check it too."""
     if section is None:
         return
-    by_kind = {"source": registries.sources, "delegate": registries.delegates}
-    by_kind["sink"] = registries.sinks
+    by_kind: dict[str, Registry[Any]] = {
+        "source": registries.sources,
+        "delegate": registries.delegates,
+        "sink": registries.sinks,
+    }
     for name, field in type(section).model_fields.items():
         extra = field.json_schema_extra
         kind = extra.get(NESTED_SECTION) if isinstance(extra, dict) else None

@@ -71,7 +71,7 @@ class Choice:
 
 
 def candidate_sections(
-    policy: DelegatePolicy, validated: Sequence[PluginConfig], registry: Registry[Any]
+    policy: DelegatePolicy, validated: Sequence[PluginConfig], registry: Registry[Delegate]
 ) -> list[PluginConfig]:
     """The policy's validated candidates; for an empty ``auto`` list, the defaults."""
     if validated or policy.type != "auto":
@@ -96,7 +96,7 @@ def label_of(section: PluginConfig) -> str:
     return f"{section.type}({extra})" if extra else section.type
 
 
-def default_candidates(registry: Registry[Any]) -> list[dict[str, Any]]:
+def default_candidates(registry: Registry[Delegate]) -> list[dict[str, Any]]:
     """Every registered accelerator with its defaults, and CPU x runtime x thread counts."""
     cores = os.cpu_count() or 1
     threads = sorted({1, max(1, cores // 2), cores})
@@ -141,7 +141,7 @@ def _time_invokes(classifier: Classifier, seconds: float, max_runs: int = 200) -
 
 def _try(
     section: PluginConfig,
-    registry: Registry[Any],
+    registry: Registry[Delegate],
     model: Path,
     crop: bool,
     info: ModelInfo,
@@ -165,7 +165,7 @@ def _try(
 def choose(
     policy: str,
     sections: Sequence[PluginConfig],
-    registry: Registry[Any],
+    registry: Registry[Delegate],
     model: Path,
     model_sha256: str,
     budget_s: float = 5.0,
@@ -189,7 +189,7 @@ def choose(
 
 def _prefer(
     sections: Sequence[PluginConfig],
-    registry: Registry[Any],
+    registry: Registry[Delegate],
     model: Path,
     crop: bool,
     info: ModelInfo,
@@ -237,7 +237,7 @@ def _write_cache(path: Path | None, key: str, table: list[Measurement]) -> None:
 
 def _auto(
     sections: Sequence[PluginConfig],
-    registry: Registry[Any],
+    registry: Registry[Delegate],
     model: Path,
     sha256: str,
     budget_s: float,

@@ -10,16 +10,19 @@ A plugin is a module (or object) with functions named like the specs below, deco
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
     from edgefleet.app.agent import Agent
     from edgefleet.config.agentconfig import AgentConfig
+    from edgefleet.delegation.delegate import Delegate
     from edgefleet.plugin.offers import SourceOffer
     from edgefleet.plugin.registry import PluginConfig, Registry
     from edgefleet.runtime.results import ResultFilter
+    from edgefleet.runtime.sinks import Sink
+    from edgefleet.runtime.sources import Source
 
 PROJECT = "edgefleet"
 ENTRY_POINT_GROUP = "edgefleet.plugins"
@@ -29,7 +32,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     """Add source types (``registry.add(type, ConfigModel, factory)``).
 
     Fires once, when the plugin manager is built, before any config is validated.
@@ -39,7 +42,7 @@ def edgefleet_register_sources(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
     """Add delegate types; the factory returns an ``edgefleet.delegation.delegate.Delegate``.
 
     Fires once, when the plugin manager is built. Returns nothing.
@@ -47,7 +50,7 @@ def edgefleet_register_delegates(registry: Registry[Any]) -> None:
 
 
 @hookspec
-def edgefleet_register_sinks(registry: Registry[Any]) -> None:
+def edgefleet_register_sinks(registry: Registry[Sink]) -> None:
     """Add result sink types; the factory returns an ``edgefleet.runtime.sinks.Sink``.
 
     Fires once, when the plugin manager is built. Returns nothing.

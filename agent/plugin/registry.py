@@ -10,10 +10,15 @@ from __future__ import annotations
 import builtins
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 from pydantic.config import JsonDict
+
+if TYPE_CHECKING:
+    from edgefleet.delegation.delegate import Delegate
+    from edgefleet.runtime.sinks import Sink
+    from edgefleet.runtime.sources import Source
 
 T = TypeVar("T")
 C = TypeVar("C", bound="PluginConfig")
@@ -107,6 +112,6 @@ class Registry(Generic[T]):
 class Registries:
     """The three registries, filled by the plugin manager; config validation reads them."""
 
-    sources: Registry[Any]
-    delegates: Registry[Any]
-    sinks: Registry[Any]
+    sources: Registry[Source]
+    delegates: Registry[Delegate]
+    sinks: Registry[Sink]

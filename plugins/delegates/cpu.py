@@ -66,5 +66,5 @@ class CpuDelegate(Delegate):
 
 
 @hookimpl
-def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
     registry.add("cpu", CpuConfig, CpuDelegate, "runtime CPU kernels (XNNPACK), N threads")

@@ -174,5 +174,5 @@ def coral_temperature(sys_root: Path = Path("/sys")) -> dict[str, float]:
 
 
 @hookimpl
-def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
     registry.add("edgetpu", EdgeTpuConfig, EdgeTpuDelegate, "Coral EdgeTPU (USB/PCIe)")

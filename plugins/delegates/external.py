@@ -48,5 +48,5 @@ class ExternalDelegate(Delegate):
 
 
 @hookimpl
-def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
     registry.add("external", ExternalConfig, ExternalDelegate, "any delegate .so with options")

@@ -87,5 +87,5 @@ class GpuDelegate(Delegate):
 
 
 @hookimpl
-def edgefleet_register_delegates(registry: Registry[Any]) -> None:
+def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
     registry.add("gpu", GpuConfig, GpuDelegate, "GPU delegate library (TFLite GPU, Teflon)")

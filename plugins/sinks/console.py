@@ -52,5 +52,5 @@ class ConsoleSink(Sink):
 
 
 @hookimpl
-def edgefleet_register_sinks(registry: Registry[Any]) -> None:
+def edgefleet_register_sinks(registry: Registry[Sink]) -> None:
     registry.add("console", ConsoleConfig, ConsoleSink, "one readable line per result")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Literal
 
 from pydantic import Field
 
@@ -77,5 +77,5 @@ class JsonlSink(Sink):
 
 
 @hookimpl
-def edgefleet_register_sinks(registry: Registry[Any]) -> None:
+def edgefleet_register_sinks(registry: Registry[Sink]) -> None:
     registry.add("jsonl", JsonlConfig, JsonlSink, "JSON lines file, size-rotated")

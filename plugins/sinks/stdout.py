@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Literal, TextIO
+from typing import Literal, TextIO
 
 from pydantic import Field
 
@@ -48,5 +48,5 @@ class StdoutSink(Sink):
 
 
 @hookimpl
-def edgefleet_register_sinks(registry: Registry[Any]) -> None:
+def edgefleet_register_sinks(registry: Registry[Sink]) -> None:
     registry.add("stdout", StdoutConfig, StdoutSink, "JSON lines on stdout")

@@ -38,7 +38,7 @@ def _not_direct(_config: AutoConfig) -> Source:
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("auto", AutoConfig, _not_direct, "best available: Pi camera, V4L2, fallback")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -12,7 +12,7 @@ from edgefleet.errors import SourceError
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.offers import SourceOffer
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import OpenCvSource
+from edgefleet.runtime.sources import OpenCvSource, Source
 
 
 class CameraConfig(PluginConfig):
@@ -62,7 +62,7 @@ class CameraSource(OpenCvSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("camera", CameraConfig, CameraSource, "V4L2 camera via OpenCV", probe=_any_camera)
 
 

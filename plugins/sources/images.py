@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import structlog
@@ -13,7 +13,7 @@ from edgefleet.errors import SourceError
 from edgefleet.inference.images import decode_image, list_images
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import EndOfStream, ThreadedSource
+from edgefleet.runtime.sources import EndOfStream, Source, ThreadedSource
 
 log = structlog.get_logger(__name__)
 
@@ -66,5 +66,5 @@ class ImagesSource(ThreadedSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("images", ImagesConfig, ImagesSource, "image files from a folder or glob")

@@ -18,7 +18,7 @@ from edgefleet.errors import SourceError, UserError
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.offers import SourceOffer
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import ThreadedSource
+from edgefleet.runtime.sources import Source, ThreadedSource
 
 
 class Picamera2Config(PluginConfig):
@@ -74,7 +74,7 @@ class Picamera2Source(ThreadedSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add(
         "picamera2",
         Picamera2Config,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -11,7 +11,7 @@ from pydantic import Field
 from edgefleet.errors import SourceError
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import OpenCvSource
+from edgefleet.runtime.sources import OpenCvSource, Source
 
 
 class RtspConfig(PluginConfig):
@@ -59,5 +59,5 @@ class RtspSource(OpenCvSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("rtsp", RtspConfig, RtspSource, "RTSP/network stream via FFmpeg")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -10,7 +10,7 @@ from pydantic import Field
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.offers import SourceOffer
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import EndOfStream, ThreadedSource
+from edgefleet.runtime.sources import EndOfStream, Source, ThreadedSource
 
 
 class SyntheticConfig(PluginConfig):
@@ -57,7 +57,7 @@ class SyntheticSource(ThreadedSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("synthetic", SyntheticConfig, SyntheticSource, "generated test frames")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -11,7 +11,7 @@ from pydantic import Field
 from edgefleet.errors import SourceError
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry
-from edgefleet.runtime.sources import EndOfStream, OpenCvSource
+from edgefleet.runtime.sources import EndOfStream, OpenCvSource, Source
 
 
 class VideoConfig(PluginConfig):
@@ -62,5 +62,5 @@ class VideoSource(OpenCvSource):
 
 
 @hookimpl
-def edgefleet_register_sources(registry: Registry[Any]) -> None:
+def edgefleet_register_sources(registry: Registry[Source]) -> None:
     registry.add("video", VideoConfig, VideoSource, "a video file (OpenCV)")
