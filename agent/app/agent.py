@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import structlog
 
 from edgefleet import __version__, logs
@@ -25,9 +24,9 @@ from edgefleet.delegation.failover import FailoverWatch
 from edgefleet.delegation.policies import AutoPolicy
 from edgefleet.delegation.selection import Choice, candidate_sections, choose, fixed_choice
 from edgefleet.delegation.serving import FailoverSettings, ServedModel, Serving
-from edgefleet.errors import ModelError, UserError
+from edgefleet.errors import UserError
 from edgefleet.factory import factory_model_path
-from edgefleet.inference.classifier import Classifier, load_classifier, read_model_info
+from edgefleet.inference.classifier import Classifier, load_checked, read_model_info
 from edgefleet.inference.litert import available_runtimes
 from edgefleet.plugin.manager import Plugins
 from edgefleet.plugin.registry import PluginConfig
@@ -96,19 +95,14 @@ class Agent:
         return delegate
 
     def _warm(self, model: ServedModel, delegate: Delegate) -> Classifier:
-        classifier = load_classifier(
+        # The first inference proves the model runs here; "ready" means exactly that.
+        return load_checked(
             model.path,
             delegate,
             labels_file=self.config.core.model.labels,
             crop=self._crop,
             info=model.info,
         )
-        # The first inference proves the model runs here; "ready" means exactly that.
-        h, w = classifier.input_shape
-        scores = classifier.classify(np.full((h, w, 3), 127, dtype=np.uint8))
-        if not np.all(np.isfinite(scores)):
-            raise ModelError(f"{classifier.info.path}: warm-up inference gave non-finite output")
-        return classifier
 
     @property
     def _crop(self) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable
+from pathlib import Path
 
+from edgefleet.errors import UserError
 from edgefleet.protocol import ID_PATTERN
 
 MAX_CHUNK = 16 * 1024 * 1024
@@ -86,3 +88,13 @@ def waves(text: str) -> list[float]:
     if not waves or any(not 0 < w <= 100 for w in waves) or waves != sorted(waves):
         raise argparse.ArgumentTypeError(f"{text!r}: rising percentages in (0, 100]")
     return waves
+
+
+def read_secret(path: str | None) -> str | None:
+    """The password in ``--password-file`` (stripped), or None; a clear error when unreadable."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise UserError(f"--password-file {path}: {exc.strerror}") from None

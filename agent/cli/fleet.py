@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from edgefleet.errors import UserError
+from edgefleet.cli.args import read_secret
 from edgefleet.protocol import DEFAULT_PREFIX
 
 
@@ -16,12 +16,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     from edgefleet.fleet.collector import Collector, CollectorSettings
 
-    password = None
-    if args.password_file:
-        try:
-            password = Path(args.password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise UserError(f"--password-file {args.password_file}: {exc.strerror}") from None
+    password = read_secret(args.password_file)
     settings = CollectorSettings(
         broker=args.broker,
         db=args.db,
@@ -65,9 +60,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 def cmd_add_device(args: argparse.Namespace) -> int:
     from edgefleet.fleet.brokeradmin import add_device
 
-    password = None
-    if args.password_file:
-        password = Path(args.password_file).read_text(encoding="utf-8").strip()
+    password = read_secret(args.password_file)
     groups = [g for g in (args.groups or "").split(",") if g]
     written = add_device(
         args.device,
@@ -87,15 +80,6 @@ def cmd_add_device(args: argparse.Namespace) -> int:
     return 0
 
 
-def _secret(path: str | None) -> str | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise UserError(f"--password-file {path}: {exc.strerror}") from None
-
-
 def cmd_add_service(args: argparse.Namespace) -> int:
     from edgefleet.fleet.brokeradmin import add_service
 
@@ -105,7 +89,7 @@ def cmd_add_service(args: argparse.Namespace) -> int:
         Path(args.acl),
         Path(args.passwd),
         args.prefix,
-        password=_secret(args.password_file),
+        password=read_secret(args.password_file),
     )
     for key, value in written.items():
         print(f"{key}: {value}")

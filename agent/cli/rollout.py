@@ -50,13 +50,7 @@ def _operator(args: argparse.Namespace) -> Broker:
         url = from_env or DEFAULT_BROKER
         origin = f"${BROKER_ENV}" if from_env else f"the default; --broker or ${BROKER_ENV} sets it"
         print(f"broker: {url} ({origin})", file=sys.stderr)
-    password = None
-    if args.password_file:
-        try:
-            password = Path(args.password_file).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise UserError(f"--password-file {args.password_file}: {exc.strerror}") from None
-    return Broker(url, args.username, password, args.ca)
+    return Broker(url, args.username, argtypes.read_secret(args.password_file), args.ca)
 
 
 # -- publish ----------------------------------------------------------------------------------

@@ -175,8 +175,7 @@ class Serving:
         with self._lock:
             failed = self._candidates[self._active]
             if failed.lost is None:
-                delay = self.failover.reprobe_min_s
-                failed.lost = _Lost(time.monotonic() + delay, delay, str(exc))
+                failed.lost = self._lost(exc)
             target = next((i for i, c in enumerate(self._candidates) if c.lost is None), None)
             if target is None:
                 return  # nothing left: keep trying the current one; errors are counted
@@ -233,14 +232,18 @@ class Serving:
                 )
             except Exception as exc:  # noqa: BLE001 - a runner-up that fails is just lost
                 with self._lock:
-                    delay = self.failover.reprobe_min_s
-                    candidate.lost = _Lost(time.monotonic() + delay, delay, str(exc))
+                    candidate.lost = self._lost(exc)
                 continue
             with self._lock:
                 if generation == self._generation and candidate.classifier is None:
                     candidate.classifier = fresh
 
     # -- internals ----------------------------------------------------------------------------
+    def _lost(self, exc: BaseException) -> _Lost:
+        """A candidate just failed: re-probe it after the shortest backoff."""
+        delay = self.failover.reprobe_min_s
+        return _Lost(time.monotonic() + delay, delay, str(exc))
+
     def _best_available(self, fallback: int) -> int:
         return next((i for i, c in enumerate(self._candidates) if c.lost is None), fallback)
 
@@ -262,8 +265,7 @@ class Serving:
         try:
             classifier = self._ensure_loaded(index)
         except Exception as exc:  # noqa: BLE001 - the target cannot serve either
-            delay = self.failover.reprobe_min_s
-            self._candidates[index].lost = _Lost(time.monotonic() + delay, delay, str(exc))
+            self._candidates[index].lost = self._lost(exc)
             return
         self._active = index
         self._swap(classifier)
