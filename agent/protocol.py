@@ -170,20 +170,12 @@ class FleetTopics:
     @staticmethod
     def device_of(topic: str) -> str:
         """The device id in ``{prefix}/devices/{id}/...`` (prefixes may contain slashes)."""
-        parts = topic.split("/")
-        index = len(parts) - 1 - parts[::-1].index("devices")
-        return parts[index + 1]
+        return _segment_after(topic, "devices")
 
     @staticmethod
     def group_of(topic: str) -> str:
         """The group in ``{prefix}/groups/{group}/...``."""
-        parts = topic.split("/")
-        index = len(parts) - 1 - parts[::-1].index("groups")
-        return parts[index + 1]
-
-    @staticmethod
-    def leaf_of(topic: str) -> str:
-        return topic.rsplit("/", 1)[-1]
+        return _segment_after(topic, "groups")
 
     def chunk(self, name: str, version: int, kind: str, index: int) -> str:
         return f"{self.prefix}/models/{name}/{version}/{kind}/{index}"
@@ -220,6 +212,12 @@ class FleetTopics:
     def group_command_filter(self, group: str) -> str:
         """What a group member may read of its group's commands (ACL form)."""
         return f"{self.prefix}/groups/{group}/cmd/#"
+
+
+def _segment_after(topic: str, marker: str) -> str:
+    """The level after the last ``marker`` level: the prefix itself may contain it too."""
+    parts = topic.split("/")
+    return parts[len(parts) - parts[::-1].index(marker)]
 
 
 # -- messages ------------------------------------------------------------------------------

@@ -94,7 +94,6 @@ class Serving:
         self._generation = 0  # bumped on every model change: late loads are discarded
         self._loop: Swappable | None = None
         self._lock = threading.RLock()
-        self.switches = 0
         self.listeners: list[Callable[[Serving], None]] = []
         self._relabel(model.info)
 
@@ -116,11 +115,6 @@ class Serving:
     def model(self) -> ServedModel:
         with self._lock:
             return self._model
-
-    @property
-    def label(self) -> str:
-        with self._lock:
-            return self._candidates[self._active].row.label
 
     def kinds(self) -> list[str]:
         """Delegate kinds this device can serve, the serving one first (release variants)."""
@@ -269,7 +263,6 @@ class Serving:
             return
         self._active = index
         self._swap(classifier)
-        self.switches += 1
         target = self._candidates[index].row.label
         body = {"event": event, "from": previous, "to": target, "reason": reason, "ts": time.time()}
         log.warning("delegate switched", kind=event, to=target, previous=previous, reason=reason)
