@@ -88,6 +88,16 @@ RolloutState = Literal[
 
 SPOOLED_KINDS: Final = ("predictions", "metrics", "events")
 
+# Upper bounds (ms) of the latency histogram buckets in the metrics message, +Inf implied.
+# Fixed fleet-wide so that counts from every device add up: an EdgeTPU invoke (~3 ms) and a
+# Pi 3 running lite4 on its CPU (~1 s) both land in a bucket that tells them apart.
+LATENCY_BUCKETS_MS: Final = (
+    1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 200.0, 300.0,
+    500.0, 1000.0, 2000.0,
+)  # fmt: skip
+# The stages the histogram covers (the others only have rolling percentiles).
+HISTOGRAM_STAGES: Final = ("inference", "total")
+
 
 # -- topics --------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -286,13 +296,24 @@ class Predictions(Spooled):
     results: list[ResultMessage]
 
 
+class LatencyHistogram(_Message):
+    """Observations since the agent started, cumulative per bucket (Prometheus semantics)."""
+
+    counts: list[int] = Field(description="observations <= each bound, then the total (+Inf)")
+    sum_ms: float = Field(ge=0)
+
+
 class Metrics(Spooled):
     """``devices/{id}/metrics``: loop statistics and device health, every N seconds."""
 
+    interval_s: float | None = Field(default=None, gt=0, description="when the next one is due")
     fps: float
     inferences: int
     dropped_frames: int
     latency_ms: dict[str, dict[str, float]]
+    latency_window: int | None = Field(default=None, description="frames the percentiles cover")
+    latency_buckets_ms: list[float] | None = None
+    latency_hist: dict[str, LatencyHistogram] | None = None
     delegate: dict[str, Any] | None = None
     spool: dict[str, int]
     health: dict[str, Any]

@@ -293,7 +293,7 @@ def test_mtls_variant(tmp_path: Path) -> None:
         forged = rogue.issue("dev-a")
         bad = Client(env, "dev-a", cert=forged)
         assert bad.connack != 0
-        no_cert = Client(env, "dev-a", password="x")  # noqa: S106 - a wrong one on purpose
+        no_cert = Client(env, "dev-a", password="x")
         assert no_cert.connack != 0
 
         # Revoked: the CRL names its certificate; after a reload it cannot connect.

@@ -6,9 +6,13 @@ import argparse
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgefleet.errors import UserError
 from edgefleet.protocol import ID_PATTERN
+
+if TYPE_CHECKING:
+    from edgefleet.fleet.alerts import LabelRule
 
 MAX_CHUNK = 16 * 1024 * 1024
 
@@ -91,11 +95,20 @@ def waves(text: str) -> list[float]:
     return waves
 
 
-def read_secret(path: str | None) -> str | None:
-    """The password in ``--password-file`` (stripped), or None; a clear error when unreadable."""
+def label_rule(text: str) -> LabelRule:
+    from edgefleet.fleet.alerts import LabelRule
+
+    try:
+        return LabelRule.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def read_secret(path: str | None, flag: str = "--password-file") -> str | None:
+    """The secret in the file ``flag`` names (stripped), or None; a clear error when unreadable."""
     if not path:
         return None
     try:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
-        raise UserError(f"--password-file {path}: {exc.strerror}") from None
+        raise UserError(f"{flag} {path}: {exc.strerror}") from None

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgefleet.cli.args import read_secret
+from edgefleet.cli.args import label_rule, positive_float, read_secret
+from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from edgefleet.fleet.alerts import Alerter
+    from edgefleet.fleet.collector import Collector, Echo
+    from edgefleet.fleet.dashboard import Dashboard
+    from edgefleet.fleet.view import FleetView
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -15,6 +22,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import threading
 
     from edgefleet.fleet.collector import Collector, CollectorSettings
+    from edgefleet.fleet.view import FleetView
 
     password = read_secret(args.password_file)
     settings = CollectorSettings(
@@ -29,32 +37,88 @@ def cmd_collect(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
     )
+    wants_view = args.http is not None or args.alert_webhook is not None
+    view = FleetView(stale_factor=args.stale_factor) if wants_view else None
+    alerter = _alerter(args, view) if view is not None else None
+    echoes: list[Echo] = []
+    if args.print:
+        echoes.append(_print_prediction)
+    if alerter is not None:
+        echoes.append(alerter.on_stored)
 
     def echo(kind: str, device: str, body: dict[str, Any]) -> None:
-        if kind == "predictions":
-            for result in body.get("results", []):
-                top = result.get("top") or [{}]
-                print(
-                    f"{device} #{result.get('seq')} {top[0].get('label')} "
-                    f"{top[0].get('score', 0):.2f}",
-                    flush=True,
-                )
+        for fn in echoes:
+            fn(kind, device, body)
 
     collector = Collector(
-        settings, echo=echo if args.print else None, say=lambda text: print(text, flush=True)
+        settings,
+        echo=echo if echoes else None,
+        say=lambda text: print(text, flush=True),
+        view=view,
     )
+    dashboard = _dashboard(args, view, collector) if view is not None else None
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
     print(f"collector: broker {args.broker}, storing into {collector.store.describe()}", flush=True)
     collector.start()
+    for part in (dashboard, alerter):
+        if part is not None:
+            part.start()
+    if dashboard is not None:
+        print(f"collector: dashboard at {dashboard.url}", flush=True)
     done.wait()
+    for part in (alerter, dashboard):
+        if part is not None:
+            part.stop()
     collector.stop()
     print(
         f"collector stopped: {collector.stored} messages stored, {collector.rejected} rejected",
         flush=True,
     )
     return 0
+
+
+def _print_prediction(kind: str, device: str, body: dict[str, Any]) -> None:
+    if kind == "predictions":
+        for result in body.get("results", []):
+            top = result.get("top") or [{}]
+            print(
+                f"{device} #{result.get('seq')} {top[0].get('label')} {top[0].get('score', 0):.2f}",
+                flush=True,
+            )
+
+
+def _dashboard(args: argparse.Namespace, view: FleetView, collector: Collector) -> Dashboard | None:
+    from edgefleet.fleet.dashboard import Dashboard
+
+    if args.http is None:
+        return None
+    token = read_secret(args.http_token_file, "--http-token-file")
+    if args.http_token_file is not None and not token:
+        raise UserError(f"--http-token-file {args.http_token_file}: the file is empty")
+    return Dashboard(
+        view,
+        args.http,
+        token=token,
+        counters=lambda: {"stored": collector.stored, "rejected": collector.rejected},
+        device_histograms=args.metrics_device_histograms,
+    )
+
+
+def _alerter(args: argparse.Namespace, view: FleetView) -> Alerter | None:
+    from edgefleet.fleet.alerts import Alerter, webhook_poster
+
+    if args.alert_webhook is None:
+        if args.alert_label:
+            raise UserError("--alert-label needs --alert-webhook URL")
+        return None
+    return Alerter(
+        view,
+        webhook_poster(args.alert_webhook),
+        labels=args.alert_label,
+        min_interval_s=args.alert_interval,
+    )
 
 
 def cmd_add_device(args: argparse.Namespace) -> int:
@@ -152,6 +216,41 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     collect.add_argument("--cert", type=Path)
     collect.add_argument("--key", type=Path)
     collect.add_argument("--print", action="store_true", help="print predictions as they come")
+    web = collect.add_argument_group("dashboard (docs/dashboard.md)")
+    web.add_argument(
+        "--http", metavar="HOST:PORT", help="serve the dashboard, its API and /metrics here"
+    )
+    web.add_argument(
+        "--http-token-file",
+        help="token for the dashboard (Bearer, or basic-auth password); needed beyond loopback",
+    )
+    web.add_argument(
+        "--metrics-device-histograms",
+        action="store_true",
+        help="/metrics: a latency histogram per device too (20 series each; small fleets)",
+    )
+    web.add_argument(
+        "--stale-factor",
+        type=positive_float,
+        default=3.0,
+        help="stale after this many metrics intervals without data (default 3)",
+    )
+    alerts = collect.add_argument_group("alerts")
+    alerts.add_argument("--alert-webhook", metavar="URL", help="POST alerts (JSON) here")
+    alerts.add_argument(
+        "--alert-label",
+        type=label_rule,
+        action="append",
+        default=[],
+        metavar="LABEL[:SCORE]",
+        help="alert when this label is the top-1 at or above SCORE (0.5); repeatable",
+    )
+    alerts.add_argument(
+        "--alert-interval",
+        type=positive_float,
+        default=300.0,
+        help="seconds between two alerts of one kind for one device (default 300)",
+    )
     collect.set_defaults(func=cmd_collect)
 
     _add_broker_commands(sub)

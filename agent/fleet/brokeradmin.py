@@ -69,9 +69,11 @@ def role_rights(role: str, prefix: str) -> list[str]:
             f"topic read {prefix}/devices/#",
         ]
     if role == "collector":
-        leaves = ("status", "predictions", "metrics", "events")
+        # rollout and model/desired: read only, for the dashboard's rollout and desired columns
+        leaves = ("status", "predictions", "metrics", "events", "rollout", "model/desired")
         return [
             *(f"topic read {topics.every_device(leaf)}" for leaf in leaves),
+            f"topic read {topics.every_group('model/desired')}",
             f"topic write {topics.every_device('ack')}",
         ]
     raise UserError(f"unknown role {role!r} (roles: {', '.join(ROLES)})")

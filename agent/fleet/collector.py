@@ -34,6 +34,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.errors import UserError
+from edgefleet.fleet.view import FleetView
+from edgefleet.fleet.watch import feed
 from edgefleet.mqtt.link import parse_url
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
@@ -96,6 +98,15 @@ def _counter(name: str, value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**62:
         raise ValueError(f"{name} must be a positive integer below 2**62")
     return value
+
+
+def _show(view: FleetView, kind: str, device: str, body: dict[str, Any]) -> None:
+    if kind == "status":
+        view.on_status(device, body)
+    elif kind == "metrics":
+        view.on_metrics(device, body)
+    elif kind == "predictions":
+        view.on_predictions(device, body)
 
 
 def _json_object(payload: bytes) -> dict[str, Any]:
@@ -270,9 +281,11 @@ class Collector:
         settings: CollectorSettings,
         echo: Echo | None = None,
         say: Callable[[str], None] | None = None,
+        view: FleetView | None = None,
     ) -> None:
         self.s = settings
         self.echo = echo  # for live display
+        self.view = view  # the dashboard's live state: fed what is stored, after commit
         self.say = say or (lambda _text: None)  # connection news for a person watching
         self._failures = 0
         self.store = Store(settings.db)
@@ -322,7 +335,15 @@ class Collector:
         data = [topics.every_device(leaf) for leaf in SPOOLED_KINDS]
         if shared:
             data = [f"$share/{self.s.share_group}/{topic}" for topic in data]
-        return [topics.every_device("status"), *data]
+        watched = []
+        if self.view is not None:
+            # Read-only for the view (not stored): rollout states and desired models, retained.
+            watched = [
+                topics.every_device("rollout"),
+                topics.every_device("model/desired"),
+                topics.every_group("model/desired"),
+            ]
+        return [topics.every_device("status"), *data, *watched]
 
     def _on_connect(
         self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
@@ -345,10 +366,18 @@ class Collector:
             log.warning("collector disconnected", reason=str(rc))
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        if self.view is not None and self._watch(self.view, msg.topic, bytes(msg.payload)):
+            return
         try:
             self._inbox.put_nowait((msg.topic, bytes(msg.payload)))
         except queue.Full:
             self.rejected += 1  # not acked, so the devices keep it and send it again
+
+    def _watch(self, view: FleetView, topic: str, payload: bytes) -> bool:
+        """Rollout states and desired models go to the view only; False for what is stored."""
+        if not topic.endswith(("/rollout", "/model/desired")):
+            return False
+        return feed(view, topic, payload)
 
     def start(self) -> None:
         self._worker.start()
@@ -389,6 +418,7 @@ class Collector:
         body = _json_object(payload)
         if kind == "status":
             self.store.save_status(cur, device, body)
+            stored.append((kind, device, body))
             return None
         boot_id, _, floor = _place(body)
         self.store.save_message(cur, kind, device, body)
@@ -438,9 +468,11 @@ class Collector:
             for key, floor in touched.items()
         }
         self.store.commit()
-        self.stored += len(stored)
-        if self.echo is not None:
-            for kind, device, body in stored:
+        self.stored += sum(kind != "status" for kind, _, _ in stored)
+        for kind, device, body in stored:
+            if self.view is not None:
+                _show(self.view, kind, device, body)
+            if self.echo is not None:
                 self.echo(kind, device, body)
         for (device, boot_id), mseq in acks.items():
             self.client.publish(

@@ -17,9 +17,11 @@ import structlog
 from edgefleet import __version__
 from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.mqtt.commands import CommandHandler
+from edgefleet.mqtt.homeassistant import Discovery
 from edgefleet.mqtt.link import Incoming, LinkSettings, MqttLink, parse_url
 from edgefleet.mqtt.reporter import Reporter
 from edgefleet.mqtt.settings import FleetConfig, TlsConfig
+from edgefleet.protocol import LATENCY_BUCKETS_MS, Topics
 from edgefleet.runtime import health
 from edgefleet.runtime.pipeline import Pipeline
 
@@ -88,6 +90,7 @@ class FleetLink:
         self.groups = groups
         self.state_dir = state_dir
         settings = link_settings(cfg, device, groups, boot_id, state_dir)
+        self.metrics_interval_s = cfg.metrics_interval_s
         self.link = MqttLink(
             settings,
             birth=self._birth,
@@ -95,6 +98,12 @@ class FleetLink:
             metrics=self._metrics,
             metrics_interval_s=cfg.metrics_interval_s,
             tick=self._tick,
+            announce=Discovery(
+                cfg.homeassistant,
+                Topics(cfg.prefix, device),
+                state_dir,
+                cfg.metrics_interval_s,
+            ).messages,
         )
         self.reporter = Reporter(self.link, cfg.report)
         self.commands = CommandHandler(agent, self.reporter.report, cfg.max_command_bytes)
@@ -130,7 +139,13 @@ class FleetLink:
 
     def _metrics(self) -> dict[str, Any]:
         pipeline = self.agent.pipeline
-        body: dict[str, Any] = {"fps": 0.0, "inferences": 0, "dropped_frames": 0, "latency_ms": {}}
+        body: dict[str, Any] = {
+            "interval_s": self.metrics_interval_s,
+            "fps": 0.0,
+            "inferences": 0,
+            "dropped_frames": 0,
+            "latency_ms": {},
+        }
         if pipeline is not None:
             snap = pipeline.stats.snapshot()
             body.update(
@@ -139,6 +154,9 @@ class FleetLink:
                 dropped_frames=pipeline.dropped,
                 reprepared=snap["reprepared"],
                 latency_ms=snap["latency_ms"],
+                latency_window=snap["latency_window"],
+                latency_buckets_ms=list(LATENCY_BUCKETS_MS),
+                latency_hist=snap["latency_hist"],
                 errors=snap["errors"],
                 paused=pipeline.settings.paused,
                 delegate=pipeline.classifier.delegate,

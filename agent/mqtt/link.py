@@ -125,6 +125,7 @@ class MqttLink:
         metrics: Callable[[], dict[str, Any]] | None = None,
         metrics_interval_s: float = 10.0,
         tick: Callable[[], None] | None = None,
+        announce: Callable[[], list[tuple[str, bytes]]] | None = None,
     ) -> None:
         self.s = settings
         self.topics = Topics(settings.prefix, settings.device)
@@ -136,6 +137,8 @@ class MqttLink:
         self.metrics = metrics
         self.metrics_interval_s = metrics_interval_s
         self.tick = tick
+        # Retained (topic, payload) pairs published right after each birth (HA discovery).
+        self.announce = announce
         self.drained = True
         self.online_since = 0.0
         self._sends: collections.deque[_Send] = collections.deque()
@@ -350,6 +353,8 @@ class MqttLink:
         if refused:
             log.error("broker refused subscriptions", reasons=refused)
         client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
+        for topic, payload in self.announce() if self.announce is not None else []:
+            client.publish(topic, payload, qos=1, retain=True)
         self.state = "online"
         self.online_since = time.time()
         self._epoch += 1

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edgefleet.mqtt.homeassistant import HomeAssistantConfig
 from edgefleet.protocol import DEFAULT_PREFIX
 
 
@@ -60,3 +61,6 @@ class FleetConfig(_Strict):
     max_inflight: int = Field(default=200, ge=1, le=10000)
     resend_after_s: float = Field(default=30.0, gt=0)
     max_command_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+    homeassistant: HomeAssistantConfig = Field(
+        default_factory=HomeAssistantConfig, description="MQTT discovery for Home Assistant"
+    )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import threading
 import time
 from typing import Any
 
 import numpy as np
+
+from edgefleet.protocol import HISTOGRAM_STAGES, LATENCY_BUCKETS_MS
 
 STAGES = ("capture_wait", "preprocess", "inference", "postprocess", "total")
 
@@ -36,12 +40,30 @@ class Rolling:
         }
 
 
+class Histogram:
+    """Fixed-bucket counts since start: unlike percentiles, these add up across devices."""
+
+    def __init__(self, bounds: tuple[float, ...] = LATENCY_BUCKETS_MS) -> None:
+        self.bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # per bucket; the last one is +Inf
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> dict[str, Any]:
+        return {"counts": list(itertools.accumulate(self._counts)), "sum_ms": round(self.sum, 3)}
+
+
 class LoopStats:
     """What the loop measures: per-stage latency (ms), fps and counters."""
 
     def __init__(self, window: int = 1024) -> None:
         self._lock = threading.Lock()
+        self.window = window
         self.stages = {name: Rolling(window) for name in STAGES}
+        self.histograms = {name: Histogram() for name in HISTOGRAM_STAGES}
         self.inferences = 0
         self.errors = 0
         self.vetoed = 0
@@ -56,6 +78,9 @@ class LoopStats:
                 stage = self.stages.get(name)
                 if stage is not None:
                     stage.add(value)
+                histogram = self.histograms.get(name)
+                if histogram is not None:
+                    histogram.add(value)
             self.inferences += 1
             self._times.add(time.monotonic())
 
@@ -79,5 +104,7 @@ class LoopStats:
                 "sink_errors": self.sink_errors,
                 "reprepared": self.reprepared,
                 "latency_ms": {k: v.summary() for k, v in self.stages.items()},
+                "latency_window": min(self.inferences, self.window),
+                "latency_hist": {k: h.cumulative() for k, h in self.histograms.items()},
                 "uptime_s": round(time.monotonic() - self.started, 1),
             }

@@ -1,0 +1,458 @@
+"""The live fleet view: what every device reports, with the age of each figure.
+
+Fed from the collector (each stored message, each status) or from a plain subscriber (``top``)
+and read by the dashboard, ``/metrics``, alerts and ``edgefleet top``. Every read computes the
+states at that moment from the collector's clock, so a device that went quiet turns *stale*
+(nothing arrived for ``stale_factor`` times its metrics interval) without a message saying so,
+and a figure is never shown without its age. Devices gone longer than ``forget_after_s`` are
+dropped, so their series do not linger.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgefleet.fleet.latency import FleetLatency, Totals
+from edgefleet.protocol import OFFLINE, ONLINE, STOPPED, Rollout
+
+STALE: str = "stale"
+UNKNOWN: str = "unknown"
+# Worst first: the order a fleet page lists devices in by default.
+STATE_RANK = {OFFLINE: 0, STALE: 1, UNKNOWN: 2, STOPPED: 3, ONLINE: 4}
+DEFAULT_METRICS_INTERVAL_S = 10.0
+SERIES_POINTS = 360  # per device: an hour at the default 10 s metrics interval
+RECENT_PREDICTIONS = 20
+HISTORY = 50
+
+Clock = Callable[[], float]
+# What changes in a row with the clock alone (the rest only with a message or a state).
+AGE_FIELDS = ("age_s", "metrics_age_s", "prediction_age_s")
+
+
+@dataclass
+class _CachedRow:
+    key: tuple[int, str, int]  # record version, state, group desired version
+    row: dict[str, Any]
+    json: str  # the row's JSON without its closing brace (the ages follow)
+
+
+def _num(value: object) -> float | None:
+    """A JSON number, or None (a device's fields are never trusted to be numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@dataclass
+class DeviceRecord:
+    """What is known of one device, each part with when it arrived (collector clock)."""
+
+    device: str
+    status: dict[str, Any] = field(default_factory=dict)
+    status_at: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    metrics_at: float = 0.0
+    rollout: dict[str, Any] = field(default_factory=dict)
+    desired: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None  # label, score, ts
+    prediction_at: float = 0.0
+    predictions: deque[dict[str, Any]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_PREDICTIONS)
+    )
+    series: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=SERIES_POINTS))
+    presence_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    rollout_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
+    version: int = 0  # bumped on every change, for live updates
+
+    def last_arrival(self) -> float:
+        return max(self.status_at, self.metrics_at, self.prediction_at)
+
+    def interval_s(self) -> float:
+        return _num(self.metrics.get("interval_s")) or DEFAULT_METRICS_INTERVAL_S
+
+
+class FleetView:
+    """Thread-safe; writers are the MQTT threads, readers the HTTP, SSE and alert threads."""
+
+    def __init__(
+        self,
+        stale_factor: float = 3.0,
+        forget_after_s: float = 24 * 3600,
+        clock: Clock = time.time,
+    ) -> None:
+        self.stale_factor = stale_factor
+        self.forget_after_s = forget_after_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._devices: dict[str, DeviceRecord] = {}
+        self._group_desired: dict[str, dict[str, Any]] = {}
+        self._latency = FleetLatency()
+        # Rows as last built, by device: (record version, state, groups version), row.
+        self._rows: dict[str, _CachedRow] = {}
+        self._groups_version = 0
+        self.version = 0
+
+    # -- writers ----------------------------------------------------------------------------
+    def _record(self, device: str) -> DeviceRecord:
+        record = self._devices.get(device)
+        if record is None:
+            record = self._devices[device] = DeviceRecord(device)
+        return record
+
+    def _bump(self, record: DeviceRecord | None) -> None:
+        self.version += 1
+        if record is not None:
+            record.version = self.version
+        self._changed.notify_all()
+
+    def on_status(self, device: str, body: dict[str, Any]) -> None:
+        now = self.clock()
+        with self._lock:
+            record = self._record(device)
+            state = body.get("state")
+            if state != record.status.get("state"):
+                record.presence_history.append({"ts": now, "state": state})
+            record.status, record.status_at = body, now
+            self._bump(record)
+
+    def on_metrics(self, device: str, body: dict[str, Any]) -> None:
+        now = self.clock()
+        ts = _num(body.get("ts")) or now
+        with self._lock:
+            record = self._record(device)
+            # A replayed (older) message fills the history but never replaces fresher figures.
+            if ts >= (_num(record.metrics.get("ts")) or 0.0):
+                record.metrics, record.metrics_at = body, now
+            model = record.status.get("model") or {}
+            self._latency.add(
+                device,
+                body,
+                (str(model.get("name") or ""), str(model.get("version") or "")),
+                _delegate_kind(body.get("delegate") or record.status.get("delegate")),
+            )
+            total = (body.get("latency_ms") or {}).get("total") or {}
+            record.series.append(
+                {
+                    "ts": ts,
+                    "fps": _num(body.get("fps")),
+                    "p50": _num(total.get("p50")),
+                    "p99": _num(total.get("p99")),
+                    "dropped": _num(body.get("dropped_frames")),
+                }
+            )
+            self._bump(record)
+
+    def on_predictions(self, device: str, body: dict[str, Any]) -> None:
+        now = self.clock()
+        results = body.get("results")
+        if not isinstance(results, list) or not results:
+            return
+        with self._lock:
+            record = self._record(device)
+            for result in results:
+                top = (result.get("top") or [{}])[0] if isinstance(result, dict) else {}
+                entry = {
+                    "label": top.get("label"),
+                    "score": _num(top.get("score")),
+                    "ts": _num(result.get("ts")),
+                    "model": result.get("model"),
+                    "model_version": result.get("model_version"),
+                }
+                record.predictions.append(entry)
+                newest = record.prediction or {}
+                if (entry["ts"] or 0.0) >= (newest.get("ts") or 0.0):
+                    record.prediction = entry
+            record.prediction_at = now
+            self._bump(record)
+
+    def on_rollout(self, device: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            record = self._record(device)
+            if (body.get("rollout_id"), body.get("state")) != (
+                record.rollout.get("rollout_id"),
+                record.rollout.get("state"),
+            ):
+                record.rollout_history.append(
+                    {
+                        key: body.get(key)
+                        for key in ("ts", "state", "name", "version", "reason", "rollout_id")
+                    }
+                )
+            record.rollout = body
+            self._bump(record)
+
+    def on_desired(self, target: str, body: dict[str, Any] | None) -> None:
+        """``device:ID`` or ``group:NAME``; None when the desired state was cleared."""
+        kind, _, name = target.partition(":")
+        with self._lock:
+            if kind == "group":
+                if body is None:
+                    self._group_desired.pop(name, None)
+                else:
+                    self._group_desired[name] = body
+                self._groups_version += 1
+                self._bump(None)
+            else:
+                record = self._record(name)
+                record.desired = body
+                self._bump(record)
+
+    # -- readers ----------------------------------------------------------------------------
+    def wait_change(self, after: int, timeout: float) -> int:
+        """Block until the view's version passes ``after`` (or the timeout); the version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.version > after, timeout)
+            return self.version
+
+    def _forget_old(self, now: float) -> None:
+        gone = [
+            name
+            for name, record in self._devices.items()
+            if now - record.last_arrival() > self.forget_after_s
+        ]
+        for name in gone:
+            del self._devices[name]
+            self._rows.pop(name, None)
+            self._latency.forget(name)
+
+    def _state(self, record: DeviceRecord, now: float) -> str:
+        presence = record.status.get("state")
+        if presence in (OFFLINE, STOPPED):
+            return str(presence)
+        quiet = now - record.last_arrival()
+        if quiet > self.stale_factor * record.interval_s():
+            return STALE
+        return ONLINE if presence == ONLINE else UNKNOWN
+
+    def _desired(self, record: DeviceRecord) -> dict[str, Any] | None:
+        if record.desired is not None:
+            return record.desired
+        groups = record.status.get("groups") or []
+        return next((self._group_desired[g] for g in groups if g in self._group_desired), None)
+
+    def _cached(self, record: DeviceRecord, now: float) -> _CachedRow:
+        """A device's row without its ages: rebuilt only when the device or its state changed."""
+        state = self._state(record, now)
+        key = (record.version, state, self._groups_version)
+        cached = self._rows.get(record.device)
+        if cached is None or cached.key != key:
+            row = self._fresh_row(record, state)
+            cached = _CachedRow(key, row, json.dumps(row, separators=(",", ":"))[:-1])
+            self._rows[record.device] = cached
+        return cached
+
+    @staticmethod
+    def _ages(record: DeviceRecord, now: float) -> tuple[float | None, ...]:
+        arrival = record.last_arrival()
+        prediction = record.prediction
+        return (
+            round(now - arrival, 1) if arrival else None,
+            round(now - record.metrics_at, 1) if record.metrics_at else None,
+            _age(now, prediction.get("ts")) if prediction else None,
+        )
+
+    def _row(self, record: DeviceRecord, now: float) -> dict[str, Any]:
+        row = dict(self._cached(record, now).row)
+        row.update(zip(AGE_FIELDS, self._ages(record, now), strict=True))
+        return row
+
+    def _fresh_row(self, record: DeviceRecord, state: str) -> dict[str, Any]:
+        status, metrics = record.status, record.metrics
+        live = state == ONLINE  # figures of a device that is not up are not shown as current
+        model = status.get("model") or {}
+        want = self._desired(record) or {}
+        health = metrics.get("health") or {}
+        latency = (metrics.get("latency_ms") or {}).get("total") or {}
+        throttled_now = ((health.get("throttled") or {}).get("now")) or {}
+        arrival = record.last_arrival()
+        return {
+            "device": record.device,
+            "state": state,
+            "presence": status.get("state", UNKNOWN),
+            "groups": status.get("groups") or [],
+            "agent_version": status.get("agent_version"),
+            "last_seen": arrival or None,
+            "metrics_ts": _num(metrics.get("ts")),
+            "metrics_interval_s": record.interval_s(),
+            "model": {"name": model.get("name"), "version": model.get("version")}
+            if model
+            else None,
+            "desired": {"name": want.get("name"), "version": want.get("version")} if want else None,
+            "converged": not want
+            or (model.get("name"), model.get("version")) == (want.get("name"), want.get("version")),
+            "rollout": {
+                key: record.rollout.get(key)
+                for key in ("state", "progress", "reason", "name", "version", "ts")
+            }
+            if record.rollout
+            else None,
+            "delegate": _delegate_kind(metrics.get("delegate") or status.get("delegate")) or None,
+            "fps": _num(metrics.get("fps")) if live else None,
+            "inferences": _num(metrics.get("inferences")),
+            "dropped_frames": _num(metrics.get("dropped_frames")),
+            "latency_p50_ms": _num(latency.get("p50")) if live else None,
+            "latency_p99_ms": _num(latency.get("p99")) if live else None,
+            "latency_window": _num(metrics.get("latency_window")),
+            "cpu_temp_c": _num(health.get("cpu_temp_c")) if live else None,
+            "throttled": sorted(flag for flag, on in throttled_now.items() if on),
+            "spool_backlog": _num((metrics.get("spool") or {}).get("depth")),
+            "prediction": record.prediction,
+            "version": record.version,
+        }
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every device, worst first (state rank, then longest silent)."""
+        with self._lock:
+            now = self.clock()
+            self._forget_old(now)
+            rows = [self._row(record, now) for record in self._devices.values()]
+        rows.sort(key=worst_first)
+        return rows
+
+    def fleet(self) -> dict[str, Any]:
+        rows = self.rows()
+        return {"ts": self.clock(), "summary": summarize(rows), "devices": rows}
+
+    def changes(
+        self, known: dict[str, tuple[int, str, int]]
+    ) -> tuple[list[dict[str, Any]], list[str], dict[str, Any], dict[str, tuple[int, str, int]]]:
+        """Rows that changed since ``known`` (device -> row key), the devices gone, the summary,
+        and the new keys: what a live page needs once a second, without copying every row."""
+        with self._lock:
+            now = self.clock()
+            self._forget_old(now)
+            keys: dict[str, tuple[int, str, int]] = {}
+            changed, rows = [], []
+            for record in self._devices.values():
+                cached = self._cached(record, now)
+                keys[record.device] = cached.key
+                rows.append(cached.row)
+                if known.get(record.device) != cached.key:
+                    changed.append(self._row(record, now))
+        removed = sorted(set(known) - set(keys))
+        return changed, removed, summarize(rows), keys
+
+    def fleet_json(self) -> bytes:
+        """``fleet()`` as JSON, fast: each row's JSON is kept until it changes; only the ages
+        are written at each call (the dashboard API answers thousands of devices this way)."""
+        with self._lock:
+            now = self.clock()
+            self._forget_old(now)
+            parts = []
+            for record in self._devices.values():
+                cached = self._cached(record, now)
+                ages = self._ages(record, now)
+                parts.append((cached, ages))
+        # The order and the summary read no age but the first: no row needs copying.
+        parts.sort(key=lambda part: worst_first(part[0].row, part[1][0]))
+        texts = [cached.json + _age_fields(ages) for cached, ages in parts]
+        summary = json.dumps(summarize([cached.row for cached, _ in parts]), separators=(",", ":"))
+        return f'{{"ts":{now},"summary":{summary},"devices":[{",".join(texts)}]}}'.encode()
+
+    def device(self, device: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self._devices.get(device)
+            if record is None:
+                return None
+            now = self.clock()
+            return {
+                "ts": now,
+                "row": self._row(record, now),
+                "status": record.status,
+                "metrics": record.metrics,
+                "series": list(record.series),
+                "predictions": list(record.predictions)[::-1],
+                "presence_history": list(record.presence_history)[::-1],
+                "rollout_history": list(record.rollout_history)[::-1],
+            }
+
+    def fleet_latency(self) -> tuple[tuple[float, ...], dict[tuple[str, str, str, str], Totals]]:
+        """The fleet's latency counters by (model, version, delegate, stage), and the bounds."""
+        with self._lock:
+            totals = {
+                key: Totals(list(t.counts), t.sum_ms) for key, t in self._latency.totals.items()
+            }
+            return self._latency.bounds, totals
+
+    def histograms(self) -> dict[str, dict[str, Any]]:
+        """Each live device's latency histograms and bucket bounds (for ``/metrics``)."""
+        with self._lock:
+            now = self.clock()
+            out = {}
+            for name, record in self._devices.items():
+                if self._state(record, now) != ONLINE:
+                    continue
+                hist = record.metrics.get("latency_hist")
+                bounds = record.metrics.get("latency_buckets_ms")
+                if isinstance(hist, dict) and isinstance(bounds, list):
+                    out[name] = {"bounds": bounds, "stages": hist}
+            return out
+
+
+def _delegate_kind(delegate: object) -> str:
+    if not isinstance(delegate, dict):
+        return ""
+    return str(delegate.get("type") or delegate.get("kind") or delegate.get("name") or "")
+
+
+def in_trouble(row: dict[str, Any]) -> bool:
+    """Up, but something an operator should look at: a failed rollout, throttling."""
+    rollout = row["rollout"] or {}
+    return bool(row["throttled"]) or rollout.get("state") in (Rollout.FAILED, Rollout.ROLLED_BACK)
+
+
+def worst_first(row: dict[str, Any], age_s: float | None = None) -> tuple[int, int, float, str]:
+    """Sort key: state rank, trouble, longest silent; ``age_s`` when the row has none yet."""
+    age = row.get("age_s", age_s)
+    return (
+        STATE_RANK.get(row["state"], 2),
+        0 if in_trouble(row) else 1,
+        -(age or 0.0),
+        row["device"],
+    )
+
+
+def _age_fields(ages: tuple[float | None, ...]) -> str:
+    """The closing part of a row's JSON: its ages, then the brace."""
+    values = ("null" if v is None else repr(v) for v in ages)
+    return "".join(f',"{name}":{v}' for name, v in zip(AGE_FIELDS, values, strict=True)) + "}"
+
+
+def _age(now: float, ts: object) -> float | None:
+    value = _num(ts)
+    return round(max(0.0, now - value), 1) if value is not None else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts by state, model version and delegate; the fleet's fps; who is throttled."""
+    by_state: dict[str, int] = {}
+    by_model: dict[str, int] = {}
+    by_delegate: dict[str, int] = {}
+    rollouts: dict[str, int] = {}
+    for row in rows:
+        by_state[row["state"]] = by_state.get(row["state"], 0) + 1
+        model = row["model"]
+        key = f"{model['name']} v{model['version']}" if model else "none"
+        by_model[key] = by_model.get(key, 0) + 1
+        delegate = row["delegate"] or "none"
+        by_delegate[delegate] = by_delegate.get(delegate, 0) + 1
+        rollout = row["rollout"]
+        if rollout and rollout.get("state") not in (None, Rollout.ACTIVE):
+            rollouts[rollout["state"]] = rollouts.get(rollout["state"], 0) + 1
+    return {
+        "devices": len(rows),
+        "by_state": by_state,
+        "by_model": by_model,
+        "by_delegate": by_delegate,
+        "rollouts": rollouts,
+        "fps_total": round(sum(r["fps"] or 0.0 for r in rows), 1),
+        "throttled": sum(bool(r["throttled"]) for r in rows),
+        "not_converged": sum(not r["converged"] for r in rows),
+    }

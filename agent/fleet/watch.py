@@ -1,0 +1,127 @@
+"""A read-only fleet watcher: the fleet view fed straight from the broker (``edgefleet top``).
+
+Subscribes (not shared) to every device's status, metrics, predictions and rollout state and
+to the desired models; stores nothing and acknowledges nothing, so it can run beside the
+collectors anywhere an operator has read access.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from edgefleet.fleet.view import FleetView
+from edgefleet.mqtt.link import parse_url
+from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, loads
+
+log = structlog.get_logger(__name__)
+
+DEVICE_LEAVES = ("status", "metrics", "predictions", "rollout", "model/desired")
+
+
+def feed(view: FleetView, topic: str, payload: bytes) -> bool:
+    """Hand one message to the view by its topic; False when it is not one the view reads."""
+    parts = topic.split("/")
+    if len(parts) >= 4 and parts[-2:] == ["model", "desired"]:
+        kind = "group" if parts[-4] == "groups" else "device"
+        body = _object(payload) if payload else None
+        view.on_desired(f"{kind}:{parts[-3]}", body)
+        return True
+    if len(parts) < 3 or parts[-3] != "devices":
+        return False
+    device, leaf = parts[-2], parts[-1]
+    handler = {
+        "status": view.on_status,
+        "metrics": view.on_metrics,
+        "predictions": view.on_predictions,
+        "rollout": view.on_rollout,
+    }.get(leaf)
+    if handler is None:
+        return False
+    body = _object(payload) if payload else None
+    if body is not None:
+        handler(device, body)
+    return True
+
+
+def _object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        body = loads(payload)
+    except ValueError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
+class FleetWatcher:
+    """One MQTT connection feeding a fleet view."""
+
+    def __init__(
+        self,
+        url: str,
+        view: FleetView,
+        prefix: str = DEFAULT_PREFIX,
+        username: str | None = None,
+        password: str | None = None,
+        ca: Path | None = None,
+    ) -> None:
+        self.view = view
+        self.prefix = prefix
+        self.host, self.port, tls = parse_url(url)
+        self.refused: str | None = None
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-watch-{uuid.uuid4().hex[:8]}",
+            protocol=mqtt.MQTTv5,
+        )
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(ca_certs=str(ca) if ca else None)
+        self.client.reconnect_delay_set(1, 10)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+
+    def topics(self) -> list[str]:
+        fleet = FleetTopics(self.prefix)
+        return [fleet.every_device(leaf) for leaf in DEVICE_LEAVES] + [
+            fleet.every_group("model/desired")
+        ]
+
+    def _on_connect(
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+    ) -> None:
+        if rc.is_failure:
+            self.refused = str(rc)
+            client.disconnect()  # never retry refused credentials
+            return
+        client.subscribe([(topic, 0) for topic in self.topics()])
+
+    def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        try:
+            feed(self.view, msg.topic, bytes(msg.payload))
+        except Exception:  # noqa: BLE001 - one bad message never stops the view
+            log.warning("watch: message skipped", topic=msg.topic)
+
+    def start(self) -> None:
+        self.client.connect_async(self.host, self.port, keepalive=30)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.client.is_connected() or self.refused:
+                return self.client.is_connected()
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
