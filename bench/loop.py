@@ -1,19 +1,24 @@
 """Throughput of the agent's loop against a bare invoke() loop (a benchmark: prints only).
 
-    .venv/bin/python bench/loop.py [--seconds 8] [--threads 2] [--rounds 2]
+    .venv/bin/python bench/loop.py [--seconds 2] [--threads 2] [--rounds 8] [--cores 0,1]
 
-Same model (the factory lite0 int8) and thread count, measured side by side in one run,
-alternating rounds so that machine noise hits all three alike:
+Same model (the factory lite0 int8) and thread count, measured side by side in one run in
+interleaved rounds (``bench/pairs.py``: a ratio per round, the median reported with its
+spread, and the process CPU time per frame, which other tenants of the machine barely move):
 
-  (a) bare ``interpreter.invoke()`` on a fixed tensor;
-  (b) a naive serial loop in the style of pycoral's classify_image: take a 640x480 frame,
-      resize, set the input, invoke, read and sort the output, print a line;
-  (c) the agent's pipeline: ``synthetic`` source (640x480, unpaced) -> prepare thread ->
-      infer -> ``jsonl`` sink.
+  (a) bare ``interpreter.invoke()`` on a fixed tensor: nothing else;
+  (b) a naive serial loop in the style of pycoral's classify_image: take a frame (640x480) from
+      a list of pre-made ones (copied, as a capture would), resize, set the input, invoke,
+      read and sort the output, write a JSON line;
+  (c) the agent's pipeline on the same pre-made frames: ``synthetic`` source (unpaced: it
+      hands over its 8 pre-generated 640x480 frames, the next one when the last was taken)
+      -> prepare thread (resize into a pooled buffer) -> infer -> ``jsonl`` sink.
 
-Then ``edgefleet run`` in a subprocess: time to the first result and peak RSS (VmHWM).
-Targets (issue 3): c/a >= 0.95, c > b, added latency p50 <= 0.5 ms, RSS <= 150 MB,
-first result <= 2 s.
+Then the added latency with a source slower than the model (a camera's case), and
+``edgefleet run`` in a subprocess: time to the first result and peak RSS (VmHWM).
+``--cores`` pins the whole benchmark to those CPUs (compare 1 and 2 cores).
+Targets (issue 16): c/a >= 0.95, c/b >= 1.05, added latency p50 <= 0.5 ms and p99 <= 1.5 ms,
+RSS <= 150 MB with OpenCV.
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
+from pairs import Run, interleave, ratio_text, timed
 
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
@@ -41,20 +48,21 @@ from edgefleet_plugins.sinks.jsonl import JsonlConfig, JsonlSink
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 
 
-def bare(threads: int, seconds: float) -> float:
+def bare(threads: int) -> Callable[[float], Run]:
     clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
     buf = clf.preprocessor.new_buffer()
     buf[...] = 127
     clf.set_input(buf)
     clf.interpreter.invoke()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+
+    def step() -> int:
         clf.interpreter.invoke()
-        n += 1
-    return n / (time.perf_counter() - start)
+        return 1
+
+    return lambda seconds: timed(step, seconds)
 
 
-def naive(threads: int, seconds: float, frames: list[np.ndarray]) -> float:
+def naive(threads: int, frames: list[np.ndarray]) -> Callable[[float], Run]:
     clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
     interp = clf.interpreter
     inp = interp.get_input_details()[0]
@@ -62,18 +70,22 @@ def naive(threads: int, seconds: float, frames: list[np.ndarray]) -> float:
     h, w = int(inp["shape"][1]), int(inp["shape"][2])
     labels = clf.info.labels or ()
     scale, zero = out["quantization"]
-    with Path(os.devnull).open("w") as sink:
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            frame = frames[n % len(frames)].copy()  # "capture"
-            resized = cv2.resize(frame, (w, h))
-            interp.set_tensor(inp["index"], resized[np.newaxis])
-            interp.invoke()
-            scores = (interp.get_tensor(out["index"])[0].astype(np.float32) - zero) * scale
-            top = np.argsort(scores)[::-1][:5]
-            sink.write(json.dumps([(labels[i], float(scores[i])) for i in top]) + "\n")
-            n += 1
-    return n / (time.perf_counter() - start)
+    sink = Path(os.devnull).open("w")  # noqa: SIM115 - open for the benchmark's lifetime
+    n = 0
+
+    def step() -> int:
+        nonlocal n
+        frame = frames[n % len(frames)].copy()  # "capture"
+        resized = cv2.resize(frame, (w, h))
+        interp.set_tensor(inp["index"], resized[np.newaxis])
+        interp.invoke()
+        scores = (interp.get_tensor(out["index"])[0].astype(np.float32) - zero) * scale
+        top = np.argsort(scores)[::-1][:5]
+        sink.write(json.dumps([(labels[i], float(scores[i])) for i in top]) + "\n")
+        n += 1
+        return 1
+
+    return lambda seconds: timed(step, seconds)
 
 
 class _Recorder(Sink):
@@ -89,22 +101,28 @@ class _Recorder(Sink):
 
 
 def agent(
-    threads: int, seconds: float, out: Path, fps: float | None = None
-) -> tuple[float, list[float]]:
+    threads: int, out: Path, size: tuple[int, int] = (640, 480)
+) -> Callable[..., tuple[Run, list[float]]]:
     clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
-    clf.classify(np.zeros((480, 640, 3), dtype=np.uint8))
-    source = SyntheticSource(SyntheticConfig(fps=fps, width=640, height=480))
-    recorder = _Recorder()
-    jsonl = JsonlSink(JsonlConfig(path=out, max_bytes=50_000_000))
-    pipeline = Pipeline(source, clf, [jsonl, recorder])
-    pipeline.start()
-    time.sleep(1.0)  # warm: threads up, first frames through
-    n0, t0 = pipeline.stats.inferences, time.perf_counter()
-    time.sleep(seconds)
-    n1, t1 = pipeline.stats.inferences, time.perf_counter()
-    pipeline.stop()
-    jsonl.close()
-    return (n1 - n0) / (t1 - t0), recorder.added[len(recorder.added) // 10 :]
+    clf.classify(np.zeros((size[1], size[0], 3), dtype=np.uint8))
+
+    def run(seconds: float, fps: float | None = None) -> tuple[Run, list[float]]:
+        source = SyntheticSource(SyntheticConfig(fps=fps, width=size[0], height=size[1]))
+        recorder = _Recorder()
+        jsonl = JsonlSink(JsonlConfig(path=out, max_bytes=50_000_000))
+        pipeline = Pipeline(source, clf, [jsonl, recorder])
+        pipeline.start()
+        time.sleep(0.5)  # warm: threads up, first frames through
+        n0, cpu0, t0 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
+        time.sleep(seconds)
+        n1, cpu1, t1 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
+        pipeline.stop()
+        jsonl.close()
+        frames = max(n1 - n0, 1)
+        run = Run(frames / (t1 - t0), (cpu1 - cpu0) * 1000 / frames)
+        return run, recorder.added[len(recorder.added) // 10 :]
+
+    return run
 
 
 def subprocess_run(threads: int) -> tuple[float, float]:
@@ -140,39 +158,56 @@ def subprocess_run(threads: int) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=6.0)
+    parser.add_argument("--seconds", type=float, default=2.0, help="per variant and round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--cores", help="pin to these CPUs, e.g. 0 or 0,1")
+    parser.add_argument("--frame", default="640x480", help="source frame size WxH")
     args = parser.parse_args()
+    if args.cores:
+        os.sched_setaffinity(0, {int(c) for c in args.cores.split(",")})
     cv2.setNumThreads(1)
-    source = SyntheticSource(SyntheticConfig(width=640, height=480))
+    width, height = (int(x) for x in args.frame.split("x"))
+    source = SyntheticSource(SyntheticConfig(width=width, height=height))
     source.open()
     frames = [source.read()[0] for _ in range(8)]
-    a_runs: list[float] = []
-    b_runs: list[float] = []
-    c_runs: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.rounds):
-            a_runs.append(bare(args.threads, args.seconds))
-            b_runs.append(naive(args.threads, args.seconds, frames))
-            c, _ = agent(args.threads, args.seconds, Path(tmp) / "r.jsonl")
-            c_runs.append(c)
-        a, b, c = (float(np.median(x)) for x in (a_runs, b_runs, c_runs))
+        run_c = agent(args.threads, Path(tmp) / "r.jsonl", (width, height))
+        run_a, run_b = bare(args.threads), naive(args.threads, frames)
+        series = interleave(
+            {
+                "a": lambda: run_a(args.seconds),
+                "b": lambda: run_b(args.seconds),
+                "c": lambda: run_c(args.seconds)[0],
+            },
+            args.rounds,
+        )
+        a, b, c = series["a"], series["b"], series["c"]
         # Latency with a source slower than the model (a camera's case): an unpaced source
         # makes every frame wait for the previous invoke, which is queueing, not overhead.
-        _, added = agent(args.threads, args.seconds, Path(tmp) / "r.jsonl", fps=a / 2)
+        _, added = run_c(max(args.seconds, 4.0), fps=a.rate / 2)
     first, rss = subprocess_run(args.threads)
+    cores = len(os.sched_getaffinity(0))
     print(
-        f"model: factory lite0 int8, threads={args.threads}, {args.rounds} rounds x "
-        f"{args.seconds:.0f} s, {os.cpu_count()} cores"
+        f"model: factory lite0 int8, threads={args.threads}, {args.rounds} interleaved rounds x "
+        f"{args.seconds:g} s, {cores} of {os.cpu_count()} cores, {args.frame} frames"
     )
-    print(f"(a) bare invoke()        {a:7.1f} /s   rounds {[round(x, 1) for x in a_runs]}")
-    print(f"(b) naive serial loop    {b:7.1f} /s   rounds {[round(x, 1) for x in b_runs]}")
-    print(f"(c) agent pipeline       {c:7.1f} /s   rounds {[round(x, 1) for x in c_runs]}")
-    print(f"c/a = {c / a:.3f}   b/a = {b / a:.3f}   c/b = {c / b:.3f}")
+    for name, s in (("(a) bare invoke()    ", a), ("(b) naive serial loop", b),
+                    ("(c) agent pipeline   ", c)):  # fmt: skip
+        print(
+            f"{name} {s.rate:7.1f} /s  CPU {s.cpu_ms:5.2f} ms/frame   "
+            f"rounds {[round(r.rate, 1) for r in s.runs]}"
+        )
+    print(
+        "   ".join(ratio_text(n, x, y) for n, x, y in (("c/a", c, a), ("c/b", c, b), ("b/a", b, a)))
+    )
+    print(
+        f"CPU per frame: c/a {c.cpu_ms / a.cpu_ms:.3f}, b/a {b.cpu_ms / a.cpu_ms:.3f} "
+        "(work done per frame, whatever else runs on the machine)"
+    )
     p50, p99 = np.percentile(added, (50, 99))
     print(
-        f"added latency (end-to-end minus invoke, source at {a / 2:.0f} fps): "
+        f"added latency (end-to-end minus invoke, source at {a.rate / 2:.0f} fps): "
         f"p50 {p50:.2f} ms, p99 {p99:.2f} ms (n={len(added)})"
     )
     print(f"edgefleet run: first result {first:.2f} s after start, peak RSS {rss:.0f} MB")

@@ -77,6 +77,6 @@ def test_policy_change_interval_min_score_batch() -> None:
     assert batch.add(_result("a", 0.9, 2), 0.1) is None
     done = batch.add(_result("a", 0.9, 3), 0.2)
     assert done is not None
-    assert [r["seq"] for r in done] == [1, 2, 3]
+    assert [r.seq for r in done] == [1, 2, 3]
     assert batch.add(_result("a", 0.9, 4), 1.0) is None
     assert batch.take_if_due(11.0) is not None  # batch_ms elapsed

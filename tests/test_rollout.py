@@ -223,6 +223,7 @@ def _fragile_plugin(root: Path) -> None:
     (root / "tp_fragile.py").write_text(
         "from typing import Literal\n"
         "from edgefleet.plugin import hookimpl\n"
+        "from edgefleet.rollout.preflight import TIMED_INVOKES_NO_BUDGET\n"
         "from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate\n\n"
         "class FragileConfig(CpuConfig):\n"
         "    type: Literal['fragile'] = 'fragile'\n\n"
@@ -233,7 +234,9 @@ def _fragile_plugin(root: Path) -> None:
         "        return getattr(self._inner, name)\n"
         "    def invoke(self):\n"
         "        self.calls += 1\n"
-        "        if self.calls > 15:\n"
+        # the self-test's invokes pass (one classification, then the timed ones), then it
+        # serves two frames and breaks: inside the health window
+        "        if self.calls > 1 + TIMED_INVOKES_NO_BUDGET + 2:\n"
         "            raise RuntimeError('accelerator fault')\n"
         "        return self._inner.invoke()\n\n"
         "class FragileDelegate(CpuDelegate):\n"

@@ -108,7 +108,9 @@ def test_video_file_plays_and_ends(tmp_path: Path) -> None:
     for i in range(12):
         writer.write(np.full((48, 64, 3), (i * 20, 0, 255 - i * 20), dtype=np.uint8))
     writer.release()
-    source = VideoSource(VideoConfig(path=path, realtime=True, fps=500))
+    # As fast as consumed: a paced source drops frames for a consumer slower than its pace,
+    # and a loaded test machine is sometimes slower than 2 ms per frame.
+    source = VideoSource(VideoConfig(path=path, realtime=False))
     source.start()
     frames = _drain(source)
     source.stop()

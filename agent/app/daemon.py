@@ -16,18 +16,21 @@ import time
 import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
+
+if TYPE_CHECKING:
+    from edgefleet.mqtt.fleetlink import FleetLink
+    from edgefleet.rollout.manager import RolloutManager
 
 from edgefleet.app.agent import Agent
 from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.delegation.serving import Serving
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.mqtt.fleetlink import FleetLink
 from edgefleet.plugin.manager import Plugins
 from edgefleet.protocol import Topics
-from edgefleet.rollout.manager import RolloutManager
 from edgefleet.runtime.sdnotify import Notifier, Watchdog
 from edgefleet.runtime.sinks import Sink
 
@@ -67,6 +70,10 @@ class Daemon:
         config, agent = self.config, self.agent
         core = config.core
         if config.fleet is not None:
+            # Deferred: an agent without a fleet link never loads MQTT or the release crypto
+            # (about 10 MB of a small board's memory).
+            from edgefleet.mqtt.fleetlink import FleetLink
+
             self.fleet = FleetLink(
                 config.fleet,
                 agent,
@@ -85,6 +92,8 @@ class Daemon:
         if serving is None or pipeline is None:
             raise RuntimeError("the agent started without serving or a loop")
         if config.rollout is not None:
+            from edgefleet.rollout.manager import RolloutManager
+
             self.rollout = RolloutManager(
                 serving,
                 pipeline.stats,

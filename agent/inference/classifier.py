@@ -273,18 +273,19 @@ class Classifier:
         return self.invoke()
 
     def top(self, scores: np.ndarray, k: int, threshold: float = 0.0) -> list[Label]:
+        """The ``k`` best classes at or above ``threshold``, best first (per frame: kept cheap,
+        one selection and one conversion to Python numbers, no numpy scalar per label)."""
         k = min(k, scores.size)
-        idx = np.argpartition(scores, -k)[-k:]
-        idx = idx[np.argsort(scores[idx])[::-1]]
+        part = np.argpartition(scores, scores.size - k)[-k:]
+        best = part[np.argsort(scores[part])[::-1]]
         labels = self.info.labels
         offset = 1 if labels is not None and len(labels) == self.num_classes + 1 else 0
         out = []
-        for i in idx:
-            score = float(scores[i])
+        for i, score in zip(best.tolist(), scores[best].tolist(), strict=True):
             if score < threshold:
                 break
-            name = labels[i + offset] if labels is not None else str(int(i))
-            out.append(Label(label=name, index=int(i), score=min(1.0, max(0.0, score))))
+            name = labels[i + offset] if labels is not None else str(i)
+            out.append(Label(label=name, index=i, score=min(1.0, max(0.0, score))))
         return out
 
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -102,6 +102,18 @@ class Incoming:
     payload: bytes
     response_topic: str | None
     correlation: bytes | None
+
+
+@runtime_checkable
+class _Encodable(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+def _as_json(value: object) -> dict[str, Any]:
+    """Objects queued as they are (results) are encoded here, on the outbox thread."""
+    if isinstance(value, _Encodable):
+        return value.to_dict()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -576,9 +588,16 @@ class MqttLink:
             seq = self.spool.next_seq()
             body = {**body, "device": self.s.device, "boot_id": self.s.boot_id, "mseq": seq}
             body.setdefault("ts", time.time())
-            topic = self.topics.spooled(kind)
-            payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-            items.append((seq, topic, payload, self.s.qos))
+            try:
+                payload = json.dumps(
+                    body, separators=(",", ":"), ensure_ascii=False, default=_as_json
+                ).encode()
+            except (TypeError, ValueError) as exc:
+                # One message a plugin made unencodable costs that message, never the others
+                # (its mseq stays unused: the floor tells the collector not to wait for it).
+                log.error("message not encodable, dropped", kind=kind, error=str(exc))
+                continue
+            items.append((seq, self.topics.spooled(kind), payload, self.s.qos))
         self.spool.put_many(items)
 
     def _apply_acks(self) -> None:

@@ -2,7 +2,8 @@
 
 The report policy decides per result whether it is sent; wanted results are batched and
 handed to the link, which spools them on disk before publishing. ``emit`` runs on the loop
-thread and only appends to memory.
+thread and only appends to memory: the results stay objects until the link's outbox thread
+encodes them with the rest of the message.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class ReportState:
     def __init__(self, policy: ReportPolicy) -> None:
         self.policy = policy
         self.lock = threading.Lock()
-        self.batch: list[dict[str, Any]] = []
+        self.batch: list[Result] = []
         self.batch_started = 0.0
         self.last_label: str | None = None
         self.last_sent = float("-inf")
@@ -56,14 +57,14 @@ class ReportState:
         self.last_sent = now
         return True
 
-    def add(self, result: Result, now: float) -> list[dict[str, Any]] | None:
+    def add(self, result: Result, now: float) -> list[Result] | None:
         """Add a wanted result; the batch to send when it is complete."""
         if not self.batch:
             self.batch_started = now
-        self.batch.append(result.to_dict())
+        self.batch.append(result)
         return self.take_if_due(now)
 
-    def take_if_due(self, now: float) -> list[dict[str, Any]] | None:
+    def take_if_due(self, now: float) -> list[Result] | None:
         if not self.batch:
             return None
         policy = self.policy
@@ -105,7 +106,7 @@ class Reporter(Sink):
     def status_text(self) -> str:
         return f"broker {self.link.state}"
 
-    def _send(self, batch: list[dict[str, Any]] | None) -> None:
+    def _send(self, batch: list[Result] | None) -> None:
         if batch:
             self.link.enqueue("predictions", {"results": batch})
 

@@ -25,6 +25,12 @@ class SyntheticConfig(PluginConfig):
     variants: int = Field(default=8, ge=1, le=256, description="distinct frames in the cycle")
 
 
+def _level(channel: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> [0, 255] (assigned into a uint8 frame: truncated, as ``astype`` does)."""
+    result: np.ndarray = ((channel + 1.0) * 127.5).clip(0, 255)
+    return result
+
+
 class SyntheticSource(ThreadedSource):
     def __init__(self, config: SyntheticConfig) -> None:
         super().__init__("synthetic", fps=config.fps)
@@ -42,11 +48,13 @@ class SyntheticSource(ThreadedSource):
         for _ in range(cfg.variants):
             a, b, c = rng.uniform(0.5, 6.0, 3)
             phase = rng.uniform(0, 2 * np.pi, 3)
-            r = np.sin(a * xs * np.pi + phase[0]) * np.cos(b * ys * np.pi)
-            g = np.sin(b * ys * np.pi + phase[1]) + 0 * xs
-            bl = np.cos(c * (xs + ys) * np.pi + phase[2])
-            img = np.stack([r + 0 * ys, g, bl + 0 * ys], axis=-1)
-            self._frames.append(((img + 1.0) * 127.5).clip(0, 255).astype(np.uint8))
+            # One channel at a time, straight into the uint8 frame: the float temporaries of
+            # a whole frame would be most of the agent's peak memory at start.
+            img = np.empty((cfg.height, cfg.width, 3), dtype=np.uint8)
+            img[..., 0] = _level(np.sin(a * xs * np.pi + phase[0]) * np.cos(b * ys * np.pi))
+            img[..., 1] = _level(np.sin(b * ys * np.pi + phase[1]) + 0 * xs)
+            img[..., 2] = _level(np.cos(c * (xs + ys) * np.pi + phase[2]))
+            self._frames.append(img)
 
     def read(self) -> tuple[np.ndarray, str]:
         if self.config.frames is not None and self._n >= self.config.frames:
