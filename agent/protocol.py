@@ -74,15 +74,17 @@ class Rollout:
     VERIFYING: Final = "verifying"
     PREFLIGHT: Final = "preflight"
     ACTIVATING: Final = "activating"
+    SHADOW: Final = "shadow"  # runs beside the active model on sampled frames, not serving
     ACTIVE: Final = "active"
     FAILED: Final = "failed"
     ROLLED_BACK: Final = "rolled_back"
-    TERMINAL: Final = (ACTIVE, FAILED, ROLLED_BACK)
+    REJECTED: Final = "rejected"  # the shadow phase's figures did not meet the release's rules
+    TERMINAL: Final = (ACTIVE, FAILED, ROLLED_BACK, REJECTED)
 
 
 RolloutState = Literal[
-    "received", "downloading", "verifying", "preflight", "activating", "active", "failed",
-    "rolled_back",
+    "received", "downloading", "verifying", "preflight", "shadow", "activating", "active",
+    "failed", "rolled_back", "rejected",
 ]  # fmt: skip
 
 
@@ -142,11 +144,18 @@ class Topics:
     def desired(self) -> str:
         return self._dev("model/desired")
 
+    @property
+    def decision(self) -> str:
+        return self._dev("model/decision")
+
     def group_commands(self, group: str) -> str:
         return f"{self.prefix}/groups/{group}/cmd/+"
 
     def group_desired(self, group: str) -> str:
         return f"{self.prefix}/groups/{group}/model/desired"
+
+    def group_decision(self, group: str) -> str:
+        return f"{self.prefix}/groups/{group}/model/decision"
 
     def reply(self, request_id: str) -> str:
         return self._dev(f"reply/{request_id}")
@@ -217,6 +226,15 @@ class FleetTopics:
             return self.device(name).desired
         if kind == "group":
             return Topics(self.prefix, "").group_desired(name)
+        raise ValueError(f"target {target!r}: use device:ID or group:NAME")
+
+    def decision(self, target: str) -> str:
+        """The retained operator decision topic (shadow phases) of ``device:ID``/``group:NAME``."""
+        kind, _, name = target.partition(":")
+        if kind == "device":
+            return self.device(name).decision
+        if kind == "group":
+            return Topics(self.prefix, "").group_decision(name)
         raise ValueError(f"target {target!r}: use device:ID or group:NAME")
 
     def group_command_filter(self, group: str) -> str:
@@ -368,6 +386,22 @@ class VariantSpec(_Input):
     latency_budget_ms: float | None = Field(default=None, gt=0)
 
 
+class ShadowSpec(_Input):
+    """A shadow phase: the candidate runs beside the active model before it may serve."""
+
+    samples: int = Field(ge=1, le=100_000, description="frames to compare")
+    interval_s: float = Field(default=2.0, ge=0.05, le=3600, description="at most one per")
+    max_duration_s: float = Field(default=3600.0, gt=0, description="decide by then")
+    mode: Literal["auto", "manual"] = Field(
+        default="auto", description="auto: the rules decide; manual: an operator's decision"
+    )
+    min_agreement: float | None = Field(default=None, ge=0, le=1, description="top-1 share")
+    max_latency_ratio: float | None = Field(
+        default=None, gt=0, description="candidate p50 / active p50"
+    )
+    max_errors: int = Field(default=0, ge=0)
+
+
 class Manifest(_Input):
     """``.../model/desired`` (retained): a signed release (see ``edgefleet.rollout.release``)."""
 
@@ -379,13 +413,20 @@ class Manifest(_Input):
     min_agent_version: str = "0.0.0"
     rollback: bool = Field(default=False, description="explicitly allow a lower version")
     variants: list[VariantSpec] = Field(min_length=1)
+    shadow: ShadowSpec | None = Field(default=None, description="a shadow phase first")
     key_id: str = Field(min_length=1, max_length=64)
     signature: str = ""
 
     def canonical(self) -> bytes:
-        """What the signature covers: everything but the signature, sorted, compact, UTF-8."""
+        """What the signature covers: everything but the signature, sorted, compact, UTF-8.
+
+        A release without a shadow phase leaves the key out, so manifests signed before the
+        key existed still verify.
+        """
         body = self.model_dump(mode="json", exclude={"signature"})
-        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if body.get("shadow") is None:
+            body.pop("shadow", None)
+        return _canonical(body)
 
     def variant_for(self, kinds: list[str]) -> VariantSpec | None:
         """The first variant (in the device's preference order) it can run."""
@@ -396,6 +437,23 @@ class Manifest(_Input):
         return next((v for v in self.variants if v.kind == ANY_KIND), None)
 
 
+class Decision(_Input):
+    """``.../model/decision`` (retained): an operator's signed verdict on a manual shadow phase."""
+
+    rollout_id: str = Field(min_length=1, max_length=64)
+    action: Literal["promote", "reject"]
+    created: float
+    key_id: str = Field(min_length=1, max_length=64)
+    signature: str = ""
+
+    def canonical(self) -> bytes:
+        return _canonical(self.model_dump(mode="json", exclude={"signature"}))
+
+
+def _canonical(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "Status": Status,
     "Predictions": Predictions,
@@ -404,4 +462,5 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "RolloutStatus": RolloutStatus,
     "Ack": Ack,
     "Manifest": Manifest,
+    "Decision": Decision,
 }

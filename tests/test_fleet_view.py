@@ -382,3 +382,21 @@ def test_the_fast_json_is_the_fleet(view: FleetView, clock: Clock) -> None:
     assert fast == view.fleet()
     assert [r["state"] for r in fast["devices"]] == ["offline", "stale"]
     assert fast["devices"][1]["age_s"] == 103.0
+
+
+def test_shadow_phases_show_per_device_and_per_release(view: FleetView) -> None:
+    for name, agreement in (("a", 0.99), ("b", 0.95), ("c", 0.97)):
+        view.on_status(name, _status())
+        view.on_rollout(
+            name,
+            {"state": "shadow", "name": "m", "version": 2, "awaiting_decision": name == "c",
+             "shadow": {"samples": 40, "target": 300, "agreement": agreement}},
+        )  # fmt: skip
+    rows = {r["device"]: r for r in view.rows()}
+    assert rows["a"]["rollout"]["shadow"] == {
+        "samples": 40, "target": 300, "agreement": 0.99, "latency_ratio": None
+    }  # fmt: skip
+    assert rows["c"]["rollout"]["awaiting_decision"] is True
+    summary = view.fleet()["summary"]
+    assert summary["shadow"] == {"m v2": {"devices": 3, "min": 0.95, "median": 0.97, "max": 0.99}}
+    assert summary["rollouts"] == {"shadow": 3}

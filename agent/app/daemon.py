@@ -20,10 +20,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-if TYPE_CHECKING:
-    from edgefleet.mqtt.fleetlink import FleetLink
-    from edgefleet.rollout.manager import RolloutManager
-
 from edgefleet.app.agent import Agent
 from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.delegation.serving import Serving
@@ -34,9 +30,26 @@ from edgefleet.protocol import Topics
 from edgefleet.runtime.sdnotify import Notifier, Watchdog
 from edgefleet.runtime.sinks import Sink
 
+if TYPE_CHECKING:
+    from edgefleet.mqtt.fleetlink import FleetLink
+    from edgefleet.rollout.manager import RolloutManager
+    from edgefleet.rollout.shadow import Sample, Sampler
+    from edgefleet.runtime.pipeline import Pipeline
+
+
+def _sampler(pipeline: Pipeline) -> Sampler:
+    """The newest classified frame with the active model's result for it (shadow phases)."""
+
+    def sample() -> Sample | None:
+        frame, result = pipeline.last_frame, pipeline.last_result
+        if frame is None or result is None or result.frame != frame.index:
+            return None
+        return frame.image, result
+
+    return sample
+
+
 log = structlog.get_logger(__name__)
-
-
 RELOAD_RECORD = "reload.json"
 
 
@@ -102,7 +115,9 @@ class Daemon:
                 core.state_dir,
                 Topics(config.fleet.prefix if config.fleet else "", core.device.id),
                 list(core.device.groups),
+                sampler=_sampler(pipeline),
             )
+            self.fleet.extras["shadow"] = self.rollout.shadow_figures
             for topic in self.rollout.subscriptions:
                 link.route(topic, self.rollout.on_message)
             link.route(self.rollout.chunk_filter, self.rollout.on_message, subscribe=False)

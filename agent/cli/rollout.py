@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
     from edgefleet.fleet.publish import Broker
-    from edgefleet.protocol import Manifest
+    from edgefleet.protocol import Manifest, ShadowSpec
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
 BROKER_ENV = "EDGEFLEET_BROKER"
@@ -80,7 +80,13 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         rollback=args.rollback,
         expected_top1=args.expected_top1,
+        shadow=_shadow_spec(args),
     )
+    if manifest.shadow is not None:
+        # Devices finish their shadow phase before a wave or a wait may end.
+        margin = manifest.shadow.max_duration_s + 600
+        args.wait_timeout = max(args.wait_timeout, margin)
+        args.wave_timeout = max(args.wave_timeout, margin)
     console = Console(stderr=True)
     broker = _operator(args)
     try:
@@ -106,6 +112,50 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
     finally:
         broker.close()
     return _summary(states, devices, console)
+
+
+def _shadow_spec(args: argparse.Namespace) -> ShadowSpec | None:
+    from pydantic import ValidationError
+
+    from edgefleet.protocol import ShadowSpec
+
+    if args.shadow is None:
+        if args.manual or args.min_agreement is not None or args.max_latency_ratio is not None:
+            raise UserError("--manual, --min-agreement and --max-latency-ratio need --shadow N")
+        return None
+    try:
+        return ShadowSpec(
+            samples=args.shadow,
+            interval_s=args.shadow_interval,
+            max_duration_s=args.shadow_max_duration,
+            mode="manual" if args.manual else "auto",
+            min_agreement=args.min_agreement,
+            max_latency_ratio=args.max_latency_ratio,
+            max_errors=args.max_errors,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise UserError(f"--{first['loc'][0]}: {first['msg']}".replace("_", "-")) from None
+
+
+def cmd_rollout_decide(args: argparse.Namespace) -> int:
+    from edgefleet.fleet.publish import publish_decision
+
+    broker = _operator(args)
+    try:
+        publish_decision(
+            broker,
+            args.rollout_id,
+            args.action,
+            args.target,
+            Path(args.key),
+            args.key_id or Path(args.key).stem,
+            args.prefix,
+        )
+    finally:
+        broker.close()
+    print(f"{args.action} of rollout {args.rollout_id} published to {', '.join(args.target)}")
+    return 0
 
 
 def _fan_out(broker: Broker, manifest: Manifest, args: argparse.Namespace) -> list[str]:
@@ -152,12 +202,13 @@ def _progress_table(devices: list[str], states: dict[str, dict[str, Any]]) -> Re
     table = Table(title=", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for column in ("device", "state", "progress"):
         table.add_column(column)
+    from edgefleet.fleet.publish import shadow_text
+
     for device in devices[:40]:
         state = states.get(device, {})
         progress = state.get("progress")
-        table.add_row(
-            device, str(state.get("state", "waiting")), f"{progress}%" if progress else ""
-        )
+        shown = shadow_text(state) or (f"{progress}%" if progress else "")
+        table.add_row(device, str(state.get("state", "waiting")), shown)
     return table
 
 
@@ -235,7 +286,7 @@ def _status_table(rows: list[dict[str, Any]]) -> RenderableType:
             row["active"],
             row["desired"],
             row["state"],
-            f"{progress}%" if progress != "" else "",
+            progress if isinstance(progress, str) else f"{progress}%",
             row["reason"],
             f"{age:.0f} s" if age is not None else "",
         )
@@ -341,7 +392,9 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     pub.add_argument(
         "--wave-timeout", type=argtypes.positive_float, default=600.0, help="s per wave"
     )
+    _add_shadow_arguments(pub)
     pub.set_defaults(func=cmd_rollout_publish)
+    _add_decision_commands(rsub, common)
     status = rsub.add_parser(
         "status", parents=[common], help="the fleet: desired vs active", formatter_class=fmt
     )
@@ -354,3 +407,54 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     clear.add_argument("name", type=argtypes.name)
     clear.add_argument("version", type=argtypes.version)
     clear.set_defaults(func=cmd_rollout_clear)
+
+
+def _add_shadow_arguments(pub: argparse.ArgumentParser) -> None:
+    shadow = pub.add_argument_group("shadow phase (docs/protocol.md#shadow-phases)")
+    shadow.add_argument(
+        "--shadow",
+        type=argtypes.int_between(1, 100_000),
+        metavar="N",
+        help="compare the candidate with the active model on N sampled frames first",
+    )
+    shadow.add_argument(
+        "--shadow-interval", type=argtypes.positive_float, default=2.0, help="s between samples"
+    )
+    shadow.add_argument(
+        "--shadow-max-duration",
+        type=argtypes.positive_float,
+        default=3600.0,
+        help="decide after this many seconds at the latest",
+    )
+    shadow.add_argument("--min-agreement", type=argtypes.rate, help="top-1 agreement, 0..1")
+    shadow.add_argument(
+        "--max-latency-ratio", type=argtypes.positive_float, help="candidate p50 / active p50"
+    )
+    shadow.add_argument(
+        "--max-errors", type=argtypes.int_between(0), default=0, help="candidate failures"
+    )
+    shadow.add_argument(
+        "--manual", action="store_true", help="wait for `rollout promote|reject` instead of rules"
+    )
+
+
+def _add_decision_commands(
+    rsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
+    for action in ("promote", "reject"):
+        decide = rsub.add_parser(
+            action,
+            parents=[common],
+            help=f"{action} a candidate in its shadow phase (signed, like a release)",
+        )
+        decide.add_argument("rollout_id", help="the rollout id `rollout publish` printed")
+        decide.add_argument(
+            "--target",
+            required=True,
+            action="append",
+            type=argtypes.target,
+            help="device:ID or group:NAME (repeatable)",
+        )
+        decide.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+        decide.add_argument("--key-id", help="the key id devices trust (default: file name)")
+        decide.set_defaults(func=cmd_rollout_decide, action=action)

@@ -49,6 +49,7 @@ def add_groups_to_acl(acl: Path, device: str, groups: list[str], prefix: str) ->
     for group in groups:
         lines.append(f"topic read {topics.group_command_filter(group)}")
         lines.append(f"topic read {topics.desired(f'group:{group}')}")
+        lines.append(f"topic read {topics.decision(f'group:{group}')}")
     _append_block(acl, device, lines)
 
 
@@ -65,6 +66,8 @@ def role_rights(role: str, prefix: str) -> list[str]:
             # readwrite: `rollout status` and `rollout clear` read desired states
             f"topic readwrite {topics.every_device('model/desired')}",
             f"topic readwrite {topics.every_group('model/desired')}",
+            f"topic readwrite {topics.every_device('model/decision')}",
+            f"topic readwrite {topics.every_group('model/decision')}",
             f"topic readwrite {prefix}/models/#",
             f"topic read {prefix}/devices/#",
         ]

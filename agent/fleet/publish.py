@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,9 +25,11 @@ from edgefleet.inference.modelfile import is_tflite
 from edgefleet.mqtt.link import parse_url
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
+    Decision,
     FleetTopics,
     Manifest,
     Rollout,
+    ShadowSpec,
     VariantSpec,
     loads,
 )
@@ -123,6 +125,7 @@ def build_release(
     min_agent_version: str = "0.1.0",
     rollback: bool = False,
     expected_top1: str | None = None,
+    shadow: ShadowSpec | None = None,
 ) -> tuple[Manifest, dict[str, bytes]]:
     """Sign a manifest for the given variant files; also returns each variant's bytes."""
     variants: list[VariantSpec] = []
@@ -147,6 +150,8 @@ def build_release(
     now = time.time()
     # The same release always has the same id, so a re-run of a wave rollout continues.
     identity = "|".join([name, str(version), *(v.sha256 for v in variants)])
+    if shadow is not None:  # other rules make another release
+        identity += "|" + shadow.model_dump_json()
     manifest = Manifest(
         rollout_id=hashlib.sha256(identity.encode()).hexdigest()[:16],
         name=name,
@@ -156,9 +161,35 @@ def build_release(
         min_agent_version=min_agent_version,
         rollback=rollback,
         variants=variants,
+        shadow=shadow,
         key_id=key_id,
     )
     return sign(manifest, load_private_key(key_path)), blobs
+
+
+def publish_decision(
+    broker: Broker,
+    rollout_id: str,
+    action: Literal["promote", "reject"],
+    targets: list[str],
+    key_path: Path,
+    key_id: str,
+    prefix: str = DEFAULT_PREFIX,
+) -> Decision:
+    """Sign and publish (retained) an operator's verdict on a manual shadow phase."""
+    decision = sign(
+        Decision(rollout_id=rollout_id, action=action, created=time.time(), key_id=key_id),
+        load_private_key(key_path),
+    )
+    topics = FleetTopics(prefix)
+    try:
+        names = [topics.decision(target) for target in targets]
+    except ValueError as exc:
+        raise UserError(f"--target: {exc}") from None
+    body = decision.model_dump_json().encode()
+    for topic in names:
+        broker.publish(topic, body).wait_for_publish(30)
+    return decision
 
 
 def desired_topic(prefix: str, target: str) -> str:
@@ -374,6 +405,18 @@ def run_waves(
     return True
 
 
+def shadow_text(state: dict[str, Any]) -> str:
+    """``12/300 agree 98.2%`` for a rollout state with shadow figures; else empty."""
+    shadow = state.get("shadow")
+    if not isinstance(shadow, dict):
+        return ""
+    agreement = shadow.get("agreement")
+    agree = f"{agreement:.1%}" if isinstance(agreement, (int, float)) else "-"
+    target = shadow.get("target", "?")
+    waiting = ", awaiting decision" if state.get("awaiting_decision") else ""
+    return f"{shadow.get('samples', 0)}/{target} agree {agree}{waiting}"
+
+
 def fleet_view(
     broker: Broker, prefix: str = DEFAULT_PREFIX, seconds: float = 1.5
 ) -> list[dict[str, Any]]:
@@ -404,7 +447,7 @@ def fleet_view(
                 "active": f"{model.get('name')} v{model.get('version')}" if model else "",
                 "desired": f"{want.get('name')} v{want.get('version')}" if want else "",
                 "state": ro.get("state", ""),
-                "progress": ro.get("progress", ""),
+                "progress": shadow_text(ro) or ro.get("progress", ""),
                 "reason": ro.get("reason", ""),
                 "age_s": round(now - ts, 1) if ts else None,
             }

@@ -287,12 +287,7 @@ class FleetView:
             "desired": {"name": want.get("name"), "version": want.get("version")} if want else None,
             "converged": not want
             or (model.get("name"), model.get("version")) == (want.get("name"), want.get("version")),
-            "rollout": {
-                key: record.rollout.get(key)
-                for key in ("state", "progress", "reason", "name", "version", "ts")
-            }
-            if record.rollout
-            else None,
+            "rollout": _rollout(record.rollout) if record.rollout else None,
             "delegate": _delegate_kind(metrics.get("delegate") or status.get("delegate")) or None,
             "fps": _num(metrics.get("fps")) if live else None,
             "inferences": _num(metrics.get("inferences")),
@@ -396,6 +391,17 @@ class FleetView:
             return out
 
 
+def _rollout(state: dict[str, Any]) -> dict[str, Any]:
+    out = {key: state.get(key) for key in ("state", "progress", "reason", "name", "version", "ts")}
+    shadow = state.get("shadow")
+    if isinstance(shadow, dict):
+        out["shadow"] = {
+            key: shadow.get(key) for key in ("samples", "target", "agreement", "latency_ratio")
+        }
+        out["awaiting_decision"] = bool(state.get("awaiting_decision"))
+    return out
+
+
 def _delegate_kind(delegate: object) -> str:
     if not isinstance(delegate, dict):
         return ""
@@ -448,6 +454,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             rollouts[rollout["state"]] = rollouts.get(rollout["state"], 0) + 1
     return {
         "devices": len(rows),
+        "shadow": _shadow_summary(rows),
         "by_state": by_state,
         "by_model": by_model,
         "by_delegate": by_delegate,
@@ -455,4 +462,24 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "fps_total": round(sum(r["fps"] or 0.0 for r in rows), 1),
         "throttled": sum(bool(r["throttled"]) for r in rows),
         "not_converged": sum(not r["converged"] for r in rows),
+    }
+
+
+def _shadow_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per release in a shadow phase (or just decided): how the devices' agreements spread."""
+    found: dict[str, list[float]] = {}
+    for row in rows:
+        rollout = row["rollout"] or {}
+        agreement = (rollout.get("shadow") or {}).get("agreement")
+        if isinstance(agreement, (int, float)):
+            key = f"{rollout.get('name')} v{rollout.get('version')}"
+            found.setdefault(key, []).append(float(agreement))
+    return {
+        key: {
+            "devices": len(values),
+            "min": min(values),
+            "median": sorted(values)[len(values) // 2],
+            "max": max(values),
+        }
+        for key, values in found.items()
     }

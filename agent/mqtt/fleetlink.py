@@ -9,6 +9,7 @@ on ``link``. What the link reads of the agent goes through the ``AgentView`` por
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,6 +107,9 @@ class FleetLink:
             ).messages,
         )
         self.reporter = Reporter(self.link, cfg.report)
+        # More parts of the metrics message, by key, from what rides on the link (rollouts'
+        # shadow phase); a part that returns None is left out.
+        self.extras: dict[str, Callable[[], dict[str, Any] | None]] = {}
         self.commands = CommandHandler(agent, self.reporter.report, cfg.max_command_bytes)
 
     def start(self) -> None:
@@ -166,6 +170,10 @@ class FleetLink:
         body["link"] = self.link.stats()
         body["report"] = {"skipped": self.reporter.report.skipped}
         body["health"] = health.collect(self.state_dir)
+        for key, part in self.extras.items():
+            value = part()
+            if value is not None:
+                body[key] = value
         return body
 
     def _tick(self) -> None:

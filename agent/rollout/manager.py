@@ -1,17 +1,20 @@
 """The device side of model rollouts: a state machine fed by MQTT, off the hot path.
 
-received -> downloading (percent) -> verifying -> preflight -> activating -> active;
-or failed (reason) / rolled_back (reason). Each state is published retained on
-``{prefix}/devices/{id}/rollout``. The desired manifest arrives retained on
-``{prefix}/devices/{id}/model/desired`` or ``{prefix}/groups/{group}/model/desired`` (a
-device-level manifest wins over its groups'); chunks arrive retained on
-``{prefix}/models/{name}/{version}/{variant}/{index}``.
+received -> downloading (percent) -> verifying -> preflight -> [shadow] -> activating ->
+active; or failed (reason) / rolled_back (reason) / rejected (shadow figures, reason). Each
+state is published retained on ``{prefix}/devices/{id}/rollout``. The desired manifest
+arrives retained on ``{prefix}/devices/{id}/model/desired`` or
+``{prefix}/groups/{group}/model/desired`` (a device-level manifest wins over its groups');
+chunks arrive retained on ``{prefix}/models/{name}/{version}/{variant}/{index}``.
 
 Every check that needs no download (signature, expiry, version, size, variant) runs first;
 each chunk is verified against its hash as it arrives and kept on disk, so an interrupted
 download resumes with what it has; the whole file is verified again, stored by content hash,
 loaded and self-tested with the running delegate, then swapped in between two frames. A
-health window follows; failing it swaps the previous model back.
+release may first ask for a shadow phase (``edgefleet.rollout.shadow``): the candidate runs
+beside the active model on sampled frames until its rules, or a signed operator decision,
+promote or reject it. A health window follows activation; failing it swaps the previous
+model back.
 """
 
 from __future__ import annotations
@@ -42,15 +45,18 @@ from edgefleet.rollout.release import (
     ReleaseError,
     check_manifest,
     load_public_key,
+    parse_decision,
     parse_manifest,
     verify_signature,
 )
 from edgefleet.rollout.settings import RolloutSettings
+from edgefleet.rollout.shadow import Sampler, ShadowRun
 from edgefleet.rollout.store import ActiveModel, ModelStore
 from edgefleet.runtime.stats import LoopStats
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+SHADOW_REPORT_EVERY = 10  # samples between two retained shadow progress reports
 
 
 class ServingPort(Protocol):
@@ -104,6 +110,16 @@ class _Download:
 
 
 @dataclasses.dataclass
+class _Shadow:
+    manifest: Manifest
+    variant: VariantSpec
+    path: Path
+    latency: float  # preflight's, reported when it activates
+    run: ShadowRun
+    awaiting: bool = False  # manual mode: finished, waiting for the operator
+
+
+@dataclasses.dataclass
 class _Health:
     manifest: Manifest
     previous: ServingState
@@ -125,6 +141,7 @@ class RolloutManager:
         state_dir: Path,
         topics: Topics,
         groups: list[str],
+        sampler: Sampler | None = None,
     ) -> None:
         self.serving = serving
         self.stats = stats
@@ -140,11 +157,15 @@ class RolloutManager:
         }
         self.device_desired = topics.desired
         self.group_desired = [topics.group_desired(g) for g in groups]
+        self.decision_topics = [topics.decision, *(topics.group_decision(g) for g in groups)]
+        self.sampler = sampler
         self.state_topic = topics.rollout
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
         self._desired: dict[str, bytes] = {}
         self._download: _Download | None = None
         self._health: _Health | None = None
+        self._shadow: _Shadow | None = None
+        self._decisions: dict[str, bytes] = {}
         # Only authenticated releases are remembered by rollout_id; payloads that did not
         # parse or verify are remembered by their own hash, so they can never shadow a
         # genuine release that reuses their rollout_id. Both memories are bounded.
@@ -157,8 +178,8 @@ class RolloutManager:
 
     @property
     def subscriptions(self) -> list[str]:
-        """Desired-state topics, subscribed on every connect."""
-        return [self.device_desired, *self.group_desired]
+        """Desired-state and decision topics, subscribed on every connect."""
+        return [self.device_desired, *self.group_desired, *self.decision_topics]
 
     @property
     def chunk_filter(self) -> str:
@@ -209,7 +230,10 @@ class RolloutManager:
                 log.exception("rollout step failed")
 
     def _handle(self, incoming: Incoming) -> None:
-        if incoming.topic in self.subscriptions:
+        if incoming.topic in self.decision_topics:
+            self._decisions[incoming.topic] = incoming.payload
+            self._take_decision()
+        elif incoming.topic in self.subscriptions:
             self._desired[incoming.topic] = incoming.payload
             self._consider_desired()
         elif self._download is not None and incoming.topic.startswith(self._download.topic[:-1]):
@@ -267,9 +291,21 @@ class RolloutManager:
             if self.state.get("rollout_id") != manifest.rollout_id:
                 self._publish(Rollout.ACTIVE, manifest, note="the desired release is active")
             return None
-        if download is not None and not self._supersede(download, manifest, digest):
+        superseded = download is None or self._supersede(download, manifest, digest)
+        if not superseded or not self._shadow_gives_way(manifest):
             return None
         return digest, manifest
+
+    def _shadow_gives_way(self, manifest: Manifest) -> bool:
+        """False while ``manifest``'s own shadow phase runs; a newer release ends a shadow."""
+        shadow = self._shadow
+        if shadow is None:
+            return True
+        if shadow.manifest.rollout_id == manifest.rollout_id:
+            return False  # the same release published again: its shadow phase goes on
+        self._shadow = None  # a newer desired release: the candidate never serves
+        log.info("shadow phase abandoned", rollout_id=shadow.manifest.rollout_id)
+        return True
 
     def _authenticated(self, payload: bytes, digest: str) -> Manifest | None:
         """The manifest if it parses and its signature verifies; else remembered by hash."""
@@ -405,8 +441,22 @@ class RolloutManager:
         except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
             self._fail(manifest, f"preflight: {exc}", retry=False)
             return
+        if manifest.shadow is not None:
+            self._begin_shadow(manifest, variant, path, classifier, latency)
+            return
+        self._activate(manifest, variant, path, classifier, latency)
+
+    def _activate(
+        self,
+        manifest: Manifest,
+        variant: VariantSpec,
+        path: Path,
+        classifier: Classifier,
+        latency: float,
+        **fields: Any,
+    ) -> None:
         info = dataclasses.replace(classifier.info, name=manifest.name, version=manifest.version)
-        self._publish(Rollout.ACTIVATING, manifest, latency_ms=round(latency, 2))
+        self._publish(Rollout.ACTIVATING, manifest, latency_ms=round(latency, 2), **fields)
         previous_record = self.store.active()
         previous = self.serving.activate(ServedModel(path, info), classifier)
         self.store.activate(
@@ -428,6 +478,111 @@ class RolloutManager:
             time.monotonic(),
         )
 
+    # -- shadow phase ---------------------------------------------------------------------------
+    def _begin_shadow(
+        self,
+        manifest: Manifest,
+        variant: VariantSpec,
+        path: Path,
+        classifier: Classifier,
+        latency: float,
+    ) -> None:
+        spec = manifest.shadow
+        if spec is None or self.sampler is None:
+            self._fail(manifest, "shadow phase asked for, but this agent cannot sample", False)
+            return
+        if self.serving.kinds()[0] == "edgetpu":
+            # Two models on one EdgeTPU evict each other's parameters from its memory.
+            self._fail(manifest, "shadow phases are not supported on an EdgeTPU yet", False)
+            return
+        run = ShadowRun(spec, classifier, self.sampler)
+        self._shadow = _Shadow(manifest, variant, path, latency, run)
+        self._publish(Rollout.SHADOW, manifest, shadow=self._shadow_report())
+        self._take_decision()  # one may be waiting already (retained)
+
+    def _shadow_report(self) -> dict[str, Any] | None:
+        shadow = self._shadow
+        if shadow is None:
+            return None
+        report = shadow.run.figures.report()
+        report.update(target=shadow.run.spec.samples, mode=shadow.run.spec.mode)
+        return report
+
+    def shadow_figures(self) -> dict[str, Any] | None:
+        """The shadow phase in progress, for the metrics message (any thread)."""
+        shadow = self._shadow
+        if shadow is None:
+            return None
+        return {"rollout_id": shadow.manifest.rollout_id, **(self._shadow_report() or {})}
+
+    def _shadow_step(self, shadow: _Shadow) -> None:
+        run = shadow.run
+        if run.due() and run.step() and run.figures.samples % SHADOW_REPORT_EVERY == 0:
+            self._publish(Rollout.SHADOW, shadow.manifest, shadow=self._shadow_report())
+        if not run.finished():
+            return
+        if run.spec.mode == "manual":
+            if not shadow.awaiting:
+                shadow.awaiting = True
+                self._publish(
+                    Rollout.SHADOW,
+                    shadow.manifest,
+                    shadow=self._shadow_report(),
+                    awaiting_decision=True,
+                    rules_met=not run.verdict(),
+                )
+            return
+        problems = run.verdict()
+        if problems:
+            self._reject(shadow, "; ".join(problems))
+        else:
+            self._promote(shadow, "the release's rules are met")
+
+    def _promote(self, shadow: _Shadow, why: str) -> None:
+        self._shadow = None
+        report = shadow.run.figures.report()
+        self._activate(
+            shadow.manifest,
+            shadow.variant,
+            shadow.path,
+            shadow.run.candidate,
+            shadow.latency,
+            shadow=report,
+            promoted=why,
+        )
+
+    def _reject(self, shadow: _Shadow, reason: str) -> None:
+        self._shadow = None
+        self._failed[shadow.manifest.rollout_id] = float("inf")
+        self._publish(
+            Rollout.REJECTED, shadow.manifest, reason=reason, shadow=shadow.run.figures.report()
+        )
+        self.store.gc()  # the candidate never served: its file goes
+        self._consider_desired()
+
+    def _take_decision(self) -> None:
+        """Apply an operator's signed decision on the shadow phase in progress, if any."""
+        shadow = self._shadow
+        if shadow is None:
+            return
+        for topic in self.decision_topics:
+            payload = self._decisions.get(topic)
+            if not payload:
+                continue
+            try:
+                decision = parse_decision(payload)
+                verify_signature(decision, self.trusted)
+            except ReleaseError as exc:
+                log.warning("decision refused", topic=topic, reason=str(exc))
+                continue
+            if decision.rollout_id != shadow.manifest.rollout_id:
+                continue
+            if decision.action == "promote":
+                self._promote(shadow, f"promoted by the operator (key {decision.key_id})")
+            else:
+                self._reject(shadow, f"rejected by the operator (key {decision.key_id})")
+            return
+
     def _tick(self) -> None:
         download = self._download
         if (
@@ -441,7 +596,11 @@ class RolloutManager:
         health = self._health
         if health is not None:
             self._check_health(health)
-        if self._download is None and self._health is None and self._retry_due():
+        shadow = self._shadow
+        if shadow is not None:
+            self._shadow_step(shadow)
+        idle = self._download is None and self._health is None and self._shadow is None
+        if idle and self._retry_due():
             self._consider_desired()
 
     def _retry_due(self) -> bool:

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.protocol import InputSpecRef, Manifest, VariantSpec, loads
+from edgefleet.protocol import Decision, InputSpecRef, Manifest, VariantSpec, loads
 
 MAX_MANIFEST_BYTES = 64 * 1024
 DEFAULT_CHUNK = 128 * 1024
@@ -84,7 +84,11 @@ def load_public_key(text: str) -> Ed25519PublicKey:
     return key
 
 
-def sign(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
+Signed = TypeVar("Signed", Manifest, Decision)
+
+
+def sign(manifest: Signed, key: Ed25519PrivateKey) -> Signed:
+    """A release manifest or an operator decision, signed."""
     signed = manifest.model_copy(update={"signature": ""})
     signature = key.sign(signed.canonical())
     return signed.model_copy(update={"signature": base64.b64encode(signature).decode()})
@@ -105,7 +109,17 @@ def parse_manifest(payload: bytes) -> Manifest:
         raise ReleaseError(f"malformed manifest: {loc}: {first['msg']}") from None
 
 
-def verify_signature(manifest: Manifest, trusted: dict[str, Ed25519PublicKey]) -> None:
+def parse_decision(payload: bytes) -> Decision:
+    """An operator's decision on a shadow phase; ReleaseError when it is not one."""
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise ReleaseError(f"decision of {len(payload)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    try:
+        return Decision.model_validate(loads(payload))
+    except (UnicodeDecodeError, ValueError) as exc:  # ValidationError is a ValueError
+        raise ReleaseError(f"malformed decision: {str(exc).splitlines()[0]}") from None
+
+
+def verify_signature(manifest: Manifest | Decision, trusted: dict[str, Ed25519PublicKey]) -> None:
     if not manifest.signature:
         raise ReleaseError("manifest is not signed")
     key = trusted.get(manifest.key_id)

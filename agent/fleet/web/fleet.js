@@ -32,18 +32,22 @@ function renderSummary() {
   const models = Object.entries(summary.by_model || {}).map(([m, n]) => `${m}: ${n}`).join(" · ");
   const delegates = Object.entries(summary.by_delegate || {}).map(([d, n]) => `${d}: ${n}`).join(" · ");
   const rollouts = Object.entries(summary.rollouts || {}).map(([s, n]) => `${s}: ${n}`).join(" · ");
+  const shadows = Object.entries(summary.shadow || {}).map(([r, a]) => `${r}: ${a.devices} devices, agreement ${(a.min * 100).toFixed(1)}-${(a.max * 100).toFixed(1)}% (median ${(a.median * 100).toFixed(1)}%)`).join(" · ");
   box.replaceChildren(
     ...cards.map(([name, value]) => el("div", { class: "card", "data-card": name }, el("b", {}, value), el("span", {}, name))),
     el("div", { class: "card" }, el("span", {}, "models"), el("div", { "data-card": "models" }, models || "–")),
     el("div", { class: "card" }, el("span", {}, "delegates"), el("div", {}, delegates || "–")),
     el("div", { class: "card" }, el("span", {}, "rollouts in progress"), el("div", { "data-card": "rollouts" }, rollouts || "none")),
+    ...(shadows ? [el("div", { class: "card" }, el("span", {}, "shadow phases"), el("div", { "data-card": "shadow" }, shadows))] : []),
   );
 }
 
 function rowNode(r) {
   const link = el("a", { href: `/device/${encodeURIComponent(r.device)}` }, r.device);
   const ro = r.rollout;
-  const rollout = ro ? `${ro.state}${ro.progress !== null && ro.progress !== undefined && ro.state === "downloading" ? ` ${(ro.progress * 100).toFixed(0)}%` : ""}${ro.reason ? ` (${ro.reason})` : ""}` : "";
+  const sh = ro && ro.shadow;
+  const shadow = sh ? ` ${sh.samples}/${sh.target ?? "?"} · agree ${sh.agreement === null ? "–" : (sh.agreement * 100).toFixed(1) + "%"}${ro.awaiting_decision ? " · awaiting decision" : ""}` : "";
+  const rollout = ro ? `${ro.state}${ro.progress !== null && ro.progress !== undefined && ro.state === "downloading" ? ` ${ro.progress}%` : ""}${shadow}${ro.reason ? ` (${ro.reason})` : ""}` : "";
   const model = r.desired && !r.converged ? `${modelText(r.model) || "none"} → ${modelText(r.desired)}` : modelText(r.model);
   const latency = r.latency_p50_ms === null ? "–" : `${num(r.latency_p50_ms, 1)} / ${num(r.latency_p99_ms, 1)} ms` + (r.latency_window ? ` (${r.latency_window} fr)` : "");
   const p = r.prediction;
