@@ -82,6 +82,7 @@ def main() -> int:
     args = parser.parse_args()
     cv2.setNumThreads(1)
     candidates = {"without": None, "int8 shadow": factory_model_path(), "fp32 shadow": FP32}
+
     def variant(path: Path | None) -> Callable[[], Run]:
         return lambda: loop(args.seconds, path, args.interval, args.threads)
 
