@@ -34,7 +34,7 @@ from edgefleet.inference.classifier import load_classifier
 from edgefleet.mqtt.fleetlink import link_settings
 from edgefleet.mqtt.link import LinkSettings, MqttLink
 from edgefleet.mqtt.reporter import Reporter
-from edgefleet.mqtt.settings import FleetConfig
+from edgefleet.mqtt.settings import FleetConfig, ReportPolicy
 from edgefleet.mqtt.spool import Spool
 from edgefleet.runtime.pipeline import Pipeline
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
@@ -142,7 +142,9 @@ def throughput(tmp: Path, port: int, count: int, ack_mode: str) -> tuple[float, 
     return stored / elapsed, stored
 
 
-def loop_ratio(tmp: Path, port: int, seconds: float, threads: int, rounds: int) -> str:
+def loop_ratio(
+    tmp: Path, port: int, seconds: float, threads: int, rounds: int, batch: int = 1
+) -> str:
     """Bare invoke against the pipeline reporting every result over MQTT, interleaved."""
     bare_clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
     buf = bare_clf.preprocessor.new_buffer()
@@ -156,7 +158,11 @@ def loop_ratio(tmp: Path, port: int, seconds: float, threads: int, rounds: int) 
         return 1
 
     def reporting() -> Run:
-        cfg = FleetConfig(url=f"mqtt://127.0.0.1:{port}", metrics_interval_s=1)
+        cfg = FleetConfig(
+            url=f"mqtt://127.0.0.1:{port}",
+            metrics_interval_s=1,
+            report=ReportPolicy(batch_max=batch, batch_ms=1000 if batch > 1 else 0),
+        )
         source = SyntheticSource(SyntheticConfig(fps=None, width=640, height=480))
         link = MqttLink(link_settings(cfg, "bench-loop", [], uuid.uuid4().hex, tmp), birth=dict)
         sink = Reporter(link, cfg.report)
@@ -177,7 +183,8 @@ def loop_ratio(tmp: Path, port: int, seconds: float, threads: int, rounds: int) 
     series = interleave({"bare": lambda: timed(invoke, seconds), "mqtt": reporting}, rounds)
     bare, mqtt = series["bare"], series["mqtt"]
     return (
-        f"loop with MQTT reporting (every result, QoS 1, spooled): {mqtt.rate:.1f}/s vs bare "
+        f"loop with MQTT reporting (every result, {batch} per message, QoS 1, spooled): "
+        f"{mqtt.rate:.1f}/s vs bare "
         f"invoke {bare.rate:.1f}/s, {ratio_text('ratio', mqtt, bare)}; CPU per frame "
         f"{mqtt.cpu_ms:.2f} vs {bare.cpu_ms:.2f} ms (threads={threads})"
     )
@@ -188,6 +195,7 @@ def main() -> int:
     parser.add_argument("--results", type=int, default=20000)
     parser.add_argument("--seconds", type=float, default=2.0, help="per variant and round")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=10, help="results per message, 2nd run")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     cv2.setNumThreads(1)
@@ -206,7 +214,8 @@ def main() -> int:
                 f"{mode:9} ack mode: {rate:8.0f} results/s end to end "
                 f"({stored}/{args.results} stored by the collector)"
             )
-        print(loop_ratio(tmp, port, args.seconds, args.threads, args.rounds))
+        for batch in (1, args.batch):
+            print(loop_ratio(tmp, port, args.seconds, args.threads, args.rounds, batch))
     return 0
 
 
