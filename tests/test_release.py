@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -413,3 +415,75 @@ def test_the_last_release_survivors(keys: tuple[Path, Path], tmp_path: Path) -> 
     (tmp_path / "taken").write_text("a file where the folder should be")
     with pytest.raises(UserError, match="cannot write keys to"):
         generate_keys(tmp_path / "taken", "k")
+
+
+def test_the_shadow_phase_is_signed_and_its_absence_changes_no_signature(
+    keys: tuple[Path, Path],
+) -> None:
+    from edgefleet.protocol import ShadowSpec
+    from edgefleet.rollout.release import verify_signature
+
+    plain = _manifest(keys)
+    assert b"shadow" not in plain.canonical()  # manifests signed before the key existed
+    shadowed = _manifest(keys, shadow=ShadowSpec(samples=300, min_agreement=0.95))
+    assert b'"shadow":{"interval_s":2.0' in shadowed.canonical()
+    verify_signature(shadowed, _trusted(keys))
+    # Loosening the rules after signing breaks the signature.
+    loosened = shadowed.model_copy(update={"shadow": ShadowSpec(samples=300, min_agreement=0.5)})
+    with pytest.raises(ReleaseError, match="bad signature"):
+        verify_signature(loosened, _trusted(keys))
+    dropped = shadowed.model_copy(update={"shadow": None})
+    with pytest.raises(ReleaseError, match="bad signature"):
+        verify_signature(dropped, _trusted(keys))
+
+
+@pytest.mark.parametrize(
+    ("rules", "field"),
+    [({"samples": 0}, "samples"), ({"samples": 100_001}, "samples"),
+     ({"samples": 1, "interval_s": 0.01}, "interval_s"),
+     ({"samples": 1, "min_agreement": 1.5}, "min_agreement"),
+     ({"samples": 1, "max_latency_ratio": 0}, "max_latency_ratio"),
+     ({"samples": 1, "mode": "later"}, "mode"), ({"samples": 1, "extra": 1}, "extra")],
+)  # fmt: skip
+def test_shadow_rules_are_bounded(
+    keys: tuple[Path, Path], rules: dict[str, Any], field: str
+) -> None:
+    signed = _manifest(keys).model_dump(mode="json")
+    signed["shadow"] = rules
+    with pytest.raises(ReleaseError, match=f"shadow.{field}"):
+        parse_manifest(json.dumps(signed).encode())
+
+
+def test_decisions_are_signed_like_releases(keys: tuple[Path, Path], tmp_path: Path) -> None:
+    from edgefleet.protocol import Decision
+    from edgefleet.rollout.release import parse_decision, verify_signature
+
+    decision = sign(
+        Decision(rollout_id="r1", action="promote", created=1.0, key_id="release"),
+        load_private_key(keys[0]),
+    )
+    parsed = parse_decision(decision.model_dump_json().encode())
+    verify_signature(parsed, _trusted(keys))
+    assert parsed.action == "promote"
+    flipped = parsed.model_copy(update={"action": "reject"})
+    with pytest.raises(ReleaseError, match="bad signature"):
+        verify_signature(flipped, _trusted(keys))
+    other, _ = generate_keys(tmp_path, "other")
+    foreign = sign(decision, load_private_key(other))
+    with pytest.raises(ReleaseError, match="bad signature"):
+        verify_signature(foreign, _trusted(keys))
+    unknown = sign(decision.model_copy(update={"key_id": "other"}), load_private_key(other))
+    with pytest.raises(ReleaseError, match="unknown key"):
+        verify_signature(unknown, _trusted(keys))
+    unsigned = decision.model_copy(update={"signature": ""})
+    with pytest.raises(ReleaseError, match="not signed"):
+        verify_signature(unsigned, _trusted(keys))
+    for payload, reason in (
+        (b"[]", "malformed decision"),
+        (b"{nope", "malformed decision"),
+        (b'{"rollout_id": "r1", "action": "maybe", "created": 1, "key_id": "k"}', "malformed"),
+        (b" " * (64 * 1024 + 1), "exceeds"),
+    ):
+        with pytest.raises(ReleaseError, match=reason):
+            parse_decision(payload)
+    assert parse_decision(b" " * 10 + decision.model_dump_json().encode()).rollout_id == "r1"

@@ -33,7 +33,18 @@ TARGETS: dict[str, tuple[list[tuple[str, set[str] | None]], list[str]]] = {
         [
             ("agent/rollout/release.py", None),
             # The manifest's models (and its canonical encoding) live with the protocol.
-            ("agent/protocol.py", {"InputSpecRef", "VariantSpec", "Manifest", "_Input"}),
+            (
+                "agent/protocol.py",
+                {
+                    "InputSpecRef",
+                    "VariantSpec",
+                    "ShadowSpec",
+                    "Manifest",
+                    "Decision",
+                    "_Input",
+                    "_canonical",
+                },
+            ),
         ],
         ["tests/test_release.py"],
     ),

@@ -197,7 +197,11 @@ def cmd_crl(args: argparse.Namespace) -> int:
 
 def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     collect = sub.add_parser("collect", help="store the fleet's reports in a database, ack them")
-    collect.add_argument("--broker", required=True, help="mqtt://host:port or mqtts://...")
+    collect.add_argument(
+        "--broker",
+        required=True,
+        help="mqtt://host:port or mqtts://...; a comma list names the brokers of one cluster",
+    )
     collect.add_argument(
         "--db",
         default="sqlite:///edgefleet-collector.db",

@@ -345,7 +345,9 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     rsub = rollout.add_subparsers(dest="rollout_command", required=True, metavar="ACTION")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--broker", help=f"mqtt[s]://host:port (default: ${BROKER_ENV}, else {DEFAULT_BROKER})"
+        "--broker",
+        help=f"mqtt[s]://host:port, or a comma list of a cluster's brokers "
+        f"(default: ${BROKER_ENV}, else {DEFAULT_BROKER})",
     )
     common.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
     common.add_argument("--username", help="the operator's broker user")

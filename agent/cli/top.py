@@ -173,7 +173,9 @@ def _fetch(fetch: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def add_top_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     top = sub.add_parser("top", help="the fleet live in the terminal, worst devices first")
     where = top.add_mutually_exclusive_group(required=True)
-    where.add_argument("--broker", help="read the broker directly (mqtt://host:port)")
+    where.add_argument(
+        "--broker", help="read the broker directly (mqtt://host:port; a comma list for a cluster)"
+    )
     where.add_argument("--collector", help="read a collector's dashboard (http://host:port)")
     top.add_argument("--token-file", help="the collector dashboard's token")
     top.add_argument("--prefix", default=DEFAULT_PREFIX)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import queue
+import random
 import sqlite3
 import threading
 import time
@@ -36,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.errors import UserError
 from edgefleet.fleet.view import FleetView
 from edgefleet.fleet.watch import feed
-from edgefleet.mqtt.link import parse_url
+from edgefleet.mqtt.link import next_broker, parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     MAX_JSON_DEPTH,
@@ -289,7 +290,11 @@ class Collector:
         self.say = say or (lambda _text: None)  # connection news for a person watching
         self._failures = 0
         self.store = Store(settings.db)
-        self.host, self.port, self.tls = parse_url(settings.broker)
+        # A comma list names brokers of one cluster: start at a random one, paho's own
+        # reconnection moves to the next after a failure.
+        self.brokers = parse_urls(settings.broker)
+        self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
+        self.host, self.port, self.tls = self.brokers[self._broker]
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
         self._stop = threading.Event()
         self.stored = 0
@@ -320,8 +325,14 @@ class Collector:
         client.on_disconnect = self._on_disconnect
         return client
 
-    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+    def _rotate(self, client: mqtt.Client) -> None:
+        if not self._stop.is_set():
+            self._broker = next_broker(client, self.brokers, self._broker)
+            self.host, self.port, _ = self.brokers[self._broker]
+
+    def _on_connect_fail(self, client: mqtt.Client, _userdata: Any) -> None:
         # paho retries with its backoff (1 s doubling to 10 s); say so, less often over time.
+        self._rotate(client)
         self._failures += 1
         if self._failures in (1, 2, 5) or self._failures % 30 == 0:
             self.say(
@@ -359,11 +370,12 @@ class Collector:
         self.say(f"collector: connected to {self.host}:{self.port}")
 
     def _on_disconnect(
-        self, _c: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
+        self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self.connected.clear()
         if not self._stop.is_set():
             log.warning("collector disconnected", reason=str(rc))
+            self._rotate(client)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.view is not None and self._watch(self.view, msg.topic, bytes(msg.payload)):

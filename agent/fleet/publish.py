@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import random
 import threading
 import time
 import uuid
@@ -22,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgefleet.errors import UserError
 from edgefleet.inference.classifier import inspect_model
 from edgefleet.inference.modelfile import is_tflite
-from edgefleet.mqtt.link import parse_url
+from edgefleet.mqtt.link import parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     Decision,
@@ -52,7 +53,9 @@ class Broker:
         password: str | None = None,
         ca: Path | None = None,
     ) -> None:
-        host, port, tls = parse_url(url)
+        brokers = parse_urls(url)
+        random.shuffle(brokers)  # several brokers of one cluster: any that answers
+        tls = brokers[0][2]
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-operator-{uuid.uuid4().hex[:8]}",
@@ -65,10 +68,15 @@ class Broker:
         self.messages: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.client.on_message = self._on_message
-        try:
-            self.client.connect(host, port, keepalive=30)
-        except OSError as exc:
-            raise UserError(f"cannot reach the broker at {host}:{port}: {exc}") from None
+        failures = []
+        for host, port, _ in brokers:
+            try:
+                self.client.connect(host, port, keepalive=30)
+                break
+            except OSError as exc:
+                failures.append(f"{host}:{port}: {exc}")
+        else:
+            raise UserError(f"cannot reach the broker at {'; '.join(failures)}")
         self.client.loop_start()
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:

@@ -7,6 +7,7 @@ collectors anywhere an operator has read access.
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.fleet.view import FleetView
-from edgefleet.mqtt.link import parse_url
+from edgefleet.mqtt.link import next_broker, parse_urls
 from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, loads
 
 log = structlog.get_logger(__name__)
@@ -74,7 +75,9 @@ class FleetWatcher:
     ) -> None:
         self.view = view
         self.prefix = prefix
-        self.host, self.port, tls = parse_url(url)
+        self.brokers = parse_urls(url)
+        self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
+        self.host, self.port, tls = self.brokers[self._broker]
         self.refused: str | None = None
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
@@ -88,6 +91,12 @@ class FleetWatcher:
         self.client.reconnect_delay_set(1, 10)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_connect_fail = lambda client, _u: self._rotate(client)
+        self.client.on_disconnect = lambda client, *_: self._rotate(client)
+
+    def _rotate(self, client: mqtt.Client) -> None:
+        if self.refused is None:
+            self._broker = next_broker(client, self.brokers, self._broker)
 
     def topics(self) -> list[str]:
         fleet = FleetTopics(self.prefix)

@@ -47,7 +47,8 @@ def link_settings(
 ) -> LinkSettings:
     tls = cfg.tls or TlsConfig()
     return LinkSettings(
-        url=cfg.url,
+        url=cfg.brokers()[0],
+        urls=cfg.brokers(),
         device=device,
         groups=groups,
         prefix=cfg.prefix,
@@ -86,7 +87,8 @@ class FleetLink:
         boot_id: str,
         state_dir: Path,
     ) -> None:
-        parse_url(cfg.url)  # a bad URL fails at start, with its reason
+        for url in cfg.brokers():
+            parse_url(url)  # a bad URL fails at start, with its reason
         self.agent = agent
         self.groups = groups
         self.state_dir = state_dir

@@ -82,6 +82,7 @@ class LinkSettings:
     max_inflight: int = 200
     resend_after_s: float = 30.0
     max_command_bytes: int = 64 * 1024
+    urls: list[str] | None = None  # a cluster's brokers; ``url`` alone when None
 
 
 @dataclass
@@ -126,6 +127,30 @@ def parse_url(url: str) -> tuple[str, int, bool]:
     return parts.hostname, parts.port or (8883 if tls else 1883), tls
 
 
+def parse_urls(text: str | list[str]) -> list[tuple[str, int, bool]]:
+    """Brokers of one cluster, from a list or a comma-separated string; one TLS mode for all."""
+    urls = [u.strip() for u in text.split(",")] if isinstance(text, str) else text
+    brokers = [parse_url(url) for url in urls if url]
+    if not brokers:
+        raise UserError("no broker URL given")
+    if len({tls for _, _, tls in brokers}) > 1:
+        raise UserError("broker URLs: use mqtt:// for all of them or mqtts:// for all of them")
+    return brokers
+
+
+def next_broker(client: mqtt.Client, brokers: list[tuple[str, int, bool]], index: int) -> int:
+    """Point paho's own reconnection at the next broker of the list; the new index."""
+    if len(brokers) < 2:
+        return index
+    index = (index + 1) % len(brokers)
+    host, port, _ = brokers[index]
+    try:
+        client.host, client.port = host, port
+    except RuntimeError:  # still connected: paho keeps the current one
+        return index - 1 if index else len(brokers) - 1
+    return index
+
+
 class MqttLink:
     """One device's connection to the broker; ``start`` once, ``stop`` once."""
 
@@ -156,7 +181,12 @@ class MqttLink:
         self._sends: collections.deque[_Send] = collections.deque()
         self._dynamic: set[str] = set()
         self._sub_requests: collections.deque[tuple[str, bool]] = collections.deque()
-        self.host, self.port, self.tls = parse_url(settings.url)
+        # Brokers of one cluster: start at a random one (a fleet spreads over the nodes),
+        # move to the next on failure, stay where it works.
+        self.brokers = [parse_url(url) for url in settings.urls or [settings.url]]
+        self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
+        self._failed_in_a_row = 0
+        self.host, self.port, self.tls = self.brokers[self._broker]
         self.spool = Spool(
             settings.spool_path,
             settings.boot_id,
@@ -315,6 +345,7 @@ class MqttLink:
     def stats(self) -> dict[str, Any]:
         return {
             "state": self.state,
+            "broker": f"{self.host}:{self.port}",
             "connects": self.connects,
             "refused": self.refused,
             "commands_dropped": self.commands_dropped,
@@ -368,6 +399,7 @@ class MqttLink:
         for topic, payload in self.announce() if self.announce is not None else []:
             client.publish(topic, payload, qos=1, retain=True)
         self.state = "online"
+        self._failed_in_a_row = 0
         self.online_since = time.time()
         self._epoch += 1
         self.online.set()
@@ -448,6 +480,7 @@ class MqttLink:
     def _run_net(self) -> None:
         delay = self.s.reconnect_min_s
         while not self._stop.is_set() and not self._closing.is_set():
+            self.host, self.port, self.tls = self.brokers[self._broker]
             client = self._make_client()
             client.will_set(self.topics.status, self._status_payload("offline"), qos=1, retain=True)
             with self._lock:
@@ -462,7 +495,7 @@ class MqttLink:
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self.state, self.last_error = "unreachable", str(exc)
-                delay = self._wait_retry(delay, f"broker unreachable: {exc}")
+                delay = self._next_broker(delay, f"broker unreachable: {exc}")
                 continue
             was_online = self._serve(client)
             self.online.clear()
@@ -478,7 +511,7 @@ class MqttLink:
                 continue
             if was_online:
                 delay = self.s.reconnect_min_s  # a working link dropped: start over quickly
-            delay = self._wait_retry(delay, self.last_error or "connection lost")
+            delay = self._next_broker(delay, self.last_error or "connection lost")
         self._closed.set()
 
     def _serve(self, client: mqtt.Client) -> bool:
@@ -536,6 +569,18 @@ class MqttLink:
             if item.row is not None:
                 with self._lock:
                     self._mids[info.mid] = item.row
+
+    def _next_broker(self, delay: float, reason: str) -> float:
+        """After a failure: the next broker of the list at once, the backoff once all failed."""
+        self._failed_in_a_row += 1
+        if len(self.brokers) > 1:
+            self._broker = (self._broker + 1) % len(self.brokers)
+            if self._failed_in_a_row % len(self.brokers):
+                host, port, _ = self.brokers[self._broker]
+                log.info("mqtt trying the next broker", reason=reason, broker=f"{host}:{port}")
+                self._stop.wait(random.uniform(0.05, 0.25))  # noqa: S311 - jitter
+                return delay
+        return self._wait_retry(delay, reason)
 
     def _wait_retry(self, delay: float, reason: str) -> float:
         # Full jitter: a fleet that lost its broker does not come back in lockstep.

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from edgefleet.mqtt.homeassistant import HomeAssistantConfig
 from edgefleet.protocol import DEFAULT_PREFIX
@@ -44,6 +44,15 @@ class FleetConfig(_Strict):
     """``fleet: {url: mqtt://broker:1883, ...}``: presence, reports, commands, rollouts."""
 
     url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^(mqtt|mqtts|tcp|ssl)://")
+    urls: list[Annotated[str, StringConstraints(pattern=r"^(mqtt|mqtts|tcp|ssl)://")]] | None = (
+        Field(
+            default=None,
+            min_length=1,
+            max_length=32,
+            description="several brokers of one cluster (instead of url): start at a random "
+            "one, move to the next on failure, stay where it works",
+        )
+    )
     protocol: Literal["5", "3.1.1"] = "5"
     prefix: str = Field(default=DEFAULT_PREFIX, pattern=r"^[^#+]+[^/#+]$")
     username: str | None = None
@@ -61,6 +70,11 @@ class FleetConfig(_Strict):
     max_inflight: int = Field(default=200, ge=1, le=10000)
     resend_after_s: float = Field(default=30.0, gt=0)
     max_command_bytes: int = Field(default=64 * 1024, ge=256, le=16 * 1024 * 1024)
+
+    def brokers(self) -> list[str]:
+        """The broker URLs to use: ``urls`` when given, else ``url``."""
+        return list(self.urls) if self.urls else [self.url]
+
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="MQTT discovery for Home Assistant"
     )

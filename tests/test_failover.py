@@ -1,0 +1,82 @@
+"""Several brokers of one cluster: the agent moves to the next when its broker dies.
+
+Two independent mosquittos stand in for two nodes (they share nothing, which is the harder
+case: nothing the dead node held is anywhere else). In collector ack mode the device keeps
+every message until the collector, here on the surviving node, has stored it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from edgefleet.errors import UserError
+from edgefleet.fleet.collector import Collector, CollectorSettings
+from edgefleet.mqtt.link import parse_urls
+
+from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
+
+
+def _stored_seqs(db: Path) -> set[int]:
+    with sqlite3.connect(db) as conn:
+        return {row[0] for row in conn.execute("SELECT seq FROM predictions")}
+
+
+def test_the_agent_moves_to_the_next_broker_and_loses_nothing(tmp_path: Path) -> None:
+    node_a, node_b = Broker(tmp_path), Broker(tmp_path)
+    node_a.start()  # node B is down at first: a start there fails over to A
+    config = agent_config(
+        tmp_path,
+        node_a.url,
+        fps=20,
+        mqtt_extra=(
+            f"urls: ['{node_a.url}', '{node_b.url}']\n"
+            "ack_mode: collector\nresend_after_s: 1\nkeepalive_s: 5\n"
+        ),
+    )
+    watcher_a = Subscriber(node_a.port, ["edgefleet/v1/devices/+/status"]).start()
+    db = tmp_path / "fleet.db"
+    collector: Collector | None = None
+    try:
+        with running(config) as agent:
+            wait_for(
+                lambda: any(m.json()["state"] == "online" for m in watcher_a.on("/status")),
+                30,
+                "online on node A",
+            )
+            wait_for(lambda: len(agent.truth()) > 20, 20, "results made on node A")
+            node_b.start()
+            collector = Collector(
+                CollectorSettings(broker=node_b.url, db=f"sqlite:///{db}", client_id="c-b")
+            )
+            collector.start()
+            assert collector.connected.wait(10)
+            node_a.kill()  # the node dies with what it held
+            wait_for(lambda: len(_stored_seqs(db)) > 0, 30, "the collector on B gets data")
+            made = {r["seq"] for r in agent.truth()}
+            wait_for(lambda: made <= _stored_seqs(db), 30, "every result made before, stored on B")
+            links = [e for e in agent.logs() if e.get("event") == "mqtt online"]
+            assert {e.get("broker") for e in links} == {
+                f"127.0.0.1:{node_a.port}",
+                f"127.0.0.1:{node_b.port}",
+            }
+            assert agent.terminate() == 0
+    finally:
+        watcher_a.stop()
+        if collector is not None:
+            collector.stop()
+        node_b.kill()
+        node_a.kill()
+
+
+def test_broker_lists_are_checked() -> None:
+    assert parse_urls("mqtt://a:1, mqtt://b") == [("a", 1, False), ("b", 1883, False)]
+    assert parse_urls(["mqtts://a"]) == [("a", 8883, True)]
+    with pytest.raises(UserError, match="mqtt:// for all of them"):
+        parse_urls("mqtt://a,mqtts://b")
+    with pytest.raises(UserError, match="no broker URL"):
+        parse_urls(" , ")
+    with pytest.raises(UserError, match="scheme must be"):
+        parse_urls("mqtt://a,http://b")
