@@ -1,4 +1,5 @@
-"""Several brokers of one cluster: the agent moves to the next when its broker dies.
+"""Several brokers: the agent moves to the next node of a cluster when its broker dies, and a
+site broker bridged to a central one carries everything across a central restart.
 
 Two independent mosquittos stand in for two nodes (they share nothing, which is the harder
 case: nothing the dead node held is anywhere else). In collector ack mode the device keeps
@@ -16,6 +17,7 @@ from edgefleet.errors import UserError
 from edgefleet.fleet.collector import Collector, CollectorSettings
 from edgefleet.mqtt.link import parse_urls
 
+from .conftest import REPO
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
 
 
@@ -80,3 +82,53 @@ def test_broker_lists_are_checked() -> None:
         parse_urls(" , ")
     with pytest.raises(UserError, match="scheme must be"):
         parse_urls("mqtt://a,http://b")
+
+
+def _bridge(central: Broker) -> str:
+    """The shipped site-bridge config's bridge settings and topics, pointed at ``central``."""
+    shipped = (REPO / "configs" / "mosquitto" / "bridge-site.conf").read_text().splitlines()
+    keep = ("topic ", "cleansession", "try_private", "notifications", "bridge_protocol_version")
+    lines = [line for line in shipped if line.startswith(keep)]
+    return "\n".join(
+        [
+            "connection central",
+            f"address 127.0.0.1:{central.port}",
+            "remote_clientid site-test-bridge",
+            "local_clientid site-test-bridge-local",
+            "restart_timeout 1 2",
+            *lines,
+        ]
+    )
+
+
+def test_site_broker_bridged_to_a_central_one_that_restarts(tmp_path: Path) -> None:
+    central = Broker(tmp_path).start()
+    site = Broker(tmp_path, extra=_bridge(central)).start()
+    config = agent_config(
+        tmp_path,
+        site.url,
+        fps=20,
+        mqtt_extra="ack_mode: collector\nresend_after_s: 2\n",
+    )
+    db = tmp_path / "fleet.db"
+    collector = Collector(CollectorSettings(broker=central.url, db=f"sqlite:///{db}"))
+    collector.start()
+    acks = Subscriber(site.port, ["edgefleet/v1/devices/+/ack"]).start()
+    try:
+        assert collector.connected.wait(10)
+        with running(config) as agent:
+            wait_for(lambda: len(_stored_seqs(db)) > 20, 30, "results through the bridge")
+            central.stop()  # the central broker goes away (no persistence: it forgets all)
+            wait_for(lambda: len(agent.truth()) > len(_stored_seqs(db)) + 20, 20, "a backlog")
+            central.start()
+            made = {r["seq"] for r in agent.truth()}
+            wait_for(lambda: made <= _stored_seqs(db), 60, "everything made, stored centrally")
+            # the collector's acknowledgements come back down the bridge to the device
+            stored = len(acks.on("/ack"))
+            wait_for(lambda: len(acks.on("/ack")) > stored, 10, "acks on the site broker")
+            assert agent.terminate() == 0
+    finally:
+        acks.stop()
+        collector.stop()
+        site.kill()
+        central.kill()
