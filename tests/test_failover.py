@@ -9,15 +9,17 @@ every message until the collector, here on the surviving node, has stored it.
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
 
 from edgefleet.errors import UserError
-from edgefleet.fleet.collector import Collector, CollectorSettings
+from edgefleet.fleet.collector import Collector, CollectorSettings, Store
 from edgefleet.mqtt.link import parse_urls
 
-from .conftest import REPO
+from .conftest import REPO, cli_command
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
 
 
@@ -132,3 +134,64 @@ def test_site_broker_bridged_to_a_central_one_that_restarts(tmp_path: Path) -> N
         collector.stop()
         site.kill()
         central.kill()
+
+
+PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def test_two_collectors_one_killed_mid_stream_lose_nothing_and_store_once(
+    tmp_path: Path, broker: Broker
+) -> None:
+    try:
+        Store(PG_URL).close()
+    except UserError:
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    device = f"dev-{uuid.uuid4().hex[:8]}"  # the database is shared between runs
+    config = agent_config(
+        tmp_path,
+        broker.url,
+        device=device,
+        fps=30,
+        mqtt_extra="ack_mode: collector\nresend_after_s: 2\n",
+    )
+    logs = [(tmp_path / f"collector-{i}.log").open("wb") for i in range(2)]
+    collectors = [
+        subprocess.Popen(
+            cli_command("collect", "--broker", broker.url, "--db", PG_URL),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        for log in logs
+    ]
+    store = Store(PG_URL)
+
+    def stored() -> tuple[int, int]:
+        cur = store.cursor()
+        cur.execute(
+            "SELECT count(*), count(DISTINCT (boot_id, seq)) FROM predictions WHERE device = %s",
+            (device,),
+        )
+        total, distinct = cur.fetchone()
+        store.commit()
+        return int(total), int(distinct)
+
+    try:
+        with running(config) as agent:
+            wait_for(lambda: stored()[0] > 50, 30, "both collectors storing")
+            collectors[0].kill()  # SIGKILL: what it had received and not committed is gone
+            collectors[0].wait(10)
+            before = len(agent.truth())
+            wait_for(lambda: len(agent.truth()) > before + 60, 20, "reporting goes on")
+            made = len({r["seq"] for r in agent.truth()})
+            wait_for(lambda: stored()[1] >= made, 60, "every result stored by the survivor")
+            assert agent.terminate() == 0
+        total, distinct = stored()
+        assert total == distinct  # nothing stored twice
+    finally:
+        for proc in collectors:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+        for log in logs:
+            log.close()
+        store.close()
