@@ -195,3 +195,46 @@ def test_two_collectors_one_killed_mid_stream_lose_nothing_and_store_once(
         for log in logs:
             log.close()
         store.close()
+
+
+def test_the_rollout_state_is_announced_again_after_the_broker_lost_it(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
+) -> None:
+    from edgefleet.factory import factory_model_path
+    from edgefleet.fleet.publish import Broker as Operator
+    from edgefleet.fleet.publish import build_release, publish_release
+
+    pem = keys[1].read_text().replace("\\n", "\\\\n")
+    config = agent_config(
+        tmp_path,
+        broker.url,
+        fps=10,
+        extra=f'rollout:\n  trusted_keys: {{release: "{pem}"}}\n  health_frames: 3\n',
+    )
+    topic = "edgefleet/v1/devices/dev-1/rollout"
+    with running(config) as agent:
+        sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+        wait_for(lambda: sub.on("/status"), 30, "online")
+        manifest, blobs = build_release(
+            {"cpu": factory_model_path()}, "again", 1, keys[0], "release", 3600
+        )
+        with Operator(broker.url) as operator:
+            publish_release(operator, manifest, blobs, ["device:dev-1"])
+        wait_for(
+            lambda: any(m.payload and m.json()["state"] == "active" for m in sub.on(topic)),
+            60,
+            "active",
+        )
+        sub.stop()
+        broker.restart()  # no persistence: every retained message is gone
+        late = Subscriber(broker.port, [topic]).start()
+        wait_for(lambda: late.on(topic), 30, "the rollout state, published again")
+        late.stop()
+        later = Subscriber(broker.port, [topic]).start()  # what a dashboard starting now gets
+        wait_for(lambda: later.on(topic), 10, "the rollout state, retained")
+        state = later.on(topic)[-1]
+        later.stop()
+        assert state.retain
+        assert state.json()["state"] == "active"
+        assert state.json()["rollout_id"] == manifest.rollout_id
+        assert agent.terminate() == 0

@@ -118,6 +118,7 @@ class Daemon:
                 sampler=_sampler(pipeline),
             )
             self.fleet.extras["shadow"] = self.rollout.shadow_figures
+            self.fleet.announcers.append(self.rollout.announce)
             for topic in self.rollout.subscriptions:
                 link.route(topic, self.rollout.on_message)
             link.route(self.rollout.chunk_filter, self.rollout.on_message, subscribe=False)

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.errors import UserError
 from edgefleet.inference.classifier import inspect_model
@@ -55,29 +56,65 @@ class Broker:
     ) -> None:
         brokers = parse_urls(url)
         random.shuffle(brokers)  # several brokers of one cluster: any that answers
-        tls = brokers[0][2]
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"edgefleet-operator-{uuid.uuid4().hex[:8]}",
-            protocol=mqtt.MQTTv5,
-        )
-        if username:
-            self.client.username_pw_set(username, password)
-        if tls:
-            self.client.tls_set(ca_certs=str(ca) if ca else None)
         self.messages: dict[str, bytes] = {}
         self._lock = threading.Lock()
-        self.client.on_message = self._on_message
         failures = []
-        for host, port, _ in brokers:
-            try:
-                self.client.connect(host, port, keepalive=30)
-                break
-            except OSError as exc:
-                failures.append(f"{host}:{port}: {exc}")
-        else:
-            raise UserError(f"cannot reach the broker at {'; '.join(failures)}")
+        for host, port, tls in brokers:
+            # MQTT 5 first; a broker that only speaks 3.1.1 (NATS) refuses it: then 3.1.1.
+            for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+                self.client = self._client(username, password, ca if tls else None, tls, protocol)
+                refused = self._connect(host, port)
+                if refused is None:
+                    return
+                failures.append(f"{host}:{port}: {refused}")
+                if "protocol version" not in refused.lower():
+                    break
+        raise UserError(f"cannot use the broker: {'; '.join(failures)}")
+
+    def _client(
+        self,
+        username: str | None,
+        password: str | None,
+        ca: Path | None,
+        tls: bool,
+        protocol: MQTTProtocolVersion,
+    ) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edgefleet-operator-{uuid.uuid4().hex[:8]}",
+            protocol=protocol,
+        )
+        if username:
+            client.username_pw_set(username, password)
+        if tls:
+            client.tls_set(ca_certs=str(ca) if ca else None)
+        client.on_message = self._on_message
+        return client
+
+    def _connect(self, host: str, port: int) -> str | None:
+        """Connect and wait for the broker's answer: None when accepted, else why not."""
+        answer: list[str] = []
+        done = threading.Event()
+
+        def on_connect(_c: Any, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+            answer.append("" if not rc.is_failure else str(rc))
+            done.set()
+
+        self.client.on_connect = on_connect
+        self.client.on_disconnect = lambda *_: done.set()
+        try:
+            self.client.connect(host, port, keepalive=30)
+        except OSError as exc:
+            return str(exc)
         self.client.loop_start()
+        if not done.wait(10):
+            answer.append("no answer within 10 s")
+        if answer and not answer[0]:
+            return None
+        self.client.loop_stop()
+        with contextlib.suppress(OSError):
+            self.client.disconnect()
+        return answer[0] if answer else "closed the connection (unsupported protocol version?)"
 
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:

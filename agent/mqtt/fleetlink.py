@@ -101,13 +101,16 @@ class FleetLink:
             metrics=self._metrics,
             metrics_interval_s=cfg.metrics_interval_s,
             tick=self._tick,
-            announce=Discovery(
-                cfg.homeassistant,
-                Topics(cfg.prefix, device),
-                state_dir,
-                cfg.metrics_interval_s,
-            ).messages,
+            announce=self._announce,
         )
+        # Retained messages published after every birth, by whoever rides on the link: Home
+        # Assistant discovery, the rollout's last state (a state reached while the link was
+        # down reaches the broker when it is back).
+        self.announcers: list[Callable[[], list[tuple[str, bytes]]]] = [
+            Discovery(
+                cfg.homeassistant, Topics(cfg.prefix, device), state_dir, cfg.metrics_interval_s
+            ).messages
+        ]
         self.reporter = Reporter(self.link, cfg.report)
         # More parts of the metrics message, by key, from what rides on the link (rollouts'
         # shadow phase); a part that returns None is left out.
@@ -177,6 +180,9 @@ class FleetLink:
             if value is not None:
                 body[key] = value
         return body
+
+    def _announce(self) -> list[tuple[str, bytes]]:
+        return [message for announcer in self.announcers for message in announcer()]
 
     def _tick(self) -> None:
         self.reporter.tick()

@@ -201,6 +201,12 @@ class RolloutManager:
             log.warning("rollout inbox full; message dropped", topic=incoming.topic)
 
     # -- state --------------------------------------------------------------------------------
+    def announce(self) -> list[tuple[str, bytes]]:
+        """The last state again, retained, after each (re)connection: one reached while the
+        link was down would otherwise never reach the fleet."""
+        state = self.state
+        return [(self.state_topic, json.dumps(state).encode())] if state else []
+
     def _publish(self, state: str, manifest: Manifest | None, **fields: Any) -> None:
         body: dict[str, Any] = {"state": state, "device": self.device, "ts": time.time()}
         if manifest is not None:
