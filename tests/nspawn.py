@@ -100,7 +100,14 @@ class Machine:
         return proc
 
     def wait_booted(self) -> None:
-        state = self.run("systemctl is-system-running --wait", timeout=120, check=False)
+        # On a loaded machine systemd may not have opened its bus yet: ask again until it has.
+        deadline = time.monotonic() + 120
+        while True:
+            state = self.run("systemctl is-system-running --wait", timeout=120, check=False)
+            not_yet = "Failed to connect to bus" in state.stdout + state.stderr
+            if not not_yet or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert state.stdout.strip() in ("running", "degraded"), state.stdout + state.stderr
 
     def close(self) -> None:
