@@ -487,3 +487,53 @@ def test_decisions_are_signed_like_releases(keys: tuple[Path, Path], tmp_path: P
         with pytest.raises(ReleaseError, match=reason):
             parse_decision(payload)
     assert parse_decision(b" " * 10 + decision.model_dump_json().encode()).rollout_id == "r1"
+
+
+@pytest.mark.parametrize(
+    ("field", "inside", "outside"),
+    [("samples", 1, 0), ("samples", 100_000, 100_001),
+     ("interval_s", 0.05, 0.0499), ("interval_s", 3600, 3600.01),
+     ("max_duration_s", 0.001, 0), ("min_agreement", 0, -0.001), ("min_agreement", 1, 1.001),
+     ("max_latency_ratio", 0.001, 0), ("max_errors", 0, -1)],
+)  # fmt: skip
+def test_shadow_rules_at_their_limits(field: str, inside: float, outside: float) -> None:
+    from pydantic import ValidationError
+
+    from edgefleet.protocol import ShadowSpec
+
+    base: dict[str, Any] = {"samples": 10}
+    assert getattr(ShadowSpec.model_validate({**base, field: inside}), field) == inside
+    with pytest.raises(ValidationError, match=field):
+        ShadowSpec.model_validate({**base, field: outside})
+
+
+@pytest.mark.parametrize("field", ["rollout_id", "key_id"])
+def test_decision_ids_at_their_limits(field: str) -> None:
+    from pydantic import ValidationError
+
+    from edgefleet.protocol import Decision
+
+    body: dict[str, Any] = {"rollout_id": "r", "action": "reject", "created": 1.0, "key_id": "k"}
+    for good in ("x", "x" * 64):
+        assert getattr(Decision.model_validate({**body, field: good}), field) == good
+    for bad in ("", "x" * 65):
+        with pytest.raises(ValidationError, match=field):
+            Decision.model_validate({**body, field: bad})
+
+
+def test_a_decision_of_exactly_the_size_cap_is_read() -> None:
+    from edgefleet.protocol import Decision
+    from edgefleet.rollout.release import MAX_MANIFEST_BYTES, parse_decision
+
+    body = Decision(rollout_id="r", action="reject", created=1.0, key_id="k").model_dump_json()
+    padded = body.encode().ljust(MAX_MANIFEST_BYTES, b" ")
+    assert len(padded) == MAX_MANIFEST_BYTES
+    assert parse_decision(padded).rollout_id == "r"
+
+
+def test_shadow_defaults_are_the_documented_ones() -> None:
+    from edgefleet.protocol import ShadowSpec
+
+    spec = ShadowSpec(samples=300)
+    assert (spec.interval_s, spec.max_duration_s, spec.mode) == (2.0, 3600.0, "auto")
+    assert (spec.min_agreement, spec.max_latency_ratio, spec.max_errors) == (None, None, 0)
