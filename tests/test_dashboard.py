@@ -286,12 +286,17 @@ def test_the_page_follows_the_fleet_live(fleet: Fleet, tmp_path: Path) -> None:
         fps = page.locator('tr[data-device="cam-1"] td.fps')
         first = fps.inner_text()
         assert float(first) > 0
-        # fps is live: the cell changes without a reload (updates come once a second)
+        # fps is live: the operator halves cam-1's frame rate (the `set` command) and the
+        # cell changes without a reload (a steady capped rate alone can read 10.00 for minutes)
+        with Operator(fleet.broker.url) as operator:
+            operator.publish(
+                "edgefleet/v1/devices/cam-1/cmd/set", b'{"fps_cap": 5}', retain=False
+            ).wait_for_publish(10)
         page.wait_for_function(
             "(before) => document.querySelector('tr[data-device=\"cam-1\"] td.fps').textContent"
             " !== before",
             arg=first,
-            timeout=15000,
+            timeout=20000,
         )
         # a rollout to cam-1: the page shows it moving and converging
         _publish_rollout(fleet, "cam-1")

@@ -207,6 +207,8 @@ def _spool_rows(path: Path) -> list[tuple[str, int]]:
     db = sqlite3.connect(path)
     try:
         return list(db.execute("SELECT boot_id, seq FROM outbox"))
+    except sqlite3.OperationalError:
+        return []  # the file exists a moment before the agent has made its table
     finally:
         db.close()
 
