@@ -221,21 +221,18 @@ class FleetTopics:
 
     def desired(self, target: str) -> str:
         """The retained desired-state topic of ``device:ID`` or ``group:NAME``."""
-        kind, _, name = target.partition(":")
-        if kind == "device":
-            return self.device(name).desired
-        if kind == "group":
-            return Topics(self.prefix, "").group_desired(name)
-        raise ValueError(f"target {target!r}: use device:ID or group:NAME")
+        return self._model_topic(target, "desired")
 
     def decision(self, target: str) -> str:
         """The retained operator decision topic (shadow phases) of ``device:ID``/``group:NAME``."""
+        return self._model_topic(target, "decision")
+
+    def _model_topic(self, target: str, leaf: str) -> str:
+        """``{prefix}/devices/{ID}/model/{leaf}`` or ``{prefix}/groups/{NAME}/model/{leaf}``."""
         kind, _, name = target.partition(":")
-        if kind == "device":
-            return self.device(name).decision
-        if kind == "group":
-            return Topics(self.prefix, "").group_decision(name)
-        raise ValueError(f"target {target!r}: use device:ID or group:NAME")
+        if kind not in ("device", "group"):
+            raise ValueError(f"target {target!r}: use device:ID or group:NAME")
+        return f"{self.prefix}/{kind}s/{name}/model/{leaf}"
 
     def group_command_filter(self, group: str) -> str:
         """What a group member may read of its group's commands (ACL form)."""

@@ -27,7 +27,7 @@ from pairs import Run, interleave, ratio_text
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
 from edgefleet.protocol import ShadowSpec
-from edgefleet.rollout.shadow import Sample, ShadowRun
+from edgefleet.rollout.shadow import ShadowRun, loop_sampler
 from edgefleet.runtime.pipeline import Pipeline
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -42,15 +42,8 @@ def loop(seconds: float, candidate: Path | None, interval: float, threads: int) 
     stop = threading.Event()
     runs: list[ShadowRun] = []
     if candidate is not None:
-
-        def sample() -> Sample | None:
-            frame, result = pipeline.last_frame, pipeline.last_result
-            if frame is None or result is None or result.frame != frame.index:
-                return None
-            return frame.image, result
-
         spec = ShadowSpec(samples=100_000, interval_s=interval, max_duration_s=3600)
-        runs.append(ShadowRun(spec, load_classifier(candidate, delegate), sample))
+        runs.append(ShadowRun(spec, load_classifier(candidate, delegate), loop_sampler(pipeline)))
 
         def shadow() -> None:
             while not stop.wait(0.5):

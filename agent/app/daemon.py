@@ -33,20 +33,6 @@ from edgefleet.runtime.sinks import Sink
 if TYPE_CHECKING:
     from edgefleet.mqtt.fleetlink import FleetLink
     from edgefleet.rollout.manager import RolloutManager
-    from edgefleet.rollout.shadow import Sample, Sampler
-    from edgefleet.runtime.pipeline import Pipeline
-
-
-def _sampler(pipeline: Pipeline) -> Sampler:
-    """The newest classified frame with the active model's result for it (shadow phases)."""
-
-    def sample() -> Sample | None:
-        frame, result = pipeline.last_frame, pipeline.last_result
-        if frame is None or result is None or result.frame != frame.index:
-            return None
-        return frame.image, result
-
-    return sample
 
 
 log = structlog.get_logger(__name__)
@@ -106,6 +92,7 @@ class Daemon:
             raise RuntimeError("the agent started without serving or a loop")
         if config.rollout is not None:
             from edgefleet.rollout.manager import RolloutManager
+            from edgefleet.rollout.shadow import loop_sampler
 
             self.rollout = RolloutManager(
                 serving,
@@ -115,7 +102,7 @@ class Daemon:
                 core.state_dir,
                 Topics(config.fleet.prefix if config.fleet else "", core.device.id),
                 list(core.device.groups),
-                sampler=_sampler(pipeline),
+                sampler=loop_sampler(pipeline),
             )
             self.fleet.extras["shadow"] = self.rollout.shadow_figures
             self.fleet.announcers.append(self.rollout.announce)

@@ -101,15 +101,6 @@ def _counter(name: str, value: object) -> int:
     return value
 
 
-def _show(view: FleetView, kind: str, device: str, body: dict[str, Any]) -> None:
-    if kind == "status":
-        view.on_status(device, body)
-    elif kind == "metrics":
-        view.on_metrics(device, body)
-    elif kind == "predictions":
-        view.on_predictions(device, body)
-
-
 def _json_object(payload: bytes) -> dict[str, Any]:
     body = loads(payload)
     if not isinstance(body, dict):
@@ -483,7 +474,7 @@ class Collector:
         self.stored += sum(kind != "status" for kind, _, _ in stored)
         for kind, device, body in stored:
             if self.view is not None:
-                _show(self.view, kind, device, body)
+                self.view.observe(kind, device, body)
             if self.echo is not None:
                 self.echo(kind, device, body)
         for (device, boot_id), mseq in acks.items():

@@ -31,6 +31,8 @@ RECENT_PREDICTIONS = 20
 HISTORY = 50
 
 Clock = Callable[[], float]
+# What the view reads of each device's topics (and the desired models, apart).
+DEVICE_LEAVES = ("status", "metrics", "predictions", "rollout")
 # What changes in a row with the clock alone (the rest only with a message or a state).
 AGE_FIELDS = ("age_s", "metrics_age_s", "prediction_age_s")
 
@@ -187,6 +189,18 @@ class FleetView:
                 )
             record.rollout = body
             self._bump(record)
+
+    def observe(self, leaf: str, device: str, body: dict[str, Any]) -> None:
+        """A device's message, by the last level of its topic (one of ``DEVICE_LEAVES``)."""
+        handlers = {
+            "status": self.on_status,
+            "metrics": self.on_metrics,
+            "predictions": self.on_predictions,
+            "rollout": self.on_rollout,
+        }
+        handler = handlers.get(leaf)
+        if handler is not None:
+            handler(device, body)
 
     def on_desired(self, target: str, body: dict[str, Any] | None) -> None:
         """``device:ID`` or ``group:NAME``; None when the desired state was cleared."""

@@ -19,13 +19,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.fleet.view import FleetView
+from edgefleet.fleet.view import DEVICE_LEAVES, FleetView
 from edgefleet.mqtt.link import next_broker, parse_urls
 from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, loads
 
 log = structlog.get_logger(__name__)
-
-DEVICE_LEAVES = ("status", "metrics", "predictions", "rollout", "model/desired")
 
 
 def feed(view: FleetView, topic: str, payload: bytes) -> bool:
@@ -39,17 +37,11 @@ def feed(view: FleetView, topic: str, payload: bytes) -> bool:
     if len(parts) < 3 or parts[-3] != "devices":
         return False
     device, leaf = parts[-2], parts[-1]
-    handler = {
-        "status": view.on_status,
-        "metrics": view.on_metrics,
-        "predictions": view.on_predictions,
-        "rollout": view.on_rollout,
-    }.get(leaf)
-    if handler is None:
+    if leaf not in DEVICE_LEAVES:
         return False
     body = _object(payload) if payload else None
     if body is not None:
-        handler(device, body)
+        view.observe(leaf, device, body)
     return True
 
 
@@ -100,7 +92,7 @@ class FleetWatcher:
 
     def topics(self) -> list[str]:
         fleet = FleetTopics(self.prefix)
-        return [fleet.every_device(leaf) for leaf in DEVICE_LEAVES] + [
+        return [fleet.every_device(leaf) for leaf in (*DEVICE_LEAVES, "model/desired")] + [
             fleet.every_group("model/desired")
         ]
 

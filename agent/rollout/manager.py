@@ -39,7 +39,7 @@ from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.classifier import Classifier
 from edgefleet.mqtt.link import Incoming
-from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics, VariantSpec
+from edgefleet.protocol import FleetTopics, Manifest, Rollout, ShadowSpec, Topics, VariantSpec
 from edgefleet.rollout.preflight import preflight
 from edgefleet.rollout.release import (
     ReleaseError,
@@ -110,13 +110,26 @@ class _Download:
 
 
 @dataclasses.dataclass
-class _Shadow:
+class _Candidate:
+    """A release that passed preflight: what activating it needs."""
+
     manifest: Manifest
     variant: VariantSpec
     path: Path
-    latency: float  # preflight's, reported when it activates
+    classifier: Classifier
+    latency: float  # preflight's median, reported when it activates
+
+
+@dataclasses.dataclass
+class _Shadow:
+    candidate: _Candidate
     run: ShadowRun
     awaiting: bool = False  # manual mode: finished, waiting for the operator
+
+    def report(self) -> dict[str, Any]:
+        """The figures so far, with the phase's target and mode."""
+        spec = self.run.spec
+        return {**self.run.figures.report(), "target": spec.samples, "mode": spec.mode}
 
 
 @dataclasses.dataclass
@@ -307,10 +320,10 @@ class RolloutManager:
         shadow = self._shadow
         if shadow is None:
             return True
-        if shadow.manifest.rollout_id == manifest.rollout_id:
+        if shadow.candidate.manifest.rollout_id == manifest.rollout_id:
             return False  # the same release published again: its shadow phase goes on
         self._shadow = None  # a newer desired release: the candidate never serves
-        log.info("shadow phase abandoned", rollout_id=shadow.manifest.rollout_id)
+        log.info("shadow phase abandoned", rollout_id=shadow.candidate.manifest.rollout_id)
         return True
 
     def _authenticated(self, payload: bytes, digest: str) -> Manifest | None:
@@ -447,24 +460,19 @@ class RolloutManager:
         except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
             self._fail(manifest, f"preflight: {exc}", retry=False)
             return
+        candidate = _Candidate(manifest, variant, path, classifier, latency)
         if manifest.shadow is not None:
-            self._begin_shadow(manifest, variant, path, classifier, latency)
+            self._begin_shadow(candidate, manifest.shadow)
             return
-        self._activate(manifest, variant, path, classifier, latency)
+        self._activate(candidate)
 
-    def _activate(
-        self,
-        manifest: Manifest,
-        variant: VariantSpec,
-        path: Path,
-        classifier: Classifier,
-        latency: float,
-        **fields: Any,
-    ) -> None:
+    def _activate(self, candidate: _Candidate, **fields: Any) -> None:
+        manifest, variant, classifier = candidate.manifest, candidate.variant, candidate.classifier
         info = dataclasses.replace(classifier.info, name=manifest.name, version=manifest.version)
-        self._publish(Rollout.ACTIVATING, manifest, latency_ms=round(latency, 2), **fields)
+        latency_ms = round(candidate.latency, 2)
+        self._publish(Rollout.ACTIVATING, manifest, latency_ms=latency_ms, **fields)
         previous_record = self.store.active()
-        previous = self.serving.activate(ServedModel(path, info), classifier)
+        previous = self.serving.activate(ServedModel(candidate.path, info), classifier)
         self.store.activate(
             ActiveModel(
                 sha256=variant.sha256,
@@ -485,46 +493,32 @@ class RolloutManager:
         )
 
     # -- shadow phase ---------------------------------------------------------------------------
-    def _begin_shadow(
-        self,
-        manifest: Manifest,
-        variant: VariantSpec,
-        path: Path,
-        classifier: Classifier,
-        latency: float,
-    ) -> None:
-        spec = manifest.shadow
-        if spec is None or self.sampler is None:
+    def _begin_shadow(self, candidate: _Candidate, spec: ShadowSpec) -> None:
+        manifest = candidate.manifest
+        if self.sampler is None:
             self._fail(manifest, "shadow phase asked for, but this agent cannot sample", False)
             return
         if self.serving.kinds()[0] == "edgetpu":
             # Two models on one EdgeTPU evict each other's parameters from its memory.
             self._fail(manifest, "shadow phases are not supported on an EdgeTPU yet", False)
             return
-        run = ShadowRun(spec, classifier, self.sampler)
-        self._shadow = _Shadow(manifest, variant, path, latency, run)
-        self._publish(Rollout.SHADOW, manifest, shadow=self._shadow_report())
+        shadow = self._shadow = _Shadow(
+            candidate, ShadowRun(spec, candidate.classifier, self.sampler)
+        )
+        self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
         self._take_decision()  # one may be waiting already (retained)
-
-    def _shadow_report(self) -> dict[str, Any] | None:
-        shadow = self._shadow
-        if shadow is None:
-            return None
-        report = shadow.run.figures.report()
-        report.update(target=shadow.run.spec.samples, mode=shadow.run.spec.mode)
-        return report
 
     def shadow_figures(self) -> dict[str, Any] | None:
         """The shadow phase in progress, for the metrics message (any thread)."""
         shadow = self._shadow
         if shadow is None:
             return None
-        return {"rollout_id": shadow.manifest.rollout_id, **(self._shadow_report() or {})}
+        return {"rollout_id": shadow.candidate.manifest.rollout_id, **shadow.report()}
 
     def _shadow_step(self, shadow: _Shadow) -> None:
-        run = shadow.run
+        run, manifest = shadow.run, shadow.candidate.manifest
         if run.due() and run.step() and run.figures.samples % SHADOW_REPORT_EVERY == 0:
-            self._publish(Rollout.SHADOW, shadow.manifest, shadow=self._shadow_report())
+            self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
         if not run.finished():
             return
         if run.spec.mode == "manual":
@@ -532,8 +526,8 @@ class RolloutManager:
                 shadow.awaiting = True
                 self._publish(
                     Rollout.SHADOW,
-                    shadow.manifest,
-                    shadow=self._shadow_report(),
+                    manifest,
+                    shadow=shadow.report(),
                     awaiting_decision=True,
                     rules_met=not run.verdict(),
                 )
@@ -546,23 +540,13 @@ class RolloutManager:
 
     def _promote(self, shadow: _Shadow, why: str) -> None:
         self._shadow = None
-        report = shadow.run.figures.report()
-        self._activate(
-            shadow.manifest,
-            shadow.variant,
-            shadow.path,
-            shadow.run.candidate,
-            shadow.latency,
-            shadow=report,
-            promoted=why,
-        )
+        self._activate(shadow.candidate, shadow=shadow.run.figures.report(), promoted=why)
 
     def _reject(self, shadow: _Shadow, reason: str) -> None:
         self._shadow = None
-        self._failed[shadow.manifest.rollout_id] = float("inf")
-        self._publish(
-            Rollout.REJECTED, shadow.manifest, reason=reason, shadow=shadow.run.figures.report()
-        )
+        manifest = shadow.candidate.manifest
+        self._failed[manifest.rollout_id] = float("inf")
+        self._publish(Rollout.REJECTED, manifest, reason=reason, shadow=shadow.run.figures.report())
         self.store.gc()  # the candidate never served: its file goes
         self._consider_desired()
 
@@ -581,7 +565,7 @@ class RolloutManager:
             except ReleaseError as exc:
                 log.warning("decision refused", topic=topic, reason=str(exc))
                 continue
-            if decision.rollout_id != shadow.manifest.rollout_id:
+            if decision.rollout_id != shadow.candidate.manifest.rollout_id:
                 continue
             if decision.action == "promote":
                 self._promote(shadow, f"promoted by the operator (key {decision.key_id})")

@@ -18,18 +18,38 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from edgefleet.inference.classifier import Classifier
 from edgefleet.protocol import ShadowSpec
+from edgefleet.runtime.frames import Frame
 from edgefleet.runtime.results import Result
 
 # The newest frame the loop classified and the active model's result for that frame.
 Sample = tuple[np.ndarray, Result]
 Sampler = Callable[[], Sample | None]
 KEPT_DISAGREEMENTS = 5
+
+
+class ClassifiedFrames(Protocol):
+    """What the loop keeps of its newest frame and result (``Pipeline``)."""
+
+    last_frame: Frame | None
+    last_result: Result | None
+
+
+def loop_sampler(loop: ClassifiedFrames) -> Sampler:
+    """Samples of the running loop: its newest frame with the active model's result for it."""
+
+    def sample() -> Sample | None:
+        frame, result = loop.last_frame, loop.last_result
+        if frame is None or result is None or result.frame != frame.index:
+            return None  # between the two: the result is of an older frame
+        return frame.image, result
+
+    return sample
 
 
 def _percentile(values: list[float], q: float) -> float | None:
