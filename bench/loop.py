@@ -36,7 +36,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pairs import Run, interleave, ratio_text, timed
+from pairs import Run, interleave, observed, ratio_text, timed
 
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
@@ -112,14 +112,9 @@ def agent(
         jsonl = JsonlSink(JsonlConfig(path=out, max_bytes=50_000_000))
         pipeline = Pipeline(source, clf, [jsonl, recorder])
         pipeline.start()
-        time.sleep(0.5)  # warm: threads up, first frames through
-        n0, cpu0, t0 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
-        time.sleep(seconds)
-        n1, cpu1, t1 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
+        run = observed(lambda: pipeline.stats.inferences, seconds)
         pipeline.stop()
         jsonl.close()
-        frames = max(n1 - n0, 1)
-        run = Run(frames / (t1 - t0), (cpu1 - cpu0) * 1000 / frames)
         return run, recorder.added[len(recorder.added) // 10 :]
 
     return run

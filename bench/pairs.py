@@ -46,6 +46,16 @@ def timed(step: Callable[[], int], seconds: float) -> Run:
     return Run(frames / wall, cpu * 1000 / max(frames, 1))
 
 
+def observed(frames_done: Callable[[], int], seconds: float, warm_s: float = 0.5) -> Run:
+    """A loop running on other threads: after ``warm_s``, its rate and CPU over ``seconds``."""
+    time.sleep(warm_s)  # threads up, first frames through
+    n0, cpu0, t0 = frames_done(), time.process_time(), time.perf_counter()
+    time.sleep(seconds)
+    n1, cpu1, t1 = frames_done(), time.process_time(), time.perf_counter()
+    frames = max(n1 - n0, 1)
+    return Run(frames / (t1 - t0), (cpu1 - cpu0) * 1000 / frames)
+
+
 def interleave(variants: dict[str, Callable[[], Run]], rounds: int) -> dict[str, Series]:
     """Each round runs every variant once, in a rotating order."""
     names = list(variants)

@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import cv2
 import numpy as np
-from pairs import Run, interleave, ratio_text
+from pairs import Run, interleave, observed, ratio_text
 
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
@@ -52,18 +51,14 @@ def loop(seconds: float, candidate: Path | None, interval: float, threads: int) 
 
         threading.Thread(target=shadow, daemon=True).start()
     pipeline.start()
-    time.sleep(0.5)
-    n0, cpu0, t0 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
-    time.sleep(seconds)
-    n1, cpu1, t1 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
+    run = observed(lambda: pipeline.stats.inferences, seconds)
     stop.set()
     pipeline.stop()
-    frames = max(n1 - n0, 1)
     if runs:
         figures = runs[0].figures
         print(f"    shadow round: {figures.samples} samples, agreement {figures.agreement}",
               flush=True)  # fmt: skip
-    return Run(frames / (t1 - t0), (cpu1 - cpu0) * 1000 / frames)
+    return run
 
 
 def main() -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from pairs import Run, interleave, ratio_text, timed
+from pairs import Run, interleave, observed, ratio_text, timed
 
 from edgefleet.app.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
@@ -170,15 +170,11 @@ def loop_ratio(
         link.start()
         link.online.wait(10)
         pipeline.start()
-        time.sleep(0.5)
-        n0, cpu0, t0 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
-        time.sleep(seconds)
-        n1, cpu1, t1 = pipeline.stats.inferences, time.process_time(), time.perf_counter()
+        run = observed(lambda: pipeline.stats.inferences, seconds)
         pipeline.stop()
         sink.close()
         link.stop()
-        frames = max(n1 - n0, 1)
-        return Run(frames / (t1 - t0), (cpu1 - cpu0) * 1000 / frames)
+        return run
 
     series = interleave({"bare": lambda: timed(invoke, seconds), "mqtt": reporting}, rounds)
     bare, mqtt = series["bare"], series["mqtt"]

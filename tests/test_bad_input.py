@@ -213,3 +213,46 @@ def test_collect_says_what_it_does(tmp_path: Path) -> None:
     assert lines[0] == f"collector: broker mqtt://127.0.0.1:9, storing into sqlite:///{db}"
     assert "collector: cannot reach 127.0.0.1:9 (1 attempts); retrying every 1-10 s" in lines
     assert lines[-1] == "collector stopped: 0 messages stored, 0 rejected"
+
+
+PUBLISH = ["rollout", "publish", "m.tflite", "--name", "a", "--version", "1",
+           "--target", "device:x", "--key", "k"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--http", "8080"], "error: --http '8080': use HOST:PORT"),
+        (["--http", "0.0.0.0:0"], "binding beyond loopback needs --http-token-file"),
+        (["--broker", "mqtt://a,mqtts://b"], "use mqtt:// for all of them or mqtts://"),
+        (["--alert-webhook", "ftp://x"], "error: --alert-webhook 'ftp://x': use http://"),
+        (["--alert-label", "person"], "error: --alert-label needs --alert-webhook URL"),
+        (["--alert-label", "x:2"], "argument --alert-label: 'x:2': the score after ':'"),
+    ],
+)
+def test_bad_collector_options_open_no_database(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    db = tmp_path / "fleet.db"
+    command = ["collect", "--broker", "mqtt://127.0.0.1:9", "--db", f"sqlite:///{db}"]
+    proc = _run(*command, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--shadow", "0"], "argument --shadow: '0' must be between 1 and 100000"),
+        (["--shadow", "5", "--shadow-interval", "0.01"], "error: --shadow-interval: Input"),
+        (["--shadow", "5", "--min-agreement", "2"], "argument --min-agreement: '2' must be"),
+        (["--manual"], "error: --manual, --min-agreement and --max-latency-ratio need --shadow N"),
+    ],
+)
+def test_bad_shadow_options_name_the_option(args: list[str], message: str) -> None:
+    proc = _run(*PUBLISH, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1], proc.stderr

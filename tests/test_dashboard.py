@@ -234,30 +234,26 @@ def test_a_real_prometheus_scrapes_the_fleet(fleet: Fleet, tmp_path: Path) -> No
         log.close()
 
 
-def test_top_renders_the_fleet_from_the_broker(fleet: Fleet) -> None:
-    out = subprocess.run(
-        cli_command("top", "--broker", fleet.broker.url, "--once", "--wait", "2.5"),
+def _top(*args: str) -> subprocess.CompletedProcess[str]:
+    """``edgefleet top ... --once`` on a 200-column terminal."""
+    return subprocess.run(
+        cli_command("top", *args, "--once"),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
         env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
     )
+
+
+def test_top_renders_the_fleet_from_the_broker(fleet: Fleet) -> None:
+    out = _top("--broker", fleet.broker.url, "--wait", "2.5")
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if "cam-" in line]
     assert len(lines) == 2
     assert all("online" in line and "efficientnet-lite0 v0" in line for line in lines)
     assert "2 devices" in out.stdout
-    via_collector = subprocess.run(
-        cli_command(
-            "top", "--collector", fleet.url, "--once", "--token-file", str(fleet.workdir / "token")
-        ),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
-    )
+    via_collector = _top("--collector", fleet.url, "--token-file", str(fleet.workdir / "token"))
     assert via_collector.returncode == 0, via_collector.stderr
     assert sum("cam-" in line for line in via_collector.stdout.splitlines()) == 2
 

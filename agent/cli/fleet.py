@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +13,7 @@ from edgefleet.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from edgefleet.fleet.alerts import Alerter
-    from edgefleet.fleet.collector import Collector, Echo
+    from edgefleet.fleet.collector import Echo
     from edgefleet.fleet.dashboard import Dashboard
     from edgefleet.fleet.view import FleetView
 
@@ -37,6 +38,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
         cert=args.cert,
         key=args.key,
     )
+    if args.alert_label and args.alert_webhook is None:
+        raise UserError("--alert-label needs --alert-webhook URL")
     wants_view = args.http is not None or args.alert_webhook is not None
     view = FleetView(stale_factor=args.stale_factor) if wants_view else None
     alerter = _alerter(args, view) if view is not None else None
@@ -50,13 +53,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
         for fn in echoes:
             fn(kind, device, body)
 
+    def counters() -> dict[str, int]:  # read by /metrics, once the collector runs
+        return {"stored": collector.stored, "rejected": collector.rejected}
+
+    # Every argument is checked (and the port bound) before the database is opened.
+    dashboard = _dashboard(args, view, counters) if view is not None else None
     collector = Collector(
         settings,
         echo=echo if echoes else None,
         say=lambda text: print(text, flush=True),
         view=view,
     )
-    dashboard = _dashboard(args, view, collector) if view is not None else None
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -89,7 +96,9 @@ def _print_prediction(kind: str, device: str, body: dict[str, Any]) -> None:
             )
 
 
-def _dashboard(args: argparse.Namespace, view: FleetView, collector: Collector) -> Dashboard | None:
+def _dashboard(
+    args: argparse.Namespace, view: FleetView, counters: Callable[[], dict[str, int]]
+) -> Dashboard | None:
     from edgefleet.fleet.dashboard import Dashboard
 
     if args.http is None:
@@ -101,7 +110,7 @@ def _dashboard(args: argparse.Namespace, view: FleetView, collector: Collector) 
         view,
         args.http,
         token=token,
-        counters=lambda: {"stored": collector.stored, "rejected": collector.rejected},
+        counters=counters,
         device_histograms=args.metrics_device_histograms,
     )
 
@@ -110,8 +119,6 @@ def _alerter(args: argparse.Namespace, view: FleetView) -> Alerter | None:
     from edgefleet.fleet.alerts import Alerter, webhook_poster
 
     if args.alert_webhook is None:
-        if args.alert_label:
-            raise UserError("--alert-label needs --alert-webhook URL")
         return None
     return Alerter(
         view,

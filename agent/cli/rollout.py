@@ -75,7 +75,7 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
         args.name,
         args.version,
         Path(args.key),
-        args.key_id or Path(args.key).stem,
+        _key_id(args),
         args.expires_in * 3600,
         chunk_size=args.chunk_size,
         rollback=args.rollback,
@@ -114,6 +114,17 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
     return _summary(states, devices, console)
 
 
+# The ShadowSpec field each shadow option sets, for errors in the user's words.
+SHADOW_FLAGS = {
+    "samples": "--shadow",
+    "interval_s": "--shadow-interval",
+    "max_duration_s": "--shadow-max-duration",
+    "min_agreement": "--min-agreement",
+    "max_latency_ratio": "--max-latency-ratio",
+    "max_errors": "--max-errors",
+}
+
+
 def _shadow_spec(args: argparse.Namespace) -> ShadowSpec | None:
     from pydantic import ValidationError
 
@@ -135,7 +146,8 @@ def _shadow_spec(args: argparse.Namespace) -> ShadowSpec | None:
         )
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise UserError(f"--{first['loc'][0]}: {first['msg']}".replace("_", "-")) from None
+        flag = SHADOW_FLAGS.get(str(first["loc"][0]), str(first["loc"][0]))
+        raise UserError(f"{flag}: {first['msg']}") from None
 
 
 def cmd_rollout_decide(args: argparse.Namespace) -> int:
@@ -149,7 +161,7 @@ def cmd_rollout_decide(args: argparse.Namespace) -> int:
             args.action,
             args.target,
             Path(args.key),
-            args.key_id or Path(args.key).stem,
+            _key_id(args),
             args.prefix,
         )
     finally:
@@ -368,8 +380,7 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         type=argtypes.target,
         help="device:ID, group:NAME or fleet (repeatable)",
     )
-    pub.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
-    pub.add_argument("--key-id", help="the key id devices trust (default: the key file's name)")
+    _add_key_arguments(pub)
     pub.add_argument("--variant", action="append", help="KIND=FILE, e.g. edgetpu=m_edgetpu.tflite")
     pub.add_argument(
         "--expires-in", type=argtypes.positive_float, default=24 * 7, help="validity in hours"
@@ -409,6 +420,16 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     clear.add_argument("name", type=argtypes.name)
     clear.add_argument("version", type=argtypes.version)
     clear.set_defaults(func=cmd_rollout_clear)
+
+
+def _add_key_arguments(parser: argparse.ArgumentParser) -> None:
+    """The release key that signs (a release, an operator decision)."""
+    parser.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
+    parser.add_argument("--key-id", help="the key id devices trust (default: the key file's name)")
+
+
+def _key_id(args: argparse.Namespace) -> str:
+    return str(args.key_id or Path(args.key).stem)
 
 
 def _add_shadow_arguments(pub: argparse.ArgumentParser) -> None:
@@ -457,6 +478,5 @@ def _add_decision_commands(
             type=argtypes.target,
             help="device:ID or group:NAME (repeatable)",
         )
-        decide.add_argument("--key", required=True, help="Ed25519 private key (PEM)")
-        decide.add_argument("--key-id", help="the key id devices trust (default: file name)")
+        _add_key_arguments(decide)
         decide.set_defaults(func=cmd_rollout_decide, action=action)

@@ -280,10 +280,10 @@ class Collector:
         self.view = view  # the dashboard's live state: fed what is stored, after commit
         self.say = say or (lambda _text: None)  # connection news for a person watching
         self._failures = 0
-        self.store = Store(settings.db)
         # A comma list names brokers of one cluster: start at a random one, paho's own
-        # reconnection moves to the next after a failure.
+        # reconnection moves to the next after a failure. Checked before the database opens.
         self.brokers = parse_urls(settings.broker)
+        self.store = Store(settings.db)
         self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
         self.host, self.port, self.tls = self.brokers[self._broker]
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)

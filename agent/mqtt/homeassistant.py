@@ -145,7 +145,8 @@ class Discovery:
                 out.append((published, b""))  # the prefix changed: remove the old one
             body = discovery_payload(self.topics, self.metrics_interval_s)
             out.append((topic, json.dumps(body, separators=(",", ":")).encode()))
-            self._remember(topic)
+            if published != topic:
+                self._remember(topic)
         elif published:
             out.append((published, b""))
             self._remember(None)
