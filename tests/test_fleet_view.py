@@ -400,3 +400,9 @@ def test_shadow_phases_show_per_device_and_per_release(view: FleetView) -> None:
     summary = view.fleet()["summary"]
     assert summary["shadow"] == {"m v2": {"devices": 3, "min": 0.95, "median": 0.97, "max": 0.99}}
     assert summary["rollouts"] == {"shadow": 3}
+    text = exposition(view, dict).decode()
+    assert 'edgefleet_rollout_state{device="a",state="shadow"} 1.0' in text
+    view.on_rollout("b", {"state": "rejected", "name": "m", "version": 2})
+    assert view.fleet()["summary"]["rollouts"] == {"shadow": 2}  # decided is not in progress
+    view.on_rollout("a", {"state": "made-up", "name": "m", "version": 2})
+    assert 'device="a",state="made-up"' not in exposition(view, dict).decode()

@@ -14,7 +14,7 @@ fleet-wide p99 whatever the fleet's size. Per-device histograms (``device_histog
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, get_args
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -27,18 +27,10 @@ from prometheus_client.registry import Collector
 
 from edgefleet.fleet.latency import valid_counts
 from edgefleet.fleet.view import FleetView
-from edgefleet.protocol import ONLINE, Rollout, RolloutState
+from edgefleet.protocol import ONLINE, RolloutState
 
-ROLLOUT_STATES: tuple[RolloutState, ...] = (
-    Rollout.RECEIVED,
-    Rollout.DOWNLOADING,
-    Rollout.VERIFYING,
-    Rollout.PREFLIGHT,
-    Rollout.ACTIVATING,
-    Rollout.ACTIVE,
-    Rollout.FAILED,
-    Rollout.ROLLED_BACK,
-)
+# Every state the protocol names (a device's own text is never a label value).
+ROLLOUT_STATES = frozenset(get_args(RolloutState))
 # (name, help, row field) of per-device gauges exported only while the device is up.
 LIVE_GAUGES = (
     ("edgefleet_fps", "Frames classified per second", "fps"),

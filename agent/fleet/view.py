@@ -316,12 +316,17 @@ class FleetView:
             "version": record.version,
         }
 
+    def _present(self) -> tuple[float, list[DeviceRecord]]:
+        """Under the lock: the clock now and every device not forgotten by now."""
+        now = self.clock()
+        self._forget_old(now)
+        return now, list(self._devices.values())
+
     def rows(self) -> list[dict[str, Any]]:
         """Every device, worst first (state rank, then longest silent)."""
         with self._lock:
-            now = self.clock()
-            self._forget_old(now)
-            rows = [self._row(record, now) for record in self._devices.values()]
+            now, records = self._present()
+            rows = [self._row(record, now) for record in records]
         rows.sort(key=worst_first)
         return rows
 
@@ -335,11 +340,10 @@ class FleetView:
         """Rows that changed since ``known`` (device -> row key), the devices gone, the summary,
         and the new keys: what a live page needs once a second, without copying every row."""
         with self._lock:
-            now = self.clock()
-            self._forget_old(now)
+            now, records = self._present()
             keys: dict[str, tuple[int, str, int]] = {}
             changed, rows = [], []
-            for record in self._devices.values():
+            for record in records:
                 cached = self._cached(record, now)
                 keys[record.device] = cached.key
                 rows.append(cached.row)
@@ -352,13 +356,8 @@ class FleetView:
         """``fleet()`` as JSON, fast: each row's JSON is kept until it changes; only the ages
         are written at each call (the dashboard API answers thousands of devices this way)."""
         with self._lock:
-            now = self.clock()
-            self._forget_old(now)
-            parts = []
-            for record in self._devices.values():
-                cached = self._cached(record, now)
-                ages = self._ages(record, now)
-                parts.append((cached, ages))
+            now, records = self._present()
+            parts = [(self._cached(record, now), self._ages(record, now)) for record in records]
         # The order and the summary read no age but the first: no row needs copying.
         parts.sort(key=lambda part: worst_first(part[0].row, part[1][0]))
         texts = [cached.json + _age_fields(ages) for cached, ages in parts]
@@ -464,7 +463,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         delegate = row["delegate"] or "none"
         by_delegate[delegate] = by_delegate.get(delegate, 0) + 1
         rollout = row["rollout"]
-        if rollout and rollout.get("state") not in (None, Rollout.ACTIVE):
+        if rollout and rollout.get("state") not in (None, *Rollout.TERMINAL):  # in progress only
             rollouts[rollout["state"]] = rollouts.get(rollout["state"], 0) + 1
     return {
         "devices": len(rows),

@@ -142,13 +142,13 @@ def next_broker(client: mqtt.Client, brokers: list[tuple[str, int, bool]], index
     """Point paho's own reconnection at the next broker of the list; the new index."""
     if len(brokers) < 2:
         return index
-    index = (index + 1) % len(brokers)
-    host, port, _ = brokers[index]
+    following = (index + 1) % len(brokers)
+    host, port, _ = brokers[following]
     try:
         client.host, client.port = host, port
     except RuntimeError:  # still connected: paho keeps the current one
-        return index - 1 if index else len(brokers) - 1
-    return index
+        return index
+    return following
 
 
 class MqttLink:
