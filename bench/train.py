@@ -3,12 +3,13 @@
     .venv/bin/python bench/train.py [--samples ../shared/imagenet-samples] [--base lite0]
 
 The 1,000 ImageNet sample photos are grouped into five classes (bird, reptile, dog, food,
-other; tools/sample_datasets.py) and ``edgefleet models train`` runs on them three times, each
-in its own process so that its peak memory is its own:
+other; tools/sample_datasets.py) and ``edgefleet models train`` runs on them, each
+in its own process so that its peak memory is its own (four runs):
 
 - cold: an empty cache, so the backbone is converted and every feature computed;
 - warm: the same cache again (what re-training with other epochs or splits costs);
-- augment: ``--augment`` on the warm cache (two random crops per training image are new).
+- augment: ``--augment`` on the warm cache (two random crops per training image are new);
+- fine-tune: ``--fine-tune`` (5 epochs of the last block and head conv) on the warm cache.
 
 Each run prints its stages' seconds, peak RSS, test top-1 of the fp32 and int8 files (run as
 the agent runs them), int8-vs-fp32 top-1 agreement and the int8/fp32 file size ratio.
@@ -109,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         counts = {p.name: len(list(p.iterdir())) for p in sorted(data.iterdir())}
         print(f"data: {sum(counts.values())} photos, {counts}; base {args.base}")
         common = ["--base", args.base, "--test-split", args.test_split]
-        for name, extra in (("cold", []), ("warm", []), ("augment", ["--augment"])):
+        runs: tuple[tuple[str, list[str]], ...] = (
+            ("cold", []),
+            ("warm", []),
+            ("augment", ["--augment"]),
+            ("fine-tune", ["--fine-tune"]),
+        )
+        for name, extra in runs:
             report, wall, rss = run(data, root / name, root / "cache", [*common, *extra])
             show(name, report, wall, rss)
     print(

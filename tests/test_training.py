@@ -356,14 +356,14 @@ def test_exported_network_is_backbone_plus_head_with_frozen_statistics(
     model, _, test_data = grouped_model
     network = model.network()
     pretrained = efficientnet(0, pretrained=True)
-    trained_state = network.state_dict()  # type: ignore[attr-defined]
+    trained_state = network.state_dict()
     backbone = {k: v for k, v in pretrained.state_dict().items() if not k.startswith("_fc.")}
     assert any("running_mean" in key for key in backbone)
     for key, value in backbone.items():
         assert torch.equal(trained_state[key], value), key
     found = model.extractor.extract(list(test_data.items)[:6])
     with torch.no_grad():
-        logits = network._fc(torch.from_numpy(found.features)).numpy()  # type: ignore[attr-defined]
+        logits = network._fc(torch.from_numpy(found.features)).numpy()
     np.testing.assert_allclose(
         model.head.probabilities(found.features),
         torch.softmax(torch.from_numpy(logits), dim=1).numpy(),
@@ -473,3 +473,36 @@ def test_trained_model_rolls_out_and_the_agent_reports_its_labels(
     assert trained[-1]["model_version"] == 1
     seqs = [r["seq"] for r in results]
     assert seqs == list(range(1, len(seqs) + 1))  # served throughout the swap
+
+
+@pytest.mark.export
+@needs_train
+def test_fine_tune_moves_only_the_last_block_and_exports_what_it_learned(
+    grouped_model: tuple[TrainedModel, ImageFolder, ImageFolder], cache: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from edgefleet.training.convert import efficientnet
+
+    head_only, train_data, test_data = grouped_model
+    model = train(train_data, base="lite0", cache=cache, epochs=20, fine_tune_epochs=2)
+    assert model.tuned is not None
+    assert [r.get("fine_tune", 0.0) for r in model.head.history] == [0.0] * 20 + [1.0, 1.0]
+    tuned = model.network().state_dict()
+    pretrained = efficientnet(0, pretrained=True).state_dict()
+    last = f"_blocks.{len(efficientnet(0, pretrained=True)._blocks) - 1}."
+    changed = {k for k, v in pretrained.items() if not torch.equal(tuned[k], v)}
+    assert f"{last}_project_conv.weight" in changed
+    assert "_conv_head.weight" in changed
+    assert all(k.startswith((last, "_conv_head.", "_bn1.", "_fc.")) for k in changed), changed
+    assert not any("running_" in k for k in changed)  # batch-norm statistics never move
+    scores = model.evaluate(test_data)
+    assert scores.accuracy >= 0.6
+    exported = model.export(tmp_path, "tuned")
+    fp32 = predict_file(exported.fp32, test_data)
+    assert score(model.labels, fp32.truth, fp32.predicted).confusion.tolist() == (
+        scores.confusion.tolist()
+    )
+    int8 = predict_file(exported.int8, test_data)
+    assert float(np.mean(int8.predicted == fp32.predicted)) >= 0.95
+    assert head_only.tuned is None

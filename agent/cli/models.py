@@ -71,6 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         validation_split=args.validation_split,
         test_split=args.test_split,
         augment=args.augment,
+        fine_tune=args.fine_tune,
         seed=args.seed,
         cache=Path(args.cache) if args.cache else None,
     )
@@ -252,6 +253,15 @@ def add_models_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     train.add_argument("--test-split", type=argtypes.split_fraction, default=0.1)
     train.add_argument(
         "--augment", action="store_true", help="add 2 random crops/flips per training image"
+    )
+    train.add_argument(
+        "--fine-tune",
+        type=argtypes.int_between(1, 100),
+        nargs="?",
+        const=5,
+        default=0,
+        metavar="EPOCHS",
+        help="then train the last block and head conv too, for EPOCHS (5 when not given)",
     )
     train.add_argument("--seed", type=argtypes.int_between(0), default=0)
     train.add_argument("--cache", help="backbone and feature cache (default ~/.cache/edgefleet)")

@@ -239,12 +239,39 @@ class Extractor:
             rows.append(row)
         return np.stack(rows)
 
-    def _run(self, image: np.ndarray, view: View, digest: str) -> np.ndarray:
+    def prepared(
+        self, items: list[tuple[Path, int]], views: tuple[View, ...] = (CENTRE,), batch: int = 16
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Batches of preprocessed inputs (N, H, W, 3 float) and their targets, for a network
+        run outside LiteRT (fine-tuning); photos that do not decode are left out."""
+        inputs: list[np.ndarray] = []
+        targets: list[int] = []
+        for path, target in items:
+            try:
+                data = path.read_bytes()
+                image = decode_image(path)
+            except (OSError, ValueError):
+                continue  # skipped and counted when features were extracted
+            digest = hashlib.sha256(data).hexdigest()
+            for view in views:
+                inputs.append(self._input(image, view, digest)[0])
+                targets.append(target)
+            if len(inputs) >= batch:
+                yield np.stack(inputs), np.array(targets, np.int64)
+                inputs, targets = [], []
+        if inputs:
+            yield np.stack(inputs), np.array(targets, np.int64)
+
+    def _input(self, image: np.ndarray, view: View, digest: str) -> np.ndarray:
         buffer = self._centre.new_buffer()
         if view.augment == 0:
             self._centre(image, buffer)
         else:
             self._whole(random_view(image, view, digest), buffer)
+        return buffer
+
+    def _run(self, image: np.ndarray, view: View, digest: str) -> np.ndarray:
+        buffer = self._input(image, view, digest)
         self._interpreter.set_tensor(self._in, buffer)
         self._interpreter.invoke()
         row: np.ndarray = self._interpreter.get_tensor(self._out).reshape(-1).astype(np.float32)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from edgefleet.training.convert import (
 from edgefleet.training.dataset import Dataset
 from edgefleet.training.evaluate import Scores, score
 from edgefleet.training.features import CENTRE, Extractor, View, model_sized
+from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
 
 DEFAULT_EPOCHS = 20
@@ -61,6 +63,7 @@ class TrainedModel:
     train_data: Dataset
     skipped: list[tuple[Path, str]]
     seconds: dict[str, float] = field(default_factory=dict)
+    tuned: Tuned | None = None  # the layers --fine-tune changed, when it ran
 
     @property
     def base(self) -> str:
@@ -69,6 +72,10 @@ class TrainedModel:
     def evaluate(self, data: Dataset) -> Scores:
         """Top-1 scores of the head on ``data`` (centre crops, the agent's own view)."""
         _same_labels(self.labels, data)
+        if self.tuned is not None:
+            net = self.network()
+            inputs, targets = activations(net, self.extractor, list(data.items), (CENTRE,))
+            return score(self.labels, targets, predict(net, inputs))
         found = self.extractor.extract(list(data.items))
         return score(self.labels, found.targets, self.head.predict(found.features))
 
@@ -97,8 +104,9 @@ class TrainedModel:
             paths[kind] = path
         return Exported(fp32=paths["fp32"], int8=paths["int8"], seconds=seconds)
 
-    def network(self) -> object:
-        """The pretrained backbone with this head as its last layer, in ``eval()`` mode."""
+    def network(self) -> Any:
+        """The pretrained backbone with this head as its last layer (and the fine-tuned
+        layers, when fine-tuning ran), in ``eval()`` mode."""
         torch = require("torch", "torch==2.13.0")
         net = efficientnet(self.level, pretrained=True)
         layer = torch.nn.Linear(self.head.weight.shape[1], len(self.labels))
@@ -106,6 +114,12 @@ class TrainedModel:
             layer.weight.copy_(torch.from_numpy(self.head.weight))
             layer.bias.copy_(torch.from_numpy(self.head.bias))
         net._fc = layer
+        if self.tuned is not None:
+            state = {k: torch.from_numpy(v) for k, v in self.tuned.state.items()}
+            missing = set(state) - set(net.state_dict())
+            if missing:
+                raise RuntimeError(f"fine-tuned entries the network lacks: {sorted(missing)}")
+            net.load_state_dict(state, strict=False)
         return net.eval()
 
     def metadata(self, name: str, kind: str, version: int) -> ModelMetadata:
@@ -150,8 +164,10 @@ def train(
     validation: Dataset | None = None,
     cache: Path | None = None,
     stage: Stage | None = None,
+    fine_tune_epochs: int = 0,
 ) -> TrainedModel:
-    """Extract (or reuse) backbone features, then fit the head on them."""
+    """Extract (or reuse) backbone features, then fit the head on them; with
+    ``fine_tune_epochs``, then train the last block and head conv too (``finetune``)."""
     from edgefleet.training.features import parse_base
 
     level = parse_base(base)
@@ -191,7 +207,55 @@ def train(
         lambda e, t, _loss: _report(stage, "train head", e, t),
     )
     seconds["train_head"] = time.perf_counter() - started
-    return TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
+    model = TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
+    if fine_tune_epochs:
+        started = time.perf_counter()
+        model.tuned = _fine_tune(model, views, validation, fine_tune_epochs, seed, stage)
+        tuned = model.tuned.state
+        model.head = Head(
+            tuned["_fc.weight"], tuned["_fc.bias"], head.history + model.tuned.history
+        )
+        seconds["fine_tune"] = time.perf_counter() - started
+    return model
+
+
+def activations(
+    net: Any, extractor: Extractor, items: list[tuple[Path, int]], views: tuple[View, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """What enters ``net``'s last block for each decodable (photo, view), with targets."""
+    rows: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for inputs, batch_targets in extractor.prepared(items, views):
+        rows.append(trunk(net, inputs))
+        targets.append(batch_targets)
+    return np.concatenate(rows), np.concatenate(targets)
+
+
+def _fine_tune(
+    model: TrainedModel,
+    views: tuple[View, ...],
+    validation: Dataset | None,
+    epochs: int,
+    seed: int,
+    stage: Stage | None,
+) -> Tuned:
+    net = efficientnet(model.level, pretrained=True)
+    _report(stage, "fine-tune: activations", 0, 1)
+    inputs, targets = activations(net, model.extractor, list(model.train_data.items), views)
+    held_out = None
+    if validation is not None:
+        held_out = activations(net, model.extractor, list(validation.items), (CENTRE,))
+    _report(stage, "fine-tune: activations", 1, 1)
+    return fine_tune(
+        net,
+        model.head,
+        inputs,
+        targets,
+        epochs,
+        seed,
+        held_out,
+        lambda e, t, _loss: _report(stage, "fine-tune", e, t),
+    )
 
 
 def _enough(data: Dataset, targets: np.ndarray) -> None:

@@ -39,6 +39,7 @@ class Plan:
     validation_split: float = 0.1
     test_split: float = 0.1
     augment: bool = False
+    fine_tune: int = 0  # epochs of training the last block too; 0: head only
     seed: int = 0
     cache: Path | None = None
 
@@ -73,6 +74,7 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         validation=validation,
         cache=plan.cache,
         stage=stage,
+        fine_tune_epochs=plan.fine_tune,
     )
     exported = model.export(plan.out, plan.name, stage, version=plan.version)
     seconds = {**model.seconds, **exported.seconds}
@@ -85,6 +87,7 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         "seed": plan.seed,
         "epochs": plan.epochs,
         "augment": plan.augment,
+        "fine_tune": plan.fine_tune,
         "splits": {
             "train": train_data.counts(),
             "validation": validation.counts() if validation else {},
