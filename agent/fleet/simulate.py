@@ -1,0 +1,586 @@
+"""Many virtual devices in one process, speaking the real protocol: ``edgefleet simulate``.
+
+Each virtual device has its own MQTT connection (client id = device id) with a retained last
+will; after subscribing it publishes its retained birth status; it sends predictions and
+metrics at a set rate, numbered like the agent's spool (per-boot contiguous ``mseq``, a
+``floor``) and kept until the collector acknowledges them, so that a collector in ``collector``
+ack mode sees what it would see from real agents; it answers commands and walks the rollout
+states when a desired release is retained for it or its group. A share of the devices really
+downloads the release's chunks and checks every chunk's and the whole file's sha256; the rest
+only walk the states (none of them checks signatures or runs a model: load, not trust).
+
+One thread drives every connection through paho's external-loop hooks (socket callbacks,
+``loop_read``/``loop_write``/``loop_misc`` on a selector): a connection costs a socket and a
+few objects, no thread, which is what lets one process carry thousands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import json
+import random
+import selectors
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from edgefleet import __version__, protocol
+from edgefleet.mqtt.link import parse_urls
+from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import SocketLike  # a typing-only Protocol in paho
+
+LABELS = ("tabby", "Egyptian cat", "golden retriever", "espresso", "sports car")
+MAX_UNACKED = 1000  # per device, like a bounded spool: the oldest go first
+STEPS = (
+    Rollout.RECEIVED,
+    Rollout.DOWNLOADING,
+    Rollout.VERIFYING,
+    Rollout.PREFLIGHT,
+    Rollout.ACTIVATING,
+    Rollout.ACTIVE,
+)
+
+
+@dataclass(frozen=True)
+class SimSettings:
+    devices: int
+    brokers: list[tuple[str, int, bool]]
+    prefix: str = protocol.DEFAULT_PREFIX
+    id_prefix: str = "sim-"
+    groups: tuple[str, ...] = ("sim",)
+    rate: float = 0.2  # prediction messages per second per device
+    results_per_message: int = 1
+    metrics_interval_s: float = 60.0
+    download_share: float = 0.0
+    fail_share: float = 0.0
+    rollout_step_s: float = 1.0
+    connect_rate: float = 500.0  # new connections per second
+    mqtt5: bool = True
+    keepalive: int = 60
+    seed: int = 0
+    username: str | None = None
+    password: str | None = None
+    ca: str | None = None  # CA bundle for mqtts:// brokers
+
+
+@dataclass
+class Stats:
+    """Counters of the whole simulated fleet (read by the reporter, written by the loop)."""
+
+    published: Counter[str] = field(default_factory=Counter)
+    acked: int = 0
+    ack_latency_ms: list[float] = field(default_factory=list)
+    connects: int = 0
+    disconnects: int = 0
+    refused: int = 0
+    commands: int = 0
+    rollouts: Counter[str] = field(default_factory=Counter)
+    chunk_errors: int = 0
+    downloaded: int = 0  # releases fetched and checked in full
+
+    def ack_percentiles(self) -> dict[str, float]:
+        if not self.ack_latency_ms:
+            return {}
+        ordered = sorted(self.ack_latency_ms)
+        marks = {"p50": 0.5, "p90": 0.9, "p99": 0.99}
+        out = {k: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for k, q in marks.items()}
+        return {**out, "max": ordered[-1]}
+
+
+class Device:
+    """One virtual device: its connection, its numbering, its rollout."""
+
+    def __init__(self, sim: Simulator, index: int, downloads: bool, fails: bool) -> None:
+        s = sim.s
+        self.sim = sim
+        self.id = f"{s.id_prefix}{index:05d}"
+        self.topics = Topics(s.prefix, self.id)
+        self.broker = index % len(s.brokers)
+        self.boot_id = uuid.uuid4().hex[:16]
+        self.started = time.time()
+        self.mseq = 0
+        self.acked = 0
+        self.seq = 0
+        self.unacked: dict[int, tuple[str, bytes, float]] = {}
+        self.downloads = downloads
+        self.fails = fails
+        self.model: dict[str, Any] = {
+            "name": "efficientnet-lite0",
+            "version": 0,
+            "sha256": "0" * 64,
+        }
+        self.rollout: Manifest | None = None
+        self.chunks: dict[int, bytes] = {}
+        self.connected = False
+        self.retry_at = 0.0
+        self.backoff = 0.5
+        self.client = self._client()
+
+    # -- connection ----------------------------------------------------------------------
+    def _client(self) -> mqtt.Client:
+        s = self.sim.s
+        client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=self.id,
+            protocol=mqtt.MQTTv5 if s.mqtt5 else mqtt.MQTTv311,
+        )
+        if s.username:
+            client.username_pw_set(s.username, s.password)
+        if s.brokers[0][2]:
+            client.tls_set(ca_certs=s.ca)
+        will = self._status("offline")
+        client.will_set(self.topics.status, will, qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self.sim.socket_opened
+        client.on_socket_close = self.sim.socket_closed
+        client.on_socket_register_write = self.sim.want_write
+        client.on_socket_unregister_write = self.sim.done_writing
+        return client
+
+    def connect(self) -> bool:
+        """Open the connection (its CONNACK arrives through the loop); False: try later, on
+        the next broker of the list, after a randomised backoff doubling to 10 s."""
+        host, port, _ = self.sim.s.brokers[self.broker]
+        try:
+            if self.client.socket() is None:
+                self.client.connect(host, port, keepalive=self.sim.s.keepalive)
+        except (OSError, ValueError):
+            self.broker = (self.broker + 1) % len(self.sim.s.brokers)
+            self.retry_at = time.monotonic() + self.backoff * self.sim.rng.uniform(0.5, 1.5)
+            self.backoff = min(10.0, self.backoff * 2)
+            return False
+        return True
+
+    def _on_connect(self, client: mqtt.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            self.sim.stats.refused += 1
+            return
+        self.connected = True
+        self.backoff = 0.5
+        self.sim.stats.connects += 1
+        subscriptions = [self.topics.commands, self.topics.desired, self.topics.ack]
+        for group in self.sim.s.groups:
+            subscriptions += [self.topics.group_commands(group), self.topics.group_desired(group)]
+        client.subscribe([(topic, 1) for topic in subscriptions])
+        client.publish(self.topics.status, self._status("online"), qos=1, retain=True)
+        for mseq in sorted(self.unacked):  # what the collector has not confirmed, again
+            topic, payload, _ = self.unacked[mseq]
+            client.publish(topic, payload, qos=1)
+        if self.rollout is not None and self.downloads and not self._downloaded():
+            self._subscribe_chunks()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: Any, _f: Any, _r: Any, _p: Any) -> None:
+        if self.connected:
+            self.sim.stats.disconnects += 1
+        self.connected = False
+        self.sim.lost(self)
+
+    # -- what a device sends -------------------------------------------------------------
+    def _status(self, state: str) -> bytes:
+        body = {
+            "state": state,
+            "device": self.id,
+            "boot_id": self.boot_id,
+            "ts": time.time(),
+            "agent_version": __version__,
+            "model": self.model,
+            "delegate": {"type": "cpu", "threads": 1},
+            "source": {"type": "synthetic"},
+            "groups": list(self.sim.s.groups),
+            "simulated": True,
+        }
+        return _dumps(body)
+
+    def _spooled(self, kind: str, body: dict[str, Any]) -> None:
+        self.mseq += 1
+        if len(self.unacked) >= MAX_UNACKED:
+            del self.unacked[min(self.unacked)]
+        floor = min(self.unacked, default=self.mseq)
+        now = time.time()
+        body.update(device=self.id, boot_id=self.boot_id, mseq=self.mseq, floor=floor, ts=now)
+        topic = self.topics.spooled(kind)
+        payload = _dumps(body)
+        self.unacked[self.mseq] = (topic, payload, time.monotonic())
+        self.sim.stats.published[kind] += 1
+        if self.connected:
+            self.client.publish(topic, payload, qos=1)
+
+    def predictions(self) -> None:
+        rng = self.sim.rng
+        results = []
+        for _ in range(self.sim.s.results_per_message):
+            self.seq += 1
+            index = rng.randrange(len(LABELS))
+            results.append(
+                {
+                    "seq": self.seq,
+                    "boot_id": self.boot_id,
+                    "ts": time.time(),
+                    "model": self.model["name"],
+                    "model_version": self.model["version"],
+                    "top": [
+                        {
+                            "label": LABELS[index],
+                            "index": index,
+                            "score": round(rng.uniform(0.3, 0.99), 4),
+                        }
+                    ],
+                    "timings_ms": {
+                        "inference": round(rng.uniform(4, 9), 3),
+                        "total": round(rng.uniform(6, 14), 3),
+                    },
+                    "frame": self.seq,
+                }
+            )
+        self._spooled("predictions", {"results": results})
+
+    def metrics(self) -> None:
+        rng = self.sim.rng
+        inference = rng.uniform(4, 9)
+        self._spooled(
+            "metrics",
+            {
+                "interval_s": self.sim.s.metrics_interval_s,
+                "fps": round(self.sim.s.rate * self.sim.s.results_per_message, 3),
+                "inferences": self.seq,
+                "dropped_frames": 0,
+                "latency_ms": {
+                    "inference": {
+                        "p50": inference,
+                        "p90": inference * 1.2,
+                        "p99": inference * 1.5,
+                        "max": inference * 2,
+                    },
+                },
+                "spool": {"depth": len(self.unacked), "bytes": 0, "dropped": 0},
+                "health": {"cpu_temp_c": round(rng.uniform(45, 70), 1)},
+            },
+        )
+
+    # -- what a device receives ----------------------------------------------------------
+    def _on_message(self, client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        payload = bytes(msg.payload)
+        try:
+            if topic == self.topics.ack:
+                self._on_ack(payload)
+            elif "/cmd/" in topic:
+                self._on_command(client, msg)
+            elif topic.endswith("/model/desired"):
+                self._on_desired(topic, payload)
+            elif "/models/" in topic:
+                self._on_chunk(topic, payload)
+        except (ValueError, KeyError, TypeError, ValidationError):
+            pass  # a malformed message is skipped, as the agent does; the next one counts
+
+    def _on_ack(self, payload: bytes) -> None:
+        ack = protocol.Ack.model_validate_json(payload)
+        if ack.boot_id != self.boot_id or ack.mseq <= self.acked:
+            return
+        now = time.monotonic()
+        for mseq in [m for m in self.unacked if m <= ack.mseq]:
+            _, _, sent = self.unacked.pop(mseq)
+            self.sim.stats.acked += 1
+            self.sim.stats.ack_latency_ms.append((now - sent) * 1000)
+        self.acked = ack.mseq
+
+    def _on_command(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
+        name = Topics.command_name(msg.topic) or ""
+        args = json.loads(msg.payload or b"{}")
+        request_id = str(args.get("request_id") or uuid.uuid4().hex[:12])
+        reply: dict[str, Any] = {"command": name, "device": self.id, "ok": name == "ping"}
+        if name == "ping":
+            reply["result"] = {"uptime_s": round(time.time() - self.started, 1), "simulated": True}
+        else:
+            reply["error"] = f"simulated devices answer ping only, not {name!r}"
+        props = getattr(msg, "properties", None)
+        response = getattr(props, "ResponseTopic", None) if props else None
+        reply_props = None
+        if response:
+            topic = response
+            correlation = getattr(props, "CorrelationData", None)
+            if correlation is not None:
+                reply_props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+                reply_props.CorrelationData = correlation
+        else:
+            reply["request_id"] = request_id
+            topic = self.topics.reply(request_id)
+        self.sim.stats.commands += 1
+        client.publish(topic, _dumps(reply), qos=1, properties=reply_props)
+
+    def _on_desired(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        manifest = Manifest.model_validate_json(payload)
+        device_level = topic == self.topics.desired
+        if self.rollout is not None and manifest.rollout_id == self.rollout.rollout_id:
+            return
+        if not device_level and self.rollout is not None and self.sim.device_level.get(self.id):
+            return  # a device's own desired release outranks its groups'
+        self.sim.device_level[self.id] = device_level
+        self.rollout = manifest
+        self.chunks = {}
+        self._state(Rollout.RECEIVED)
+        if self.downloads:
+            self._state(Rollout.DOWNLOADING, progress=0.0)
+            self._subscribe_chunks()
+        else:
+            self.sim.later(self.sim.s.rollout_step_s, self, 1)
+
+    def _variant(self) -> protocol.VariantSpec | None:
+        return self.rollout.variant_for(["cpu"]) if self.rollout else None
+
+    def _subscribe_chunks(self) -> None:
+        variant = self._variant()
+        if self.rollout is None or variant is None:
+            return
+        filter_ = FleetTopics(self.sim.s.prefix).chunks(
+            self.rollout.name, self.rollout.version, variant.kind
+        )
+        self.client.subscribe(filter_, qos=1)
+
+    def _downloaded(self) -> bool:
+        variant = self._variant()
+        return variant is not None and len(self.chunks) == len(variant.chunks)
+
+    def _on_chunk(self, topic: str, payload: bytes) -> None:
+        variant = self._variant()
+        if self.rollout is None or variant is None or self._downloaded():
+            return
+        index = int(topic.rsplit("/", 1)[1])
+        if hashlib.sha256(payload).hexdigest() != variant.chunks[index]:
+            self.sim.stats.chunk_errors += 1
+            return
+        self.chunks[index] = payload
+        if self._downloaded():
+            self.client.unsubscribe(
+                FleetTopics(self.sim.s.prefix).chunks(
+                    self.rollout.name, self.rollout.version, variant.kind
+                )
+            )
+            whole = b"".join(self.chunks[i] for i in range(len(variant.chunks)))
+            self._state(Rollout.VERIFYING)
+            if hashlib.sha256(whole).hexdigest() != variant.sha256:
+                self._state(Rollout.FAILED, reason="model sha256 mismatch")
+                return
+            self.chunks = {}
+            self.sim.stats.downloaded += 1
+            self.sim.later(self.sim.s.rollout_step_s, self, STEPS.index(Rollout.PREFLIGHT))
+
+    def step(self, position: int) -> None:
+        """The rollout's next simulated state (after RECEIVED, or after a real download)."""
+        if self.rollout is None:
+            return
+        state = STEPS[position]
+        if self.fails and state == Rollout.PREFLIGHT:
+            self._state(Rollout.FAILED, reason="simulated preflight failure")
+            return
+        self._state(state)
+        if state == Rollout.ACTIVE:
+            variant = self._variant()
+            self.model = {
+                "name": self.rollout.name,
+                "version": self.rollout.version,
+                "sha256": variant.sha256 if variant else "0" * 64,
+            }
+            if self.connected:
+                self.client.publish(self.topics.status, self._status("online"), 1, True)
+            return
+        self.sim.later(self.sim.s.rollout_step_s, self, position + 1)
+
+    def _state(self, state: str, reason: str | None = None, progress: float | None = None) -> None:
+        manifest = self.rollout
+        if manifest is None:
+            return
+        body = {
+            "state": state,
+            "device": self.id,
+            "ts": time.time(),
+            "rollout_id": manifest.rollout_id,
+            "name": manifest.name,
+            "version": manifest.version,
+            "reason": reason,
+            "progress": progress,
+        }
+        self.sim.stats.rollouts[state] += 1
+        if self.connected:
+            self.client.publish(self.topics.rollout, _dumps(body), qos=1, retain=True)
+
+    def stop(self) -> None:
+        """A graceful stop: the retained status says ``stopped``, the will is not sent."""
+        if self.connected:
+            info = self.client.publish(self.topics.status, self._status("stopped"), 1, True)
+            self.sim.flush(info)
+            self.client.disconnect()
+
+
+def _dumps(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Simulator:
+    """The devices and the one loop that drives all their sockets and timers."""
+
+    def __init__(self, settings: SimSettings) -> None:
+        self.s = settings
+        # Load, not secrets: a seeded PRNG makes a run repeatable.
+        self.rng = random.Random(settings.seed)  # noqa: S311
+        self.stats = Stats()
+        self.selector = selectors.DefaultSelector()
+        self.timers: list[tuple[float, int, Device, int]] = []
+        self._tick = 0
+        self.device_level: dict[str, bool] = {}
+        n = settings.devices
+        # Exactly round(share * n) devices of each kind, chosen by the seed.
+        downloaders = set(self.rng.sample(range(n), round(settings.download_share * n)))
+        failing = set(self.rng.sample(range(n), round(settings.fail_share * n)))
+        self.devices = [
+            Device(self, i, downloads=i in downloaders, fails=i in failing) for i in range(n)
+        ]
+        self._pending = list(self.devices)  # not yet connected (first time or after a loss)
+        self._stopping = False
+
+    # -- paho's socket hooks -------------------------------------------------------------
+    def socket_opened(self, client: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        self.selector.register(sock, selectors.EVENT_READ, client)
+
+    def socket_closed(self, _c: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        with contextlib.suppress(KeyError, ValueError):  # closed meanwhile
+            self.selector.unregister(sock)
+
+    def want_write(self, client: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        with contextlib.suppress(KeyError, ValueError):  # closed meanwhile
+            self.selector.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, client)
+
+    def done_writing(self, client: mqtt.Client, _u: Any, sock: SocketLike) -> None:
+        with contextlib.suppress(KeyError, ValueError):  # closed meanwhile
+            self.selector.modify(sock, selectors.EVENT_READ, client)
+
+    # -- timers --------------------------------------------------------------------------
+    def later(self, delay: float, device: Device, what: int) -> None:
+        """``what`` >= 0: a rollout step; -1: predictions; -2: metrics."""
+        self._tick += 1
+        heapq.heappush(self.timers, (time.monotonic() + delay, self._tick, device, what))
+
+    def lost(self, device: Device) -> None:
+        if not self._stopping:
+            device.retry_at = time.monotonic() + device.backoff * self.rng.uniform(0.5, 1.5)
+            device.backoff = min(10.0, device.backoff * 2)
+            self._pending.append(device)
+
+    def flush(self, info: mqtt.MQTTMessageInfo, limit: float = 2.0) -> None:
+        deadline = time.monotonic() + limit
+        while not info.is_published() and time.monotonic() < deadline:
+            self._poll(0.05)
+
+    # -- the loop ------------------------------------------------------------------------
+    def run(
+        self,
+        duration: float | None,
+        report: Callable[[Simulator], None] | None = None,
+        report_every: float = 10.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """Connect, publish and answer until ``duration`` has passed or ``should_stop()``."""
+        period = 1.0 / self.s.rate if self.s.rate > 0 else None
+        for device in self.devices:
+            if period is not None:
+                self.later(self.rng.uniform(0, period), device, -1)
+            self.later(self.rng.uniform(0, self.s.metrics_interval_s), device, -2)
+        started = time.monotonic()
+        next_connect = next_misc = started
+        next_report = started + report_every
+        while not should_stop() and (duration is None or time.monotonic() - started < duration):
+            now = time.monotonic()
+            if now >= next_connect:
+                self._connect_some()
+                next_connect = now + 0.1
+            if now >= next_misc:
+                for device in self.devices:
+                    device.client.loop_misc()
+                next_misc = now + 1.0
+            self._fire(now, period)
+            if report is not None and now >= next_report:
+                report(self)
+                next_report = now + report_every
+            wait = 0.1 if not self.timers else max(0.0, min(0.1, self.timers[0][0] - now))
+            self._poll(wait)
+
+    def _connect_some(self) -> None:
+        budget = max(1, int(self.s.connect_rate / 10))
+        now = time.monotonic()
+        later = []
+        while self._pending and budget:
+            device = self._pending.pop(0)
+            if device.retry_at > now:
+                later.append(device)
+                continue
+            budget -= 1
+            if not device.connect():
+                later.append(device)
+        self._pending += later
+
+    def _fire(self, now: float, period: float | None) -> None:
+        while self.timers and self.timers[0][0] <= now:
+            _, _, device, what = heapq.heappop(self.timers)
+            if what == -1:
+                device.predictions()
+                if period is not None:
+                    self.later(period, device, -1)
+            elif what == -2:
+                device.metrics()
+                self.later(self.s.metrics_interval_s, device, -2)
+            else:
+                device.step(what)
+
+    def _poll(self, timeout: float) -> None:
+        for key, mask in self.selector.select(timeout):
+            client: mqtt.Client = key.data
+            if mask & selectors.EVENT_READ:
+                client.loop_read()
+            if mask & selectors.EVENT_WRITE:
+                client.loop_write()
+
+    def stop(self) -> None:
+        self._stopping = True
+        for device in self.devices:
+            device.stop()
+        self._poll(0.2)
+        self.selector.close()
+
+    def summary(self) -> dict[str, Any]:
+        st = self.stats
+        return {
+            "devices": len(self.devices),
+            "connected": sum(d.connected for d in self.devices),
+            "published": dict(st.published),
+            "unacked": sum(len(d.unacked) for d in self.devices),
+            "acked": st.acked,
+            "ack_latency_ms": {k: round(v, 1) for k, v in st.ack_percentiles().items()},
+            "connects": st.connects,
+            "disconnects": st.disconnects,
+            "refused": st.refused,
+            "commands": st.commands,
+            "rollout_states": dict(st.rollouts),
+            "chunk_errors": st.chunk_errors,
+            "downloaded": st.downloaded,
+        }
+
+
+def settings_from(urls: str, **kwargs: Any) -> SimSettings:
+    return SimSettings(brokers=parse_urls(urls), **kwargs)

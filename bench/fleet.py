@@ -1,0 +1,211 @@
+"""Collector ingest from thousands of simulated devices (a benchmark: prints, never fails).
+
+    .venv/bin/python bench/fleet.py [--devices 2000,5000] [--seconds 60] [--pg URL]
+
+For each fleet size, a private mosquitto, ``edgefleet collect`` (one, or two sharing an
+MQTT 5 shared subscription into PostgreSQL) and ``edgefleet simulate`` (one process for all
+the devices; predictions at 0.2 messages/s each, metrics every 60 s) run as separate
+processes, as deployed. After the devices are connected and a warm-up, the run measures
+over ``--seconds``: messages stored per second (rows in the database), the simulator's ack
+latency percentiles (publish to the collector's ack covering it), and each process's CPU
+(share of one core) and peak RSS, read from /proc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgefleet.app.demo import find_mosquitto
+
+TICK = os.sysconf("SC_CLK_TCK")
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "edgefleet", *args]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proc:
+    """A child process and its CPU seconds at the start of the measured window."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    cpu_start: float = 0.0
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+
+    def peak_rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.popen.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return 0.0
+
+
+@contextlib.contextmanager
+def mosquitto(workdir: Path) -> Iterator[tuple[int, Proc]]:
+    binary = find_mosquitto()
+    if binary is None:
+        raise SystemExit("mosquitto not found")
+    port = free_port()
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(
+        f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+        "log_dest none\nmax_queued_messages 100000\n"
+    )
+    popen = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        time.sleep(0.05)
+    try:
+        yield port, Proc("mosquitto", popen)
+    finally:
+        popen.terminate()
+        popen.wait(10)
+
+
+def stored(db: str) -> int:
+    if db.startswith("sqlite:///"):
+        with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
+            return int(conn.execute("SELECT count(*) FROM messages").fetchone()[0])
+    import psycopg
+
+    with psycopg.connect(db) as conn:
+        row = conn.execute("SELECT count(*) FROM messages").fetchone()
+        return int(row[0]) if row else 0
+
+
+def reset_pg(db: str) -> None:
+    import psycopg
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        for table in ("messages", "predictions", "acks", "device_status"):
+            conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def one_run(
+    devices: int, db: str, collectors: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    if db.startswith("postgresql"):
+        reset_pg(db)
+    with mosquitto(workdir) as (port, broker):
+        url = f"mqtt://127.0.0.1:{port}"
+        procs = [broker]
+        for i in range(collectors):
+            popen = subprocess.Popen(
+                cli("collect", "--broker", url, "--db", db), stdout=subprocess.DEVNULL
+            )
+            procs.append(Proc(f"collector-{i + 1}", popen))
+        time.sleep(2)
+        sim_out = workdir / "simulate.json"
+        connect_s = devices / 500 + 5
+        warm = connect_s + 10
+        with sim_out.open("wb") as out:
+            sim = subprocess.Popen(
+                cli(
+                    "simulate",
+                    "--devices",
+                    str(devices),
+                    "--broker",
+                    url,
+                    "--rate",
+                    "0.2",
+                    "--metrics-interval",
+                    "60",
+                    "--duration",
+                    str(warm + seconds + 2),
+                    "--report-every",
+                    "3600",
+                ),
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
+            procs.append(Proc("simulator", sim))
+            time.sleep(warm)
+            for proc in procs:
+                proc.cpu_start = proc.cpu()
+            rows_start, started = stored(db), time.monotonic()
+            time.sleep(seconds)
+            rows_end, elapsed = stored(db), time.monotonic() - started
+            usage = {p.name: ((p.cpu() - p.cpu_start) / elapsed, p.peak_rss_mib()) for p in procs}
+            sim.wait(warm + seconds + 120)
+        summary = json.loads(sim_out.read_text())
+        for proc in procs[1:-1]:
+            proc.popen.send_signal(signal.SIGTERM)
+            proc.popen.wait(30)
+    return {
+        "devices": devices,
+        "db": db.split(":", 1)[0],
+        "collectors": collectors,
+        "stored_per_s": (rows_end - rows_start) / elapsed,
+        "offered_per_s": devices * (0.2 + 1 / 60),
+        "ack_ms": summary["ack_latency_ms"],
+        "connected": summary["connects"],
+        "unacked_at_end": summary["unacked"],
+        "usage": usage,
+    }
+
+
+def show(result: dict[str, Any]) -> None:
+    ack = result["ack_ms"]
+    usage = ", ".join(
+        f"{k} {cpu:.0%} CPU {rss:.0f} MiB" for k, (cpu, rss) in result["usage"].items()
+    )
+    print(
+        f"{result['devices']:>5} devices, {result['db']}, {result['collectors']} collector(s): "
+        f"stored {result['stored_per_s']:.0f}/s of {result['offered_per_s']:.0f}/s offered; "
+        f"ack p50 {ack.get('p50', 0):.0f} ms p99 {ack.get('p99', 0):.0f} ms; "
+        f"connected {result['connected']}; {usage}",
+        flush=True,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", default="2000,5000", help="comma-separated fleet sizes")
+    parser.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
+    parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL URL ('' to skip)")
+    args = parser.parse_args(argv)
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {os.cpu_count()} cores, {cpu}; {time.strftime('%Y-%m-%d')}; every process "
+        "on this one machine (CPU is the share of one core)"
+    )
+    sizes = [int(n) for n in args.devices.split(",") if n]
+    with tempfile.TemporaryDirectory(prefix="edgefleet-bench-fleet-") as tmp:
+        for n in sizes:
+            runs = [(f"sqlite:///{tmp}/fleet-{n}.db", 1)]
+            if args.pg:
+                runs += [(args.pg, 1), (args.pg, 2)]
+            for db, collectors in runs:
+                show(one_run(n, db, collectors, args.seconds, Path(tmp)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
