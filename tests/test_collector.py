@@ -116,3 +116,46 @@ def test_one_poisoned_message_never_costs_another(
     # does not resend them forever and message 4 is confirmed.
     assert acks == [("edgefleet/v1/devices/d1/ack", {"boot_id": boot, "mseq": 4})]
     collector.store.close()
+
+
+def test_collectors_starting_together_create_the_schema_once() -> None:
+    """Several collectors on an empty PostgreSQL database: none fails creating the tables."""
+    import threading
+
+    import psycopg
+
+    if not _pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    for _ in range(5):
+        schema = f"race_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            admin.execute(f"CREATE SCHEMA {schema}")
+        url = f"{PG_URL}?options=-csearch_path%3D{schema}"
+        barrier = threading.Barrier(4)
+        errors: list[BaseException] = []
+
+        def start(
+            url: str = url,
+            barrier: threading.Barrier = barrier,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                Store(url).close()
+            except Exception as exc:  # noqa: BLE001 - the test reports whatever a thread raised
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        with psycopg.connect(PG_URL, autocommit=True) as admin:
+            tables = admin.execute(
+                "SELECT count(*) FROM information_schema.tables WHERE table_schema = %s",
+                (schema,),
+            ).fetchone()
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        assert errors == []
+        assert tables is not None
+        assert tables[0] == 4

@@ -108,6 +108,10 @@ def _json_object(payload: bytes) -> dict[str, Any]:
     return body
 
 
+# Advisory lock key that serialises schema creation between collectors ("edgeflt" in ASCII).
+SCHEMA_LOCK = 0x65646765666C74
+
+
 class Store:
     """SQLite or PostgreSQL with the same SQL (only the placeholder differs)."""
 
@@ -144,6 +148,11 @@ class Store:
         else:
             raise UserError(f"database URL {url!r}: use sqlite:///PATH or postgresql://...")
         cur = self.conn.cursor()
+        if self.ph == "%s":
+            # Collectors started together on an empty database would race: PostgreSQL's
+            # CREATE TABLE IF NOT EXISTS is not atomic against a concurrent one (one of them
+            # fails on pg_type's unique index). One at a time, for this transaction.
+            cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
         for ddl in TABLES:
             cur.execute(ddl)
         self.conn.commit()
