@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/fleet.py [--devices 2000,5000] [--seconds 60] [--pg URL]
 
+Then a rollout in waves (``--rollout`` devices, ``--downloaders`` of them really fetching and
+checking the 5.5 MB factory model's chunks): time per wave and the broker's peak RSS.
+
 For each fleet size, a private mosquitto, ``edgefleet collect`` (one, or two sharing an
 MQTT 5 shared subscription into PostgreSQL) and ``edgefleet simulate`` (one process for all
 the devices; predictions at 0.2 messages/s each, metrics every 60 s) run as separate
@@ -141,6 +144,8 @@ def one_run(
                     str(warm + seconds + 2),
                     "--report-every",
                     "3600",
+                    "--ack-from",
+                    str(warm),
                 ),
                 stdout=out,
                 stderr=subprocess.DEVNULL,
@@ -171,6 +176,77 @@ def one_run(
     }
 
 
+def rollout_run(devices: int, downloaders: int, waves: str, workdir: Path) -> None:
+    """A release of the factory model (5.5 MB) in waves to a simulated group."""
+    from edgefleet.factory import factory_model_path
+    from edgefleet.fleet.publish import Broker, build_release, run_waves
+    from edgefleet.rollout.release import generate_keys
+
+    key, _ = generate_keys(workdir, "bench")
+    manifest, blobs = build_release(
+        {"cpu": factory_model_path()}, "bench-model", 1, key, "bench", 3600
+    )
+    with mosquitto(workdir) as (port, broker):
+        url = f"mqtt://127.0.0.1:{port}"
+        sim_out = workdir / "rollout.json"
+        with sim_out.open("wb") as out:
+            sim = subprocess.Popen(
+                cli(
+                    "simulate",
+                    "--devices",
+                    str(devices),
+                    "--broker",
+                    url,
+                    "--download-share",
+                    str(downloaders / devices),
+                    "--rollout-step",
+                    "0.5",
+                    "--groups",
+                    "bench",
+                    "--report-every",
+                    "3600",
+                ),
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(devices / 500 + 8)
+            rss_before = Proc("mosquitto", broker.popen).peak_rss_mib()
+            operator = Broker(url)
+            started = time.monotonic()
+            marks: list[str] = []
+
+            def report(line: str) -> None:
+                marks.append(f"{time.monotonic() - started:6.1f} s  {line}")
+
+            ok = run_waves(
+                operator,
+                manifest,
+                blobs,
+                "bench",
+                [float(w) for w in waves.split(",")],
+                0.05,
+                report=report,
+            )
+            total = time.monotonic() - started
+            operator.close()
+            rss_after = Proc("mosquitto", broker.popen).peak_rss_mib()
+            sim.send_signal(signal.SIGTERM)
+            sim.wait(120)
+        summary = json.loads(sim_out.read_text())
+    print(
+        f"rollout to {devices} simulated devices ({downloaders} really downloading "
+        f"{manifest.variants[0].size:,} B in {len(manifest.variants[0].chunks)} chunks), "
+        f"waves {waves}: {'completed' if ok else 'halted'} in {total:.1f} s"
+    )
+    for line in marks:
+        print(f"  {line}")
+    print(
+        f"  mosquitto peak RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after; "
+        f"downloaded and checked {summary['downloaded']}, chunk errors "
+        f"{summary['chunk_errors']}, states {summary['rollout_states']}"
+    )
+
+
 def show(result: dict[str, Any]) -> None:
     ack = result["ack_ms"]
     usage = ", ".join(
@@ -190,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", default="2000,5000", help="comma-separated fleet sizes")
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
     parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL URL ('' to skip)")
+    parser.add_argument(
+        "--rollout", type=int, default=1000, help="devices of the wave run (0: skip)"
+    )
+    parser.add_argument("--downloaders", type=int, default=50, help="of them really downloading")
+    parser.add_argument("--waves", default="10,50,100")
     args = parser.parse_args(argv)
     cpu = platform.processor() or platform.machine()
     print(
@@ -204,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs += [(args.pg, 1), (args.pg, 2)]
             for db, collectors in runs:
                 show(one_run(n, db, collectors, args.seconds, Path(tmp)))
+        if args.rollout:
+            rollout_run(args.rollout, args.downloaders, args.waves, Path(tmp))
     return 0
 
 

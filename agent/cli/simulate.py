@@ -51,6 +51,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         username=args.username,
         password=argtypes.read_secret(args.password_file),
         ca=str(args.ca) if args.ca else None,
+        ack_from_s=args.ack_from,
     )
     sim = Simulator(settings)
     stop = {"now": False}
@@ -122,6 +123,12 @@ def add_simulate_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
         type=argtypes.positive_float,
         default=10.0,
         help="seconds between progress lines on stderr",
+    )
+    sim.add_argument(
+        "--ack-from",
+        type=argtypes.non_negative_float,
+        default=0.0,
+        help="count ack latencies from this many seconds after the start (skip the warm-up)",
     )
     sim.add_argument("--seed", type=argtypes.int_between(0), default=0)
     sim.add_argument("--username")

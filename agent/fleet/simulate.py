@@ -74,6 +74,7 @@ class SimSettings:
     username: str | None = None
     password: str | None = None
     ca: str | None = None  # CA bundle for mqtts:// brokers
+    ack_from_s: float = 0.0  # ack latencies count from this long after the start (warm-up)
 
 
 @dataclass
@@ -293,10 +294,12 @@ class Device:
         if ack.boot_id != self.boot_id or ack.mseq <= self.acked:
             return
         now = time.monotonic()
+        counted = now >= self.sim.latencies_from
         for mseq in [m for m in self.unacked if m <= ack.mseq]:
             _, _, sent = self.unacked.pop(mseq)
             self.sim.stats.acked += 1
-            self.sim.stats.ack_latency_ms.append((now - sent) * 1000)
+            if counted:
+                self.sim.stats.ack_latency_ms.append((now - sent) * 1000)
         self.acked = ack.mseq
 
     def _on_command(self, client: mqtt.Client, msg: mqtt.MQTTMessage) -> None:
@@ -453,6 +456,7 @@ class Simulator:
             Device(self, i, downloads=i in downloaders, fails=i in failing) for i in range(n)
         ]
         self._pending = list(self.devices)  # not yet connected (first time or after a loss)
+        self.latencies_from = time.monotonic() + settings.ack_from_s
         self._stopping = False
 
     # -- paho's socket hooks -------------------------------------------------------------
