@@ -103,6 +103,23 @@ def stored(db: str) -> int:
         return int(row[0]) if row else 0
 
 
+def bytes_per_message(db: str) -> float:
+    """Database size (tables and indexes) per stored message."""
+    rows = stored(db)
+    if db.startswith("sqlite:///"):
+        size = Path(db.removeprefix("sqlite:///")).stat().st_size
+    else:
+        import psycopg
+
+        with psycopg.connect(db) as conn:
+            row = conn.execute(
+                "SELECT sum(pg_total_relation_size(c)) FROM unnest(ARRAY["
+                "'messages', 'predictions', 'acks', 'device_status']::regclass[]) AS c"
+            ).fetchone()
+            size = int(row[0]) if row and row[0] else 0
+    return size / rows if rows else 0.0
+
+
 def reset_pg(db: str) -> None:
     import psycopg
 
@@ -163,7 +180,9 @@ def one_run(
         for proc in procs[1:-1]:
             proc.popen.send_signal(signal.SIGTERM)
             proc.popen.wait(30)
+        per_message = bytes_per_message(db)
     return {
+        "bytes_per_message": per_message,
         "devices": devices,
         "db": db.split(":", 1)[0],
         "collectors": collectors,
@@ -256,7 +275,8 @@ def show(result: dict[str, Any]) -> None:
         f"{result['devices']:>5} devices, {result['db']}, {result['collectors']} collector(s): "
         f"stored {result['stored_per_s']:.0f}/s of {result['offered_per_s']:.0f}/s offered; "
         f"ack p50 {ack.get('p50', 0):.0f} ms p99 {ack.get('p99', 0):.0f} ms; "
-        f"connected {result['connected']}; {usage}",
+        f"connected {result['connected']}; {result['bytes_per_message']:.0f} B/message "
+        f"stored; {usage}",
         flush=True,
     )
 
