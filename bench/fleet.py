@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from edgefleet.app.demo import find_mosquitto
 
@@ -92,6 +92,17 @@ def mosquitto(workdir: Path) -> Iterator[tuple[int, Proc]]:
         popen.wait(10)
 
 
+def simulator(url: str, devices: int, out: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
+    """``edgefleet simulate`` in its own process, its JSON summary into ``out``."""
+    return subprocess.Popen(
+        cli(
+            "simulate", "--devices", str(devices), "--broker", url, "--report-every", "3600", *extra
+        ),
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+    )
+
+
 def stored(db: str) -> int:
     if db.startswith("sqlite:///"):
         with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
@@ -146,27 +157,10 @@ def one_run(
         connect_s = devices / 500 + 5
         warm = connect_s + 10
         with sim_out.open("wb") as out:
-            sim = subprocess.Popen(
-                cli(
-                    "simulate",
-                    "--devices",
-                    str(devices),
-                    "--broker",
-                    url,
-                    "--rate",
-                    "0.2",
-                    "--metrics-interval",
-                    "60",
-                    "--duration",
-                    str(warm + seconds + 2),
-                    "--report-every",
-                    "3600",
-                    "--ack-from",
-                    str(warm),
-                ),
-                stdout=out,
-                stderr=subprocess.DEVNULL,
-            )
+            sim = simulator(
+                url, devices, out, "--rate", "0.2", "--metrics-interval", "60",
+                "--duration", str(warm + seconds + 2), "--ack-from", str(warm),
+            )  # fmt: skip
             procs.append(Proc("simulator", sim))
             time.sleep(warm)
             for proc in procs:
@@ -209,25 +203,10 @@ def rollout_run(devices: int, downloaders: int, waves: str, workdir: Path) -> No
         url = f"mqtt://127.0.0.1:{port}"
         sim_out = workdir / "rollout.json"
         with sim_out.open("wb") as out:
-            sim = subprocess.Popen(
-                cli(
-                    "simulate",
-                    "--devices",
-                    str(devices),
-                    "--broker",
-                    url,
-                    "--download-share",
-                    str(downloaders / devices),
-                    "--rollout-step",
-                    "0.5",
-                    "--groups",
-                    "bench",
-                    "--report-every",
-                    "3600",
-                ),
-                stdout=out,
-                stderr=subprocess.DEVNULL,
-            )
+            sim = simulator(
+                url, devices, out, "--download-share", str(downloaders / devices),
+                "--rollout-step", "0.5", "--groups", "bench",
+            )  # fmt: skip
             time.sleep(devices / 500 + 8)
             rss_before = Proc("mosquitto", broker.popen).peak_rss_mib()
             operator = Broker(url)

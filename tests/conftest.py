@@ -30,6 +30,19 @@ CLEAR_PHOTOS = {
 }
 
 
+def train_extra_installed() -> bool:
+    """torch and litert-torch import: the [train] extra (model export and training)."""
+    try:
+        import litert_torch  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_train = pytest.mark.skipif(not train_extra_installed(), reason="[train] extra not installed")
+
+
 def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "edgefleet", *args]
 

@@ -19,24 +19,12 @@ from edgefleet.inference.classifier import load_classifier
 from edgefleet.inference.images import decode_image
 from edgefleet_plugins.delegates.cpu import CpuDelegate
 
-from .conftest import CLEAR_PHOTOS, REPO
+from .conftest import CLEAR_PHOTOS, REPO, needs_train
 
 sys.path.insert(0, str(REPO / "tools"))
 import export_models
 
 COMMITTED_FP32 = REPO / "models" / "efficientnet-lite0-fp32.tflite"
-
-
-def _export_available() -> bool:
-    try:
-        import litert_torch  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_export = pytest.mark.skipif(not _export_available(), reason="[train] extra not installed")
 
 
 def test_unknown_variant(capsys: pytest.CaptureFixture[str]) -> None:
@@ -121,7 +109,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.export
-@needs_export
+@needs_train
 @THIRD_PARTY_WARNINGS
 def test_export_reproduces_committed_models_byte_for_byte(exported: Path) -> None:
     fp32 = exported / "efficientnet-lite0-fp32.tflite"
@@ -132,7 +120,7 @@ def test_export_reproduces_committed_models_byte_for_byte(exported: Path) -> Non
 
 
 @pytest.mark.export
-@needs_export
+@needs_train
 @THIRD_PARTY_WARNINGS
 def test_exported_ops_are_builtin_only(exported: Path) -> None:
     fp32_ops = export_models.op_histogram(
@@ -149,7 +137,7 @@ def test_exported_ops_are_builtin_only(exported: Path) -> None:
 
 
 @pytest.mark.export
-@needs_export
+@needs_train
 @THIRD_PARTY_WARNINGS
 def test_fp32_top5_matches_pytorch(
     exported: Path, samples: Path, cpu_delegate: CpuDelegate
@@ -171,7 +159,7 @@ def test_fp32_top5_matches_pytorch(
 
 
 @pytest.mark.export
-@needs_export
+@needs_train
 @THIRD_PARTY_WARNINGS
 def test_calibration_images_are_not_imagenet_samples() -> None:
     crops = list(export_models.calibration_images(224, 12))
@@ -181,7 +169,7 @@ def test_calibration_images_are_not_imagenet_samples() -> None:
 
 
 @pytest.mark.export
-@needs_export
+@needs_train
 @THIRD_PARTY_WARNINGS
 def test_one_channel_model_is_refused(tmp_path: Path, cpu_delegate: CpuDelegate) -> None:
     import litert_torch

@@ -26,23 +26,11 @@ from edgefleet.training import ImageFolder, TrainedModel, image_folder, train
 from edgefleet.training.evaluate import OTHER, predict_file, score
 from edgefleet.training.workflow import Plan, split
 
-from .conftest import REPO, cli_command
+from .conftest import REPO, cli_command, needs_train, train_extra_installed
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
 
 sys.path.insert(0, str(REPO / "tools"))
 import sample_datasets
-
-
-def _train_extra() -> bool:
-    try:
-        import litert_torch  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_train = pytest.mark.skipif(not _train_extra(), reason="[train] extra not installed")
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -248,7 +236,7 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def faces_run(tmp_path_factory: pytest.TempPathFactory, faces: Path, cache: Path) -> dict[str, Any]:
-    if not _train_extra():
+    if not train_extra_installed():
         pytest.skip("[train] extra not installed")
     out = tmp_path_factory.mktemp("faces-model")
     done = _run(
@@ -314,7 +302,7 @@ def groups(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def grouped_model(groups: Path, cache: Path) -> tuple[TrainedModel, ImageFolder, ImageFolder]:
-    if not _train_extra():
+    if not train_extra_installed():
         pytest.skip("[train] extra not installed")
     data = ImageFolder(groups)
     train_data, test_data = data.split(0.75, seed=0)
