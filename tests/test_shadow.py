@@ -13,14 +13,18 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from edgefleet.factory import factory_model_path
 from edgefleet.fleet.publish import Broker as Operator
 from edgefleet.fleet.publish import build_release, publish_decision, publish_release
+from edgefleet.inference.classifier import load_classifier
+from edgefleet.inference.images import decode_image
 from edgefleet.inference.modelfile import pack, read_packed
 from edgefleet.protocol import Rollout, ShadowSpec
 from edgefleet.rollout.shadow import ShadowRun
+from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 
 from .conftest import REPO
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
@@ -29,11 +33,32 @@ FP32 = REPO / "models" / "efficientnet-lite0-fp32.tflite"
 PHOTOS = 12
 
 
+@pytest.fixture(scope="module")
+def agreeing(samples: Path) -> list[Path]:
+    """Photos on which the int8 and float models give the same top-1.
+
+    They disagree on 1.6% of the shared photos; two such photos in a loop of 12 make a
+    12-sample agreement anything from 0.67 to 1.0 depending on which frames the sampler
+    catches (the machine's load decides that), so these tests loop over photos whose
+    verdict is known and test the rules, not the sampler's luck.
+    """
+    cpu = CpuDelegate(CpuConfig(threads=2))
+    int8, fp32 = load_classifier(factory_model_path(), cpu), load_classifier(FP32, cpu)
+    chosen = []
+    for path in sorted(samples.glob("*.JPEG"))[::41]:
+        image = decode_image(path)
+        if int(np.argmax(int8.classify(image))) == int(np.argmax(fp32.classify(image))):
+            chosen.append(path)
+        if len(chosen) == PHOTOS:
+            break
+    return chosen
+
+
 @pytest.fixture
-def photos(tmp_path: Path, samples: Path) -> Path:
+def photos(tmp_path: Path, agreeing: list[Path]) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
-    for path in sorted(samples.glob("*.JPEG"))[::83][:PHOTOS]:
+    for path in agreeing:
         shutil.copy(path, folder / path.name)
     return folder
 
@@ -131,14 +156,16 @@ def test_the_float_model_agrees_as_measured_and_the_rules_decide(
     tmp_path: Path, broker: Broker, keys: tuple[Path, Path], photos: Path
 ) -> None:
     # Measured on the 1000 shared photos: the float model's top-1 is the int8 model's on
-    # 98.4% of them (docs/protocol.md#shadow-phases). It is also several times slower.
+    # 98.4% of them (docs/protocol.md#shadow-phases). At one thread on x86 the two are about
+    # as fast (XNNPACK's float kernels are good there: docs/models.md), so the ratio is near 1
+    # either way; the latency rule is tested with a bound no candidate of equal speed meets.
     met = _spec(min_agreement=0.75)
     final, sub = _run(tmp_path / "a", broker, keys, photos, FP32, "float-ok", met)
     assert final["state"] == "active", final
     figures = next(s for s in _states(sub, "float-ok") if s["state"] == "activating")["shadow"]
     assert figures["agreement"] >= 0.75
-    assert figures["latency_ratio"] > 1.0
-    stricter = _spec(min_agreement=0.75, max_latency_ratio=1.0)
+    assert 0.3 < figures["latency_ratio"] < 3.0
+    stricter = _spec(min_agreement=0.75, max_latency_ratio=0.5)
     final, sub = _run(tmp_path / "b", broker, keys, photos, FP32, "float-slow", stricter)
     assert final["state"] == "rejected", final
     assert "latency ratio" in final["reason"]
