@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measured window per run")
     parser.add_argument("--pg", default=DEFAULT_PG, help="PostgreSQL URL ('' to skip)")
     parser.add_argument(
+        "--runs", default="sqlite,pg,pg2", help="of sqlite, pg (one collector), pg2 (two)"
+    )
+    parser.add_argument(
         "--rollout", type=int, default=1000, help="devices of the wave run (0: skip)"
     )
     parser.add_argument("--downloaders", type=int, default=50, help="of them really downloading")
@@ -278,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     sizes = [int(n) for n in args.devices.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-fleet-") as tmp:
+        chosen = set(args.runs.split(","))
         for n in sizes:
-            runs = [(f"sqlite:///{tmp}/fleet-{n}.db", 1)]
+            runs = [(f"sqlite:///{tmp}/fleet-{n}.db", 1)] if "sqlite" in chosen else []
             if args.pg:
-                runs += [(args.pg, 1), (args.pg, 2)]
+                runs += [(args.pg, k) for k, name in ((1, "pg"), (2, "pg2")) if name in chosen]
             for db, collectors in runs:
                 show(one_run(n, db, collectors, args.seconds, Path(tmp)))
         if args.rollout:

@@ -74,6 +74,23 @@ def test_idempotent_and_contiguous(store: Store) -> None:
     assert cur.fetchone()[0] == 5
 
 
+@pytest.mark.parametrize("page", [1, 3, 500])
+def test_contiguous_run_found_across_pages(
+    store: Store, page: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgefleet.fleet import collector
+
+    monkeypatch.setattr(collector, "ADVANCE_PAGE", page)
+    boot = uuid.uuid4().hex
+    cur = store.cursor()
+    for mseq in [*range(1, 10), 11, 12]:  # 10 is missing; 9 is a whole number of pages of 3
+        store.save_message(cur, "predictions", "d1", _message(boot, mseq, 1, [mseq]))
+    assert store.advance(cur, "d1", boot, 1) == 9
+    store.save_message(cur, "predictions", "d1", _message(boot, 10, 1, [10]))
+    assert store.advance(cur, "d1", boot, 1) == 12
+    store.commit()
+
+
 def test_bad_database_urls(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="use sqlite:///PATH or postgresql://"):
         Store("mysql://x")
