@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import sqlite3
@@ -103,6 +104,32 @@ def simulator(url: str, devices: int, out: IO[bytes], *extra: str) -> subprocess
     )
 
 
+@contextlib.contextmanager
+def nats(workdir: Path) -> Iterator[tuple[int, Proc]]:
+    """One nats-server with JetStream and its MQTT listener (MQTT 3.1.1 only)."""
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    if not Path(binary).exists():
+        raise SystemExit("nats-server not found")
+    port = free_port()
+    store = workdir / f"jetstream-{port}"
+    conf = workdir / "nats.conf"
+    conf.write_text(
+        f"listen: 127.0.0.1:{free_port()}\nserver_name: bench\n"
+        f"jetstream {{ store_dir: {store} }}\nmqtt {{ listen: 127.0.0.1:{port} }}\n"
+    )
+    popen = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        time.sleep(0.1)
+    try:
+        yield port, Proc("nats-server", popen)
+    finally:
+        popen.terminate()
+        popen.wait(20)
+
+
 def stored(db: str) -> int:
     if db.startswith("sqlite:///"):
         with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
@@ -140,26 +167,35 @@ def reset_pg(db: str) -> None:
 
 
 def one_run(
-    devices: int, db: str, collectors: int, seconds: float, workdir: Path
+    devices: int,
+    db: str,
+    collectors: int,
+    seconds: float,
+    workdir: Path,
+    on_nats: bool = False,
+    settle_s: float = 10.0,
 ) -> dict[str, Any]:
     if db.startswith("postgresql"):
         reset_pg(db)
-    with mosquitto(workdir) as (port, broker):
+    # NATS speaks MQTT 3.1.1 only and has no shared subscriptions.
+    v311 = ["--protocol", "3.1.1"] if on_nats else []
+    with (nats if on_nats else mosquitto)(workdir) as (port, broker):
         url = f"mqtt://127.0.0.1:{port}"
         procs = [broker]
         for i in range(collectors):
+            extra = [*v311, "--share-group", ""] if on_nats else []
             popen = subprocess.Popen(
-                cli("collect", "--broker", url, "--db", db), stdout=subprocess.DEVNULL
+                cli("collect", "--broker", url, "--db", db, *extra), stdout=subprocess.DEVNULL
             )
             procs.append(Proc(f"collector-{i + 1}", popen))
         time.sleep(2)
         sim_out = workdir / "simulate.json"
         connect_s = devices / 500 + 5
-        warm = connect_s + 10
+        warm = connect_s + settle_s
         with sim_out.open("wb") as out:
             sim = simulator(
                 url, devices, out, "--rate", "0.2", "--metrics-interval", "60",
-                "--duration", str(warm + seconds + 2), "--ack-from", str(warm),
+                "--duration", str(warm + seconds + 2), "--ack-from", str(warm), *v311,
             )  # fmt: skip
             procs.append(Proc("simulator", sim))
             time.sleep(warm)
@@ -176,6 +212,7 @@ def one_run(
             proc.popen.wait(30)
         per_message = bytes_per_message(db)
     return {
+        "broker": broker.name,
         "bytes_per_message": per_message,
         "devices": devices,
         "db": db.split(":", 1)[0],
@@ -251,7 +288,8 @@ def show(result: dict[str, Any]) -> None:
         f"{k} {cpu:.0%} CPU {rss:.0f} MiB" for k, (cpu, rss) in result["usage"].items()
     )
     print(
-        f"{result['devices']:>5} devices, {result['db']}, {result['collectors']} collector(s): "
+        f"{result['devices']:>5} devices, {result['broker']}, {result['db']}, "
+        f"{result['collectors']} collector(s): "
         f"stored {result['stored_per_s']:.0f}/s of {result['offered_per_s']:.0f}/s offered; "
         f"ack p50 {ack.get('p50', 0):.0f} ms p99 {ack.get('p99', 0):.0f} ms; "
         f"connected {result['connected']}; {result['bytes_per_message']:.0f} B/message "
@@ -273,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--downloaders", type=int, default=50, help="of them really downloading")
     parser.add_argument("--waves", default="10,50,100")
+    parser.add_argument(
+        "--nats", type=int, default=0, help="devices of a mosquitto vs NATS run (0: skip)"
+    )
     args = parser.parse_args(argv)
     cpu = platform.processor() or platform.machine()
     print(
@@ -288,6 +329,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs += [(args.pg, k) for k, name in ((1, "pg"), (2, "pg2")) if name in chosen]
             for db, collectors in runs:
                 show(one_run(n, db, collectors, args.seconds, Path(tmp)))
+        if args.nats:
+            # Side by side: the same load on mosquitto and on one NATS node, a longer settle
+            # for both (NATS creates a JetStream consumer per MQTT subscription).
+            for on_nats in (False, True):
+                db = f"sqlite:///{tmp}/side-{args.nats}-{on_nats}.db"
+                show(one_run(args.nats, db, 1, args.seconds, Path(tmp), on_nats, settle_s=45))
         if args.rollout:
             rollout_run(args.rollout, args.downloaders, args.waves, Path(tmp))
     return 0
