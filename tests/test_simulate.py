@@ -169,3 +169,35 @@ def test_ping_and_a_group_rollout_with_real_downloads(
     assert summary["rollout_states"]["active"] == 12
     # Half of them really fetched and checked all 43 chunks of the 5.5 MB model.
     assert summary["downloaded"] == 6
+
+
+def test_devices_move_to_the_next_broker_when_theirs_dies(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    first = Broker(tmp_path / "a").start()
+    second = Broker(tmp_path / "b").start()
+    urls = f"{first.url},{second.url}"
+    watch = Subscriber(second.port, ["edgefleet/v1/devices/+/status"]).start()
+    sim = subprocess.Popen(
+        cli_command(
+            "simulate", "--broker", urls, "--devices", "10", "--rate", "1", "--report-every", "1"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Spread over the list: half of them start on the second broker.
+        wait_for(lambda: list(_statuses(watch).values()).count("online") == 5, 30, "5 on b")
+        first.kill()
+        wait_for(lambda: list(_statuses(watch).values()).count("online") == 10, 60, "all 10 on b")
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        out, err = sim.communicate(timeout=30)
+        watch.stop()
+        second.kill()
+        first.kill()
+    assert sim.returncode == 0, err
+    summary = json.loads(out)
+    assert summary["connects"] >= 15  # 10 at the start, 5 again after the move
+    assert summary["disconnects"] >= 5
