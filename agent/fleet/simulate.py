@@ -124,6 +124,7 @@ class Device:
             "sha256": "0" * 64,
         }
         self.rollout: Manifest | None = None
+        self.own_release = False  # the rollout came from the device's own desired topic
         self.chunks: dict[int, bytes] = {}
         self.connected = False
         self.retry_at = 0.0
@@ -333,9 +334,9 @@ class Device:
         device_level = topic == self.topics.desired
         if self.rollout is not None and manifest.rollout_id == self.rollout.rollout_id:
             return
-        if not device_level and self.rollout is not None and self.sim.device_level.get(self.id):
+        if not device_level and self.rollout is not None and self.own_release:
             return  # a device's own desired release outranks its groups'
-        self.sim.device_level[self.id] = device_level
+        self.own_release = device_level
         self.rollout = manifest
         self.chunks = {}
         self._state(Rollout.RECEIVED)
@@ -447,7 +448,6 @@ class Simulator:
         self.selector = selectors.DefaultSelector()
         self.timers: list[tuple[float, int, Device, int]] = []
         self._tick = 0
-        self.device_level: dict[str, bool] = {}
         n = settings.devices
         # Exactly round(share * n) devices of each kind, chosen by the seed.
         downloaders = set(self.rng.sample(range(n), round(settings.download_share * n)))
