@@ -70,6 +70,22 @@ class Proc:
 
 
 @contextlib.contextmanager
+def listening(argv: list[str], port: int, name: str) -> Iterator[Proc]:
+    """A broker process, once it accepts connections on ``port``; terminated afterwards."""
+    popen = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            break
+        time.sleep(0.05)
+    try:
+        yield Proc(name, popen)
+    finally:
+        popen.terminate()
+        popen.wait(20)
+
+
+@contextlib.contextmanager
 def mosquitto(workdir: Path) -> Iterator[tuple[int, Proc]]:
     binary = find_mosquitto()
     if binary is None:
@@ -80,17 +96,8 @@ def mosquitto(workdir: Path) -> Iterator[tuple[int, Proc]]:
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
         "log_dest none\nmax_queued_messages 100000\n"
     )
-    popen = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            break
-        time.sleep(0.05)
-    try:
-        yield port, Proc("mosquitto", popen)
-    finally:
-        popen.terminate()
-        popen.wait(10)
+    with listening([binary, "-c", str(conf)], port, "mosquitto") as proc:
+        yield port, proc
 
 
 def simulator(url: str, devices: int, out: IO[bytes], *extra: str) -> subprocess.Popen[bytes]:
@@ -117,17 +124,8 @@ def nats(workdir: Path) -> Iterator[tuple[int, Proc]]:
         f"listen: 127.0.0.1:{free_port()}\nserver_name: bench\n"
         f"jetstream {{ store_dir: {store} }}\nmqtt {{ listen: 127.0.0.1:{port} }}\n"
     )
-    popen = subprocess.Popen([binary, "-c", str(conf)], stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            break
-        time.sleep(0.1)
-    try:
-        yield port, Proc("nats-server", popen)
-    finally:
-        popen.terminate()
-        popen.wait(20)
+    with listening([binary, "-c", str(conf)], port, "nats-server") as proc:
+        yield port, proc
 
 
 def stored(db: str) -> int:

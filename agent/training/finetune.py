@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgefleet.training.convert import require
-from edgefleet.training.head import BATCH, DROPOUT, LABEL_SMOOTHING, WEIGHT_DECAY, Head
+from edgefleet.training.head import DROPOUT, WEIGHT_DECAY, Head, epoch_loss
 
 TAIL_LEARNING_RATE = 1e-4
 HEAD_LEARNING_RATE = 1e-3
@@ -89,21 +89,12 @@ def fine_tune(
         weight_decay=WEIGHT_DECAY,
     )
     dropout = torch.nn.Dropout(DROPOUT)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     x = torch.from_numpy(activations)
     y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
     history: list[dict[str, float]] = []
     for epoch in range(1, epochs + 1):
-        order = torch.from_numpy(rng.permutation(len(x)))
-        total = 0.0
-        for start in range(0, len(x), BATCH):
-            batch = order[start : start + BATCH]
-            optimizer.zero_grad()
-            loss = loss_fn(fc(dropout(tail(net, x[batch]))), y[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
-        record = {"epoch": float(epoch), "loss": total / max(1, len(x)), "fine_tune": 1.0}
+        loss = epoch_loss(lambda batch: fc(dropout(tail(net, batch))), x, y, optimizer, rng)
+        record = {"epoch": float(epoch), "loss": loss, "fine_tune": 1.0}
         if validation is not None and len(validation[1]):
             predicted = predict(net, validation[0])
             record["val_accuracy"] = float(np.mean(predicted == validation[1]))

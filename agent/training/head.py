@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -57,30 +58,40 @@ def train_head(
     rng = np.random.default_rng(seed)
     layer = torch.nn.Linear(features.shape[1], classes)
     dropout = torch.nn.Dropout(DROPOUT)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
     optimizer = torch.optim.Adam(layer.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
     y = torch.from_numpy(np.ascontiguousarray(targets, dtype=np.int64))
     head = Head(np.empty(0), np.empty(0))
     for epoch in range(1, epochs + 1):
         layer.train()
-        order = torch.from_numpy(rng.permutation(len(x)))
-        total = 0.0
-        for start in range(0, len(x), BATCH):
-            batch = order[start : start + BATCH]
-            optimizer.zero_grad()
-            loss = loss_fn(layer(dropout(x[batch])), y[batch])
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(batch)
+        loss = epoch_loss(lambda batch: layer(dropout(batch)), x, y, optimizer, rng)
         head = _snapshot(layer, head.history)
-        record = {"epoch": float(epoch), "loss": total / max(1, len(x))}
+        record = {"epoch": float(epoch), "loss": loss}
         if validation is not None and len(validation[1]):
             record["val_accuracy"] = float(np.mean(head.predict(validation[0]) == validation[1]))
         head.history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, epochs, record["loss"])
     return head
+
+
+def epoch_loss(
+    logits_of: Callable[[Any], Any], x: Any, y: Any, optimizer: Any, rng: np.random.Generator
+) -> float:
+    """One pass over ``(x, y)`` in shuffled batches of ``BATCH``: cross-entropy with label
+    smoothing on ``logits_of(batch)``, one optimizer step a batch; the mean training loss."""
+    torch = require("torch", "torch==2.13.0")
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=LABEL_SMOOTHING)
+    order = torch.from_numpy(rng.permutation(len(x)))
+    total = 0.0
+    for start in range(0, len(x), BATCH):
+        batch = order[start : start + BATCH]
+        optimizer.zero_grad()
+        loss = loss_fn(logits_of(x[batch]), y[batch])
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch)
+    return total / max(1, len(x))
 
 
 def _snapshot(layer: object, history: list[dict[str, float]]) -> Head:
