@@ -165,6 +165,35 @@ def test_missing_extra_names_the_install_command(
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_uninstalled_converter_and_unusable_cache_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import importlib.metadata
+
+    data = _folder(tmp_path / "photos", {"a": 2, "b": 2})
+    args = ["models", "train", str(data), "-o", str(tmp_path / "out"), "--test-split", "0",
+            "--validation-split", "0"]  # fmt: skip
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main([*args, "--cache", str(blocker / "cache")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"error: cache: cannot create output folder {blocker}/cache/backbones: Not a directory "
+        "(--cache sets another folder)"
+    )
+
+    def absent(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", absent)
+    assert main([*args, "--cache", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: missing package torch: pip install 'edgefleet[train]' "
+        "(in a checkout: pip install -e '.[train]')"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_models_info_describes_the_factory_model() -> None:
     done = _run("models", "info", str(factory_model_path()), "--json")
     assert done.returncode == 0, done.stderr

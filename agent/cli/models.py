@@ -44,6 +44,10 @@ def _progress(console: Console) -> Iterator[Stage]:
 
     try:
         yield stage
+    except BaseException:
+        # A failure is one line: the bars of a run that did not finish go with it.
+        progress.live.transient = True
+        raise
     finally:
         if tasks:
             progress.stop()

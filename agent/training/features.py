@@ -28,12 +28,14 @@ from edgefleet.inference.litert import get_runtime
 from edgefleet.training.convert import (
     CROP_FRACTION,
     FEATURES,
+    INSTALL_HINT,
     MEAN,
     PRETRAINED,
     SIZES,
     STD,
     convert_fp32,
     efficientnet,
+    output_folder,
     require,
     weights_package,
 )
@@ -80,14 +82,13 @@ def backbone_module(level: int) -> Any:
 
 def backbone_key(level: int) -> str:
     """What the backbone file depends on: weights, converter, torch, our format."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    parts = [
-        weights_package(level),
-        f"torch=={version('torch')}",
-        f"litert-torch=={version('litert-torch')}",
-        f"format={FEATURE_FORMAT}",
-    ]
+    try:
+        converters = [f"{name}=={version(name)}" for name in ("torch", "litert-torch")]
+    except PackageNotFoundError as exc:
+        raise UserError(f"missing package {exc.name}: {INSTALL_HINT}") from None
+    parts = [weights_package(level), *converters, f"format={FEATURE_FORMAT}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -95,7 +96,10 @@ def backbone_file(level: int, cache: Path) -> Path:
     """The backbone ``.tflite``, converted on first use and then read from the cache."""
     path = cache / "backbones" / f"efficientnet-lite{level}-{backbone_key(level)}.tflite"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            output_folder(path.parent)  # before a conversion that would be lost
+        except UserError as exc:
+            raise UserError(f"cache: {exc} (--cache sets another folder)") from None
         atomic_write_bytes(path, convert_fp32(backbone_module(level), SIZES[level]))
     return path
 
@@ -289,8 +293,11 @@ class Extractor:
 
     def _store(self, digest: str, view: View, row: np.ndarray) -> None:
         entry = self._entry(digest, view)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(entry, _npy_bytes(row), durable=False)
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(entry, _npy_bytes(row), durable=False)
+        except OSError:
+            pass  # a full or read-only cache costs the next run a recomputation, nothing else
 
 
 def _npy_bytes(row: np.ndarray) -> bytes:
