@@ -9,14 +9,17 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.fleet.collector import Collector, CollectorSettings
+from edgefleet.mqtt.link import LinkSettings, MqttLink
 
 from .mqtt_helpers import (
     AgentProcess,
@@ -491,3 +494,60 @@ def test_tls_with_client_certificate(tmp_path: Path) -> None:
     finally:
         observer.stop()
         broker.kill()
+
+
+class _FakePaho:
+    """paho's client at its class boundary: records SUBSCRIBEs, publishes go nowhere."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[list[str]] = []
+
+    def subscribe(self, subs: list[tuple[str, object]]) -> tuple[MQTTErrorCode, int]:
+        self.subscribed.append([topic for topic, _ in subs])
+        return MQTTErrorCode.MQTT_ERR_SUCCESS, len(self.subscribed)
+
+    def publish(self, *_args: object, **_kwargs: object) -> mqtt.MQTTMessageInfo:
+        return mqtt.MQTTMessageInfo(0)
+
+
+def test_a_refused_subscription_is_asked_for_again(tmp_path: Path) -> None:
+    """A broker that refuses a subscription (a NATS cluster electing leaders after losing a
+    node did, for two of the agent's topics) is asked again on the same connection, with a
+    doubling delay, until it grants it; granted topics are not asked for again."""
+    settings = LinkSettings(
+        url="mqtt://127.0.0.1:1",
+        device="dev-1",
+        groups=["lab"],
+        prefix="edgefleet/v1",
+        boot_id="b",
+        spool_path=tmp_path / "spool.db",
+    )
+    link = MqttLink(settings, birth=dict)
+    paho = cast(mqtt.Client, fake := _FakePaho())
+    ok, refused = (
+        ReasonCode(PacketTypes.SUBACK, identifier=1),
+        ReasonCode(PacketTypes.SUBACK, identifier=0x80),
+    )
+    link._on_connect(paho, None, None, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    first = fake.subscribed[-1]
+    group = "edgefleet/v1/groups/lab/cmd/+"
+    codes = [refused if topic == group else ok for topic in first]
+    link._on_subscribe(paho, None, 1, codes, None)
+    assert link.online.is_set()  # the rest works meanwhile
+    link._publish_sends(paho)
+    assert len(fake.subscribed) == 1  # not before the delay
+    time.sleep(1.05)
+    link._publish_sends(paho)
+    assert fake.subscribed[-1] == [group]
+    link._on_subscribe(paho, None, 2, [refused], None)  # refused again: 2 s now
+    time.sleep(1.05)
+    link._publish_sends(paho)
+    assert len(fake.subscribed) == 2
+    time.sleep(1.0)
+    link._publish_sends(paho)
+    assert fake.subscribed[-1] == [group]
+    link._on_subscribe(paho, None, 3, [ok], None)
+    time.sleep(1.05)
+    link._publish_sends(paho)
+    assert len(fake.subscribed) == 3  # granted: never asked again
+    link.spool.close()

@@ -4,6 +4,7 @@ real mosquitto: a release goes active between two frames; attacks leave the old 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import pytest
 
 from edgefleet.fleet.publish import Broker as Operator
 from edgefleet.fleet.publish import build_release, publish_release
-from edgefleet.protocol import Manifest
+from edgefleet.protocol import Manifest, VariantSpec
 from edgefleet.rollout.release import (
+    PARTIAL,
     chunk,
+    chunks_on_disk,
     describe_variant,
     generate_keys,
     load_private_key,
@@ -38,6 +41,18 @@ def _device_config(tmp_path: Path, broker: Broker, keys: tuple[Path, Path]) -> P
 
 def _states(sub: Subscriber) -> list[dict[str, object]]:
     return [m.json() for m in sub.on("/rollout") if m.payload]
+
+
+def _on_disk(folder: Path, variant: VariantSpec) -> int:
+    """How many chunks of ``variant`` the partial download in ``folder`` holds, by hash."""
+    try:
+        fd = os.open(folder / PARTIAL, os.O_RDONLY)
+    except FileNotFoundError:
+        return 0
+    try:
+        return len(chunks_on_disk(fd, variant))
+    finally:
+        os.close(fd)
 
 
 def test_rollout_goes_active_between_frames_and_survives_restart(
@@ -184,9 +199,9 @@ def test_group_target_device_precedence_and_resume(
     operator.publish(
         "edgefleet/v1/devices/dev-1/model/desired", device_release.model_dump_json().encode()
     ).wait_for_publish(10)
-    parts = tmp_path / "state" / "downloads" / device_release.variants[0].sha256
+    folder = tmp_path / "state" / "downloads" / device_release.variants[0].sha256
     with running(config) as agent:
-        wait_for(lambda: len(list(parts.glob("*.part"))) == 9, 30, "half the chunks on disk")
+        wait_for(lambda: _on_disk(folder, device_release.variants[0]) == 9, 30, "half on disk")
         states = _states(sub)
         assert all(s.get("name") != "group-model" for s in states)  # the device's wins
         agent.kill()
@@ -472,8 +487,8 @@ def test_spec_mismatch_and_broker_restart_mid_download(
         operator.publish(
             "edgefleet/v1/devices/dev-1/model/desired", manifest.model_dump_json().encode()
         ).wait_for_publish(10)
-        parts = tmp_path / "state" / "downloads" / manifest.variants[0].sha256
-        wait_for(lambda: len(list(parts.glob("*.part"))) == 6, 30, "six chunks")
+        folder = tmp_path / "state" / "downloads" / manifest.variants[0].sha256
+        wait_for(lambda: _on_disk(folder, manifest.variants[0]) == 6, 30, "six chunks")
         operator.close()
         sub.stop()
         broker.restart()  # everything retained is lost

@@ -122,7 +122,7 @@ def test_the_latest_desired_state_wins_mid_download_and_mid_health_window(
     # Only the active and the previous model stay; no partial download is left behind.
     stored = sorted(p.name for p in (tmp_path / "state" / "models").glob("*.tflite"))
     assert len(stored) == 2
-    assert list((tmp_path / "state" / "downloads").glob("*/*.part")) == []
+    assert list((tmp_path / "state" / "downloads").glob("*/*")) == []
 
 
 def test_a_bad_chunk_is_fetched_again_once_fixed(
@@ -194,7 +194,7 @@ def test_failures_leave_no_files_and_no_device_paths(
     assert reasons[1].startswith("preflight: models/"), reasons  # within the store
     assert not any(str(tmp_path) in r for r in reasons)
     assert list((tmp_path / "state" / "models").glob("*.tflite")) == []
-    assert list((tmp_path / "state" / "downloads").glob("*/*.part")) == []
+    assert list((tmp_path / "state" / "downloads").glob("*/*")) == []
 
 
 def test_status_and_logs_name_what_serves_after_a_rollout(

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
@@ -49,6 +49,8 @@ log = structlog.get_logger(__name__)
 
 AUTH_FAILURES = {134, 135, 140}  # bad user name or password, not authorised, bad auth method
 PUBLISH_REFUSED_LOG_EVERY = 100
+SUB_RETRY_MIN_S = 1.0  # a refused subscription is asked for again after this, doubling
+SUB_RETRY_MAX_S = 60.0
 # Queued messages reach the spool in one transaction at least this often (group commit):
 # the window of results a SIGKILL can lose.
 SPOOL_EVERY_S = 0.02
@@ -105,15 +107,16 @@ class Incoming:
     correlation: bytes | None
 
 
-@runtime_checkable
 class _Encodable(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
 def _as_json(value: object) -> dict[str, Any]:
     """Objects queued as they are (results) are encoded here, on the outbox thread."""
-    if isinstance(value, _Encodable):
-        return value.to_dict()
+    # getattr, not isinstance against the Protocol: this runs for every result, and a
+    # runtime Protocol check costs twice the encoding itself.
+    if callable(getattr(value, "to_dict", None)):
+        return cast(_Encodable, value).to_dict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
@@ -202,6 +205,14 @@ class MqttLink:
         self._lock = threading.Lock()
         self._mids: dict[int, int] = {}
         self._sub_mid: int | None = None
+        # Every SUBSCRIBE in flight (mid -> topics), and those a broker refused, tried again
+        # on this connection after a doubling delay: a clustered broker (NATS) refuses
+        # subscriptions while it elects leaders after losing a node.
+        self._subs_in_flight: dict[int, list[str]] = {}
+        self._sub_retry: set[str] = set()
+        self._sub_retry_mids: set[int] = set()
+        self._sub_retry_at = 0.0
+        self._sub_retry_delay = SUB_RETRY_MIN_S
         self._closing = threading.Event()
         self._closed = threading.Event()
         self.online = threading.Event()
@@ -374,13 +385,28 @@ class MqttLink:
         topics += [self.topics.group_commands(g) for g in self.s.groups]
         topics += sorted(self._dynamic)
         self._sub_requests.clear()
+        self._subs_in_flight.clear()
+        self._sub_retry.clear()
+        self._sub_retry_mids.clear()
+        self._sub_retry_delay = SUB_RETRY_MIN_S
+        self._sub_mid = self._subscribe(client, topics)
+
+    def _subscribe(self, client: mqtt.Client, topics: list[str]) -> int | None:
+        """One SUBSCRIBE for ``topics`` at QoS 1; its mid, remembered until the SUBACK."""
         subs: list[tuple[str, Any]]
         if self.v5:
             subs = [(t, SubscribeOptions(qos=1, noLocal=True)) for t in topics]
         else:
             subs = [(t, 1) for t in topics]
         result, mid = client.subscribe(subs)
-        self._sub_mid = mid if result == MQTTErrorCode.MQTT_ERR_SUCCESS else None
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            return None
+        self._subs_in_flight[mid] = topics
+        return mid
+
+    def _wanted_topics(self) -> set[str]:
+        topics = {self.topics.commands, self.topics.ack, *self._static, *self._dynamic}
+        return topics | {self.topics.group_commands(g) for g in self.s.groups}
 
     def _on_subscribe(
         self,
@@ -390,11 +416,27 @@ class MqttLink:
         reason_codes: list[ReasonCode],
         _props: Properties | None,
     ) -> None:
+        topics = self._subs_in_flight.pop(mid, [])
+        # strict=False: a broker that answers with fewer codes must not kill paho's thread.
+        refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
+        if refused:
+            again = set(refused) & self._wanted_topics()
+            log.error(
+                "broker refused subscriptions",
+                topics=refused,
+                reasons=[str(rc) for rc in reason_codes if rc.is_failure],
+                retry_in_s=self._sub_retry_delay if again else None,
+            )
+            if again:
+                self._sub_retry |= again
+                self._sub_retry_at = time.monotonic() + self._sub_retry_delay
+                self._sub_retry_delay = min(SUB_RETRY_MAX_S, self._sub_retry_delay * 2)
+        elif mid in self._sub_retry_mids:
+            log.info("broker granted subscriptions on a retry", topics=topics)
+            self._sub_retry_delay = SUB_RETRY_MIN_S
+        self._sub_retry_mids.discard(mid)
         if mid != self._sub_mid:
             return
-        refused = [str(rc) for rc in reason_codes if rc.is_failure]
-        if refused:
-            log.error("broker refused subscriptions", reasons=refused)
         client.publish(self.topics.status, self._status_payload("online"), qos=1, retain=True)
         for topic, payload in self.announce() if self.announce is not None else []:
             client.publish(topic, payload, qos=1, retain=True)
@@ -431,6 +473,7 @@ class MqttLink:
     ) -> None:
         with self._lock:
             row = self._mids.pop(mid, None)
+            full = len(self._mids) + 1 >= self.s.max_inflight
         if row is None:
             return  # status, replies: not spooled
         if reason_code.is_failure:
@@ -439,7 +482,10 @@ class MqttLink:
             if self.publish_refused % PUBLISH_REFUSED_LOG_EVERY == 1:
                 log.error("broker refused a publish", reason=str(reason_code))
         self._acks.put(row)
-        self._wake.set()
+        if full:
+            # A send waits for this room: now. Otherwise the outbox's next tick takes the
+            # acknowledgement; a wake-up per message costs an invoke on a 2-core board.
+            self._wake.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -552,9 +598,16 @@ class MqttLink:
         while self._sub_requests:
             topic, wanted = self._sub_requests.popleft()
             if wanted:
-                client.subscribe(topic, qos=1)
+                self._subscribe(client, [topic])
             else:
+                self._sub_retry.discard(topic)
                 client.unsubscribe(topic)
+        if self._sub_retry and time.monotonic() >= self._sub_retry_at:
+            again = sorted(self._sub_retry & self._wanted_topics())
+            self._sub_retry.clear()
+            mid = self._subscribe(client, again) if again else None
+            if mid is not None:
+                self._sub_retry_mids.add(mid)
         while self._sends:
             item = self._sends.popleft()
             info = client.publish(

@@ -196,10 +196,11 @@ class Spool:
 
     def mark_sent(self, ids: list[int]) -> None:
         if ids:
-            self.db.executemany(
-                "UPDATE outbox SET sent = 1, attempts = attempts + 1 WHERE id = ?",
-                [(i,) for i in ids],
-            )
+            with self._transaction():  # one commit for the window, not one per message
+                self.db.executemany(
+                    "UPDATE outbox SET sent = 1, attempts = attempts + 1 WHERE id = ?",
+                    [(i,) for i in ids],
+                )
 
     def requeue_unacked(self, keep: set[int] | None = None) -> int:
         """Everything sent but not acknowledged goes out again (except ids in ``keep``)."""

@@ -8,21 +8,23 @@ arrives retained on ``{prefix}/devices/{id}/model/desired`` or
 chunks arrive retained on ``{prefix}/models/{name}/{version}/{variant}/{index}``.
 
 Every check that needs no download (signature, expiry, version, size, variant) runs first;
-each chunk is verified against its hash as it arrives and kept on disk, so an interrupted
-download resumes with what it has; the whole file is verified again, stored by content hash,
-loaded and self-tested with the running delegate, then swapped in between two frames. A
-release may first ask for a shadow phase (``edgefleet.rollout.shadow``): the candidate runs
-beside the active model on sampled frames until its rules, or a signed operator decision,
-promote or reject it. A health window follows activation; failing it swaps the previous
-model back.
+each chunk is verified against its hash as it arrives and written at its place in one
+partial file, so an interrupted download resumes with what it has (checked by hash again);
+the whole file is verified again, stored by content hash, loaded and self-tested with the
+running delegate, then swapped in between two frames. A release may first ask for a shadow
+phase (``edgefleet.rollout.shadow``): the candidate runs beside the active model on sampled
+frames until its rules, or a signed operator decision, promote or reject it. A health window
+follows activation; failing it swaps the previous model back.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import queue
 import shutil
 import threading
@@ -36,14 +38,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgefleet import __version__
 from edgefleet.delegation.serving import ServedModel, ServingState
 from edgefleet.errors import UserError
-from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.classifier import Classifier
 from edgefleet.mqtt.link import Incoming
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, ShadowSpec, Topics, VariantSpec
 from edgefleet.rollout.preflight import preflight
 from edgefleet.rollout.release import (
+    PARTIAL,
     ReleaseError,
     check_manifest,
+    chunks_on_disk,
     load_public_key,
     parse_decision,
     parse_manifest,
@@ -107,6 +110,11 @@ class _Download:
     have: set[int]
     started: float
     last_chunk: float
+    fd: int  # the partial file, every chunk written at its offset as it arrives
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
 
 
 @dataclasses.dataclass
@@ -350,6 +358,7 @@ class RolloutManager:
     def _abandon(self, download: _Download, reason: str) -> None:
         """Stop a download the desired state no longer asks for; its verified parts stay."""
         self.link.unsubscribe(download.topic)
+        download.close()
         self._download = None
         log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
 
@@ -357,14 +366,11 @@ class RolloutManager:
         folder = self.downloads / variant.sha256
         self._clean_downloads(keep=folder)
         folder.mkdir(parents=True, exist_ok=True)
-        have = set()
-        for index, expected in enumerate(variant.chunks):
-            part = folder / f"{index}.part"
-            if part.exists() and hashlib.sha256(part.read_bytes()).hexdigest() == expected:
-                have.add(index)  # kept from an interrupted download
+        fd = os.open(folder / PARTIAL, os.O_RDWR | os.O_CREAT, 0o600)
+        have = chunks_on_disk(fd, variant)  # kept from an interrupted download
         topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
         now = time.monotonic()
-        self._download = _Download(digest, manifest, variant, folder, topic, have, now, now)
+        self._download = _Download(digest, manifest, variant, folder, topic, have, now, now, fd)
         if len(have) == len(variant.chunks):
             self._finish_download()
             return
@@ -391,9 +397,9 @@ class RolloutManager:
             # Never stored; fetched again on the retry (the publisher may have fixed it).
             self._abort(f"chunk {index} does not match its hash", retry=True)
             return
-        # Parts are re-verified by hash on resume: no fsync per chunk; the whole model is
+        # Chunks are verified by hash again on resume: no fsync per chunk; the whole model is
         # fsynced when it enters the store.
-        atomic_write_bytes(download.folder / f"{index}.part", incoming.payload, durable=False)
+        os.pwrite(download.fd, incoming.payload, index * download.variant.chunk_size)
         download.have.add(index)
         download.last_chunk = time.monotonic()
         if len(download.have) == len(download.variant.chunks):
@@ -406,6 +412,7 @@ class RolloutManager:
         if download is None:
             return
         self.link.unsubscribe(download.topic)
+        download.close()
         self._download = None
         if not retry:
             shutil.rmtree(download.folder, ignore_errors=True)
@@ -440,16 +447,14 @@ class RolloutManager:
         self._publish(
             Rollout.VERIFYING, manifest, download_s=round(time.monotonic() - download.started, 2)
         )
-        data = b"".join(
-            (download.folder / f"{i}.part").read_bytes() for i in range(len(variant.chunks))
-        )
+        data = os.pread(download.fd, variant.size + 1, 0)  # one byte more shows a longer file
+        download.close()
         self._download = None
         if len(data) != variant.size or hashlib.sha256(data).hexdigest() != variant.sha256:
             shutil.rmtree(download.folder, ignore_errors=True)
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
         path = self.store.put(data, variant.sha256)
-        # Parts, and temporary files a killed process may have left among them.
         shutil.rmtree(download.folder, ignore_errors=True)
         self._preflight_and_activate(manifest, variant, path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +27,7 @@ from edgefleet.protocol import Decision, InputSpecRef, Manifest, VariantSpec, lo
 
 MAX_MANIFEST_BYTES = 64 * 1024
 DEFAULT_CHUNK = 128 * 1024
+PARTIAL = "model.partial"  # a download in progress: each chunk at index * chunk_size
 
 
 class ReleaseError(Exception):
@@ -174,6 +176,18 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 def chunk(data: bytes, size: int = DEFAULT_CHUNK) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
+
+
+def chunks_on_disk(fd: int, variant: VariantSpec) -> set[int]:
+    """The chunks of ``variant`` that the partial file ``fd`` already holds, each checked
+    against its hash (a hole or a torn write reads as a chunk still missing)."""
+    have = set()
+    for index, expected in enumerate(variant.chunks):
+        offset = index * variant.chunk_size
+        length = min(variant.chunk_size, variant.size - offset)
+        if hashlib.sha256(os.pread(fd, length, offset)).hexdigest() == expected:
+            have.add(index)
+    return have
 
 
 def describe_variant(
