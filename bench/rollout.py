@@ -36,6 +36,7 @@ from edgefleet.fleet.publish import Broker, build_release, publish_release
 from edgefleet.rollout.release import chunk, generate_keys
 
 MODEL = factory_model_path()
+FLOAT_MODEL = Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-fp32.tflite"
 
 
 def agent_config(folder: Path, port: int, device: str, public: str, fps: float) -> Path:
@@ -115,8 +116,10 @@ def stages(watch: Watch, rollout_id: str, since: float) -> str:
     )
 
 
-def roll(port: int, key: Path, devices: list[str], version: int, watch: Watch) -> float:
-    manifest, blobs = build_release({"cpu": MODEL}, "bench", version, key, "bench", 3600)
+def roll(
+    port: int, key: Path, devices: list[str], version: int, watch: Watch, model: Path = MODEL
+) -> float:
+    manifest, blobs = build_release({"cpu": model}, "bench", version, key, "bench", 3600)
     operator = Broker(f"mqtt://127.0.0.1:{port}")
     started = time.monotonic()
     publish_release(operator, manifest, blobs, [f"device:{d}" for d in devices])
@@ -133,8 +136,8 @@ def roll(port: int, key: Path, devices: list[str], version: int, watch: Watch) -
     return float("nan")
 
 
-def plain_fetch(port: int, chunks: int) -> float:
-    watch = Watch(port, "edgefleet/v1/models/bench/1/cpu/+")
+def plain_fetch(port: int, chunks: int, version: int = 1) -> float:
+    watch = Watch(port, f"edgefleet/v1/models/bench/{version}/cpu/+")
     started = time.monotonic()
     while (
         sum(len(v) for v in watch.snapshot().values()) < chunks and time.monotonic() - started < 60
@@ -168,22 +171,33 @@ def start_agents(
     return procs
 
 
-def report_first(port: int, device: str, watch: Watch, seconds: float) -> None:
-    size = MODEL.stat().st_size
-    print(f"1 device: publish -> active in {seconds:.2f} s ({size / 1e6:.1f} MB, 128 KiB chunks)")
-    plain = plain_fetch(port, -(-size // (128 * 1024)))
-    seen = watch.snapshot()
+def download_ratio(port: int, device: str, watch: Watch, version: int, size: int) -> None:
+    """The device's download of release ``version`` against a plain subscriber's."""
+    plain = plain_fetch(port, -(-size // (128 * 1024)), version)
     states = [
-        (at, json.loads(p)) for at, p in seen.get(f"edgefleet/v1/devices/{device}/rollout", []) if p
+        (at, body)
+        for at, body in _states(watch, device)
+        if body.get("name") == "bench" and body.get("version") == version
     ]
     dl_start = next(at for at, s in states if s["state"] == "downloading")
     dl_end = next(at for at, s in states if s["state"] == "verifying")
     device_dl = dl_end - dl_start
     own = next(s.get("download_s") for _, s in states if s["state"] == "verifying")
     print(
-        f"download: device {device_dl:.2f} s (its own clock: {own} s) vs plain subscriber "
-        f"{plain:.2f} s for the same retained chunks, ratio {plain / device_dl:.2f}"
+        f"download of {size / 1e6:.1f} MB: device {device_dl * 1000:.0f} ms (its own clock: "
+        f"{own} s) vs plain subscriber {plain * 1000:.0f} ms for the same retained chunks, "
+        f"ratio {plain / device_dl:.2f}"
     )
+
+
+def report_first(port: int, device: str, watch: Watch, seconds: float) -> None:
+    size = MODEL.stat().st_size
+    print(f"1 device: publish -> active in {seconds:.2f} s ({size / 1e6:.1f} MB, 128 KiB chunks)")
+    download_ratio(port, device, watch, 1, size)
+    seen = watch.snapshot()
+    states = [
+        (at, json.loads(p)) for at, p in seen.get(f"edgefleet/v1/devices/{device}/rollout", []) if p
+    ]
     # When each result was made, by the device's clock (arrival times add MQTT's jitter).
     preds = sorted(
         result["ts"]
@@ -211,9 +225,8 @@ def _states(watch: Watch, device: str) -> list[tuple[float, dict[str, object]]]:
 
 
 def converge(port: int, key: Path, device: str, watch: Watch) -> None:
-    float_model = Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-fp32.tflite"
     stuck, stuck_blobs = build_release(
-        {"cpu": float_model}, "stuck", 10, key, "bench", 3600, chunk_size=1 << 20
+        {"cpu": FLOAT_MODEL}, "stuck", 10, key, "bench", 3600, chunk_size=1 << 20
     )
     latest, latest_blobs = build_release({"cpu": MODEL}, "latest", 11, key, "bench", 3600)
     operator = Broker(f"mqtt://127.0.0.1:{port}")
@@ -268,8 +281,11 @@ def main() -> int:
         procs = start_agents(tmp, port, names[:1], public.read_text(), watch)
         try:
             report_first(port, names[0], watch, roll(port, private, names[:1], 1, watch))
+            if FLOAT_MODEL.exists():  # a larger file: fixed costs weigh less
+                roll(port, private, names[:1], 2, watch, FLOAT_MODEL)
+                download_ratio(port, names[0], watch, 2, FLOAT_MODEL.stat().st_size)
             procs += start_agents(tmp, port, names[1:], public.read_text(), watch, first=1)
-            many = roll(port, private, names, 2, watch)
+            many = roll(port, private, names, 3, watch)
             print(f"{len(names)} agents: publish -> all active in {many:.2f} s")
             converge(port, private, names[0], watch)
         finally:

@@ -396,3 +396,28 @@ def test_rollback_restores_the_model_on_the_delegate_serving_now(tmp_path: Path)
         BROKEN.clear()
         daemon.stop_requested.set()
         runner.join(10)
+
+
+def test_auto_times_each_invoke_beside_the_prepare_stage_work(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """auto's figure is the loop's: while each timed invoke runs, another thread prepares a
+    640x480 frame, as the pipeline's prepare stage does."""
+    from edgefleet.delegation import selection
+    from edgefleet.inference.classifier import Preprocessor, load_classifier
+
+    prepared: list[tuple[str, tuple[int, ...]]] = []
+    real = Preprocessor.__call__
+
+    def recording(self: Preprocessor, image: Any, out: Any) -> None:
+        prepared.append((threading.current_thread().name, image.shape))
+        real(self, image, out)
+
+    monkeypatch.setattr(Preprocessor, "__call__", recording)
+    clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=1)))
+    prepared.clear()
+    times = selection._time_invokes(clf, 0.2, max_runs=20)
+    beside = [shape for name, shape in prepared if name == "measure-prepare"]
+    assert len(beside) == len(times)  # one frame per timed invoke, on its own thread
+    assert set(beside) == {(480, 640, 3)}
+    assert not any(t.name == "measure-prepare" for t in threading.enumerate())  # joined

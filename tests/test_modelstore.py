@@ -109,3 +109,32 @@ def test_activate_into_a_state_dir_that_does_not_exist_yet(tmp_path: Path) -> No
 
 def test_no_record_is_never_valid(tmp_path: Path) -> None:
     assert ModelStore(tmp_path)._valid(None) is False
+
+
+def test_a_verified_model_is_hashed_again_once_written_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store remembers a file it hashed by its stat: asked again, it does not read it;
+    written since (even in place, same size), it hashes it again and finds the damage."""
+    import os
+    import time
+
+    store = ModelStore(tmp_path)
+    sha = _put(store, b"model-bytes")
+    store.activate(ActiveModel(sha256=sha, name="m", version=1))
+    assert store.active() is not None
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(path: Path) -> bytes:
+        reads.append(path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    assert store.active() is not None
+    assert store.path_for(sha) not in reads  # the pointer is read, the model is not
+    time.sleep(0.05)  # past the file system's timestamp granularity (a few ms)
+    fd = os.open(store.path_for(sha), os.O_WRONLY)
+    os.pwrite(fd, b"X", 3)
+    os.close(fd)
+    assert store.active() is None
