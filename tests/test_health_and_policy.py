@@ -80,3 +80,20 @@ def test_policy_change_interval_min_score_batch() -> None:
     assert [r.seq for r in done] == [1, 2, 3]
     assert batch.add(_result("a", 0.9, 4), 1.0) is None
     assert batch.take_if_due(11.0) is not None  # batch_ms elapsed
+
+
+def test_default_policy_sends_what_came_since_the_outbox_last_ran() -> None:
+    """batch_ms 0: nothing leaves from the loop's thread; each outbox turn takes all the
+    results made since the last one as one message, never more than batch_max."""
+    state = ReportState(ReportPolicy())
+    assert state.take_if_due(0.0) is None  # nothing made: nothing sent
+    assert state.add(_result("a", 0.9, 1), 0.0) is None
+    assert state.add(_result("a", 0.9, 2), 0.001) is None
+    turn = state.take_if_due(0.002)
+    assert turn is not None
+    assert [r.seq for r in turn] == [1, 2]
+    assert state.take_if_due(0.003) is None
+    full = [state.add(_result("a", 0.9, i), 0.0) for i in range(ReportPolicy().batch_max)]
+    assert full[:-1] == [None] * (len(full) - 1)
+    assert full[-1] is not None
+    assert len(full[-1]) == ReportPolicy().batch_max

@@ -7,9 +7,17 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from edgefleet.errors import ModelError
-from edgefleet.inference.classifier import Classifier, InputPlan, ModelInfo, Preprocessor
+from edgefleet.inference.classifier import (
+    Classifier,
+    InputPlan,
+    ModelInfo,
+    Preprocessor,
+    _top_indices,
+)
 
 RNG = np.random.default_rng(7)
 FRAME = RNG.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
@@ -199,3 +207,16 @@ def test_model_without_labels_reports_indices() -> None:
     top = clf.top(np.array([0.1, 0.6, 0.05, 0.25], dtype=np.float32), 3, threshold=0.2)
     assert [(t.label, t.index) for t in top] == [("1", 1), ("3", 3)]
     assert top[0].score == pytest.approx(0.6)
+
+
+@given(
+    values=st.lists(st.sampled_from([0.0, 0.0, 0.0, 0.25, 0.5, 0.99]), min_size=1, max_size=60),
+    k=st.integers(min_value=1, max_value=40),
+)
+def test_top_indices_are_the_best_first_ties_in_index_order(values: list[float], k: int) -> None:
+    """Both selection paths (k argmax passes, a stable sort above ARGMAX_TOP_K) agree with
+    the plain definition, on outputs full of ties as an int8 model's are."""
+    scores = np.array(values, dtype=np.float32)
+    k = min(k, scores.size)
+    expected = sorted(range(scores.size), key=lambda i: (-scores[i], i))[:k]
+    assert _top_indices(scores, k) == expected

@@ -1,7 +1,10 @@
 """Results over MQTT: one consumer of the loop's results, feeding the fleet link's outbox.
 
 The report policy decides per result whether it is sent; wanted results are batched and
-handed to the link, which spools them on disk before publishing. ``emit`` runs on the loop
+handed to the link, which spools them on disk before publishing. By default a message holds
+the results the loop made since the outbox's last turn (at most 20 ms, up to ``batch_max``):
+one per message at camera rates, a few at hundreds of frames per second, where a message
+per result cost the loop a thread wake-up and a publish each. ``emit`` runs on the loop
 thread and only appends to memory: the results stay objects until the link's outbox thread
 encodes them with the rest of the message.
 """
@@ -58,11 +61,15 @@ class ReportState:
         return True
 
     def add(self, result: Result, now: float) -> list[Result] | None:
-        """Add a wanted result; the batch to send when it is complete."""
+        """Add a wanted result; the batch, once it holds ``batch_max``. A batch's age is
+        judged on the outbox thread's turns (``take_if_due``, every 20 ms at most)."""
         if not self.batch:
             self.batch_started = now
         self.batch.append(result)
-        return self.take_if_due(now)
+        if len(self.batch) >= self.policy.batch_max:
+            batch, self.batch = self.batch, []
+            return batch
+        return None
 
     def take_if_due(self, now: float) -> list[Result] | None:
         if not self.batch:
@@ -91,9 +98,8 @@ class Reporter(Sink):
         with state.lock:
             if not state.wanted(result, now):
                 state.skipped += 1
-                batch = state.take_if_due(now)
-            else:
-                batch = state.add(result, now)
+                return
+            batch = state.add(result, now)
         self._send(batch)
 
     def event(self, body: dict[str, Any]) -> None:
@@ -111,7 +117,8 @@ class Reporter(Sink):
             self.link.enqueue("predictions", {"results": batch})
 
     def tick(self) -> None:
-        """On the outbox thread: a batch waiting longer than batch_ms goes out."""
+        """On the outbox thread, each turn: a batch older than batch_ms goes out (with the
+        default batch_ms 0, whatever the loop made since the last turn, as one message)."""
         with self.report.lock:
             batch = self.report.take_if_due(time.monotonic())
         self._send(batch)

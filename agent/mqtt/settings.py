@@ -36,8 +36,14 @@ class ReportPolicy(_Strict):
     )
     interval_ms: int = Field(default=1000, ge=1, le=3_600_000)
     min_score: float = Field(default=0.0, ge=0, le=1, description="only top-1 at or above")
-    batch_max: int = Field(default=1, ge=1, le=1000, description="results per message")
-    batch_ms: int = Field(default=0, ge=0, le=60_000, description="max wait to fill a batch")
+    batch_max: int = Field(default=32, ge=1, le=1000, description="most results per message")
+    batch_ms: int = Field(
+        default=0,
+        ge=0,
+        le=60_000,
+        description="longest wait to fill a batch; 0: what came since the outbox's last "
+        "turn (at most 20 ms)",
+    )
 
 
 class FleetConfig(_Strict):
