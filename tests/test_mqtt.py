@@ -551,3 +551,33 @@ def test_a_refused_subscription_is_asked_for_again(tmp_path: Path) -> None:
     link._publish_sends(paho)
     assert len(fake.subscribed) == 3  # granted: never asked again
     link.spool.close()
+
+
+def test_links_send_small_packets_at_once(tmp_path: Path, broker: Broker) -> None:
+    """TCP_NODELAY on the device's and the collector's sockets: paho leaves Nagle's
+    algorithm on, which held a download's SUBSCRIBE for 33 ms behind the reports."""
+    import socket
+
+    settings = LinkSettings(
+        url=broker.url,
+        device="dev-1",
+        groups=[],
+        prefix="edgefleet/v1",
+        boot_id="b",
+        spool_path=tmp_path / "spool.db",
+    )
+    link = MqttLink(settings, birth=dict)
+    collector = Collector(CollectorSettings(broker=broker.url, db=f"sqlite:///{tmp_path}/c.db"))
+    link.start()
+    collector.start()
+    try:
+        assert link.online.wait(10)
+        assert collector.connected.wait(10)
+        for client in (link.client, collector.client):
+            assert client is not None
+            sock = client.socket()
+            assert isinstance(sock, socket.socket)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        collector.stop()
+        link.stop()

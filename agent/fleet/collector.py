@@ -37,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.errors import UserError
 from edgefleet.fleet.view import FleetView
 from edgefleet.fleet.watch import feed
-from edgefleet.mqtt.link import next_broker, parse_urls
+from edgefleet.mqtt.link import next_broker, no_delay, parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     MAX_JSON_DEPTH,
@@ -374,6 +374,7 @@ class Collector:
             log.error("collector: broker refused connection", reason=str(rc))
             self.say(f"collector: {self.host}:{self.port} refused the connection: {rc}")
             return
+        no_delay(client)  # acks go out at once, not behind Nagle's algorithm
         client.subscribe([(topic, 1) for topic in self.subscriptions()])
         self.connected.set()
         self._failures = 0

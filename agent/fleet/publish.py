@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.errors import UserError
 from edgefleet.inference.classifier import inspect_model
 from edgefleet.inference.modelfile import is_tflite
-from edgefleet.mqtt.link import parse_urls
+from edgefleet.mqtt.link import no_delay, parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     Decision,
@@ -106,6 +106,7 @@ class Broker:
             self.client.connect(host, port, keepalive=30)
         except OSError as exc:
             return str(exc)
+        no_delay(self.client)
         self.client.loop_start()
         if not done.wait(10):
             answer.append("no answer within 10 s")

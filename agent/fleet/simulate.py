@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from edgefleet import __version__, protocol
-from edgefleet.mqtt.link import parse_urls
+from edgefleet.mqtt.link import no_delay, parse_urls
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics
 
 if TYPE_CHECKING:
@@ -161,6 +161,7 @@ class Device:
         try:
             if self.client.socket() is None:
                 self.client.connect(host, port, keepalive=self.sim.s.keepalive)
+                no_delay(self.client)  # as the agent does
         except (OSError, ValueError):
             self.broker = (self.broker + 1) % len(self.sim.s.brokers)
             self.retry_at = time.monotonic() + self.backoff * self.sim.rng.uniform(0.5, 1.5)

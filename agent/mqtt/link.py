@@ -24,6 +24,7 @@ import contextlib
 import json
 import queue
 import random
+import socket
 import ssl
 import threading
 import time
@@ -118,6 +119,20 @@ def _as_json(value: object) -> dict[str, Any]:
     if callable(getattr(value, "to_dict", None)):
         return cast(_Encodable, value).to_dict()
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def no_delay(client: mqtt.Client) -> None:
+    """Send each packet at once (TCP_NODELAY), as the broker side should too.
+
+    paho leaves Nagle's algorithm on: a small packet (a SUBSCRIBE, an ack) written while an
+    earlier one is unacknowledged waits for that ACK, which the peer may delay by up to 40
+    ms. Measured here: a model download's SUBSCRIBE answered after 33 ms while the agent was
+    reporting, after 1 ms with this set.
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket):  # an SSLSocket is one too
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -543,6 +558,7 @@ class MqttLink:
                 self.state, self.last_error = "unreachable", str(exc)
                 delay = self._next_broker(delay, f"broker unreachable: {exc}")
                 continue
+            no_delay(client)
             was_online = self._serve(client)
             self.online.clear()
             if self._closing.is_set():
