@@ -128,6 +128,42 @@ def nats(workdir: Path) -> Iterator[tuple[int, Proc]]:
         yield port, proc
 
 
+@contextlib.contextmanager
+def nats_cluster(workdir: Path) -> Iterator[tuple[str, list[Proc]]]:
+    """Three nats-server nodes from the shipped configs/nats/cluster-node.conf; their MQTT
+    URLs as one comma list (the simulator spreads its devices over them)."""
+    binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+    conf = Path(__file__).resolve().parents[1] / "configs" / "nats" / "cluster-node.conf"
+    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, route, mqtt
+    with contextlib.ExitStack() as stack:
+        nodes = []
+        for i, (client, _route, mqtt_port) in enumerate(ports):
+            peers = [f"nats-route://127.0.0.1:{p[1]}" for j, p in enumerate(ports) if j != i]
+            os.environ.update(
+                NODE=f"n{i}",
+                CLIENT_LISTEN=f"127.0.0.1:{client}",
+                CLUSTER_LISTEN=f"127.0.0.1:{ports[i][1]}",
+                MQTT_LISTEN=f"127.0.0.1:{mqtt_port}",
+                STORE=str(workdir / f"jetstream-n{i}"),
+                ROUTE_1=peers[0],
+                ROUTE_2=peers[1],
+            )
+            argv = [binary, "-c", str(conf)]
+            nodes.append(stack.enter_context(listening(argv, mqtt_port, f"nats-n{i}")))
+        yield ",".join(f"mqtt://127.0.0.1:{p[2]}" for p in ports), nodes
+
+
+@contextlib.contextmanager
+def broker_of(kind: str, workdir: Path) -> Iterator[tuple[str, list[Proc]]]:
+    """``mosquitto``, ``nats`` (one node) or ``nats3`` (the 3-node cluster): URL(s), processes."""
+    if kind == "nats3":
+        with nats_cluster(workdir) as (urls, nodes):
+            yield urls, nodes
+        return
+    with (nats if kind == "nats" else mosquitto)(workdir) as (port, proc):
+        yield f"mqtt://127.0.0.1:{port}", [proc]
+
+
 def stored(db: str) -> int:
     if db.startswith("sqlite:///"):
         with sqlite3.connect(db.removeprefix("sqlite:///")) as conn:
@@ -170,16 +206,16 @@ def one_run(
     collectors: int,
     seconds: float,
     workdir: Path,
-    on_nats: bool = False,
+    kind: str = "mosquitto",
     settle_s: float = 10.0,
 ) -> dict[str, Any]:
     if db.startswith("postgresql"):
         reset_pg(db)
     # NATS speaks MQTT 3.1.1 only and has no shared subscriptions.
+    on_nats = kind != "mosquitto"
     v311 = ["--protocol", "3.1.1"] if on_nats else []
-    with (nats if on_nats else mosquitto)(workdir) as (port, broker):
-        url = f"mqtt://127.0.0.1:{port}"
-        procs = [broker]
+    with broker_of(kind, workdir) as (url, brokers):
+        procs = list(brokers)
         for i in range(collectors):
             extra = [*v311, "--share-group", ""] if on_nats else []
             popen = subprocess.Popen(
@@ -205,12 +241,12 @@ def one_run(
             usage = {p.name: ((p.cpu() - p.cpu_start) / elapsed, p.peak_rss_mib()) for p in procs}
             sim.wait(warm + seconds + 120)
         summary = json.loads(sim_out.read_text())
-        for proc in procs[1:-1]:
+        for proc in procs[len(brokers) : -1]:
             proc.popen.send_signal(signal.SIGTERM)
             proc.popen.wait(30)
         per_message = bytes_per_message(db)
     return {
-        "broker": broker.name,
+        "broker": "+".join(b.name for b in brokers),
         "bytes_per_message": per_message,
         "devices": devices,
         "db": db.split(":", 1)[0],
@@ -312,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nats", type=int, default=0, help="devices of a mosquitto vs NATS run (0: skip)"
     )
+    parser.add_argument(
+        "--nats-cluster",
+        action="store_true",
+        help="add the 3-node NATS cluster (configs/nats/cluster-node.conf) to the --nats run",
+    )
     args = parser.parse_args(argv)
     cpu = platform.processor() or platform.machine()
     print(
@@ -330,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.nats:
             # Side by side: the same load on mosquitto and on one NATS node, a longer settle
             # for both (NATS creates a JetStream consumer per MQTT subscription).
-            for on_nats in (False, True):
-                db = f"sqlite:///{tmp}/side-{args.nats}-{on_nats}.db"
-                show(one_run(args.nats, db, 1, args.seconds, Path(tmp), on_nats, settle_s=45))
+            kinds = ["mosquitto", "nats", *(["nats3"] if args.nats_cluster else [])]
+            for kind in kinds:
+                db = f"sqlite:///{tmp}/side-{args.nats}-{kind}.db"
+                show(one_run(args.nats, db, 1, args.seconds, Path(tmp), kind, settle_s=45))
         if args.rollout:
             rollout_run(args.rollout, args.downloaders, args.waves, Path(tmp))
     return 0
