@@ -94,7 +94,7 @@ def mosquitto(workdir: Path) -> Iterator[tuple[int, Proc]]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-        "log_dest none\nmax_queued_messages 100000\n"
+        "log_dest none\nmax_queued_messages 100000\nset_tcp_nodelay true\n"
     )
     with listening([binary, "-c", str(conf)], port, "mosquitto") as proc:
         yield port, proc

@@ -64,6 +64,7 @@ class Broker:
             f"log_dest file {self.log}\n"
             "log_type all\n"
             "max_queued_messages 100000\n"
+            "set_tcp_nodelay true\n"  # as the shipped configs (configs/mosquitto)
             f"{self.extra}\n"
         )
 

@@ -54,7 +54,7 @@ def local_broker(binary: str, workdir: Path, extra: str = "") -> Iterator[int]:
     conf = workdir / "mosquitto.conf"
     conf.write_text(
         f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n"
-        f"persistence false\nlog_dest none\n{extra}"
+        f"persistence false\nlog_dest none\nset_tcp_nodelay true\n{extra}"
     )
     # Its own session: a Ctrl-C at the terminal reaches the agent, which stops first and
     # says "stopped" through this broker; the broker goes last, when this block ends.
