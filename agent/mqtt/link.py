@@ -24,6 +24,7 @@ import contextlib
 import json
 import queue
 import random
+import select
 import socket
 import ssl
 import threading
@@ -52,6 +53,9 @@ AUTH_FAILURES = {134, 135, 140}  # bad user name or password, not authorised, ba
 PUBLISH_REFUSED_LOG_EVERY = 100
 SUB_RETRY_MIN_S = 1.0  # a refused subscription is asked for again after this, doubling
 SUB_RETRY_MAX_S = 60.0
+# The network thread sleeps in select() at most this long when nothing happens (paho's
+# keepalive is checked on each turn); work from other threads wakes it at once.
+NET_IDLE_S = 0.5
 # Queued messages reach the spool in one transaction at least this often (group commit):
 # the window of results a SIGKILL can lose.
 SPOOL_EVERY_S = 0.02
@@ -133,6 +137,14 @@ def no_delay(client: mqtt.Client) -> None:
     if isinstance(sock, socket.socket):  # an SSLSocket is one too
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _wake_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected pair of non-blocking sockets: write one end to end a select() on the other."""
+    pair = socket.socketpair()
+    for end in pair:
+        end.setblocking(False)
+    return pair
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -230,6 +242,9 @@ class MqttLink:
         self._sub_retry_delay = SUB_RETRY_MIN_S
         self._closing = threading.Event()
         self._closed = threading.Event()
+        # Written to when another thread queues work for the network thread (a send, a
+        # subscription, the stop): its select() returns at once instead of polling.
+        self._net_wake: tuple[socket.socket, socket.socket] | None = None  # made by start()
         self.online = threading.Event()
         self._epoch = 0
         self._seen_epoch = 0
@@ -287,6 +302,7 @@ class MqttLink:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._net_wake = _wake_pair()
         for name, target in (
             ("mqtt-net", self._run_net),
             ("mqtt-out", self._run_out),
@@ -314,6 +330,7 @@ class MqttLink:
             if thread.name == "mqtt-out":
                 thread.join(max(0.1, deadline - time.monotonic()))
         self._closing.set()  # the network thread publishes "stopped" and disconnects
+        self._wake_net()
         for thread in self._threads:
             thread.join(max(0.1, deadline - time.monotonic()))
         self.spool.close()
@@ -354,15 +371,23 @@ class MqttLink:
         """Publish outside the spool (replies, retained states); dropped when offline."""
         if self.online.is_set():
             self._sends.append(_Send(None, topic, payload, qos, retain, properties))
+            self._wake_net()
 
     def subscribe(self, topic: str) -> None:
         """Add a subscription now and on every reconnect (model chunks)."""
         self._dynamic.add(topic)
         self._sub_requests.append((topic, True))
+        self._wake_net()
 
     def unsubscribe(self, topic: str) -> None:
         self._dynamic.discard(topic)
         self._sub_requests.append((topic, False))
+        self._wake_net()
+
+    def _wake_net(self) -> None:
+        if self._net_wake is not None:  # not before start(): the thread reads its work then
+            with contextlib.suppress(OSError):  # already woken (buffer full) or closed
+                self._net_wake[1].send(b"\0")
 
     def spool_inflight(self) -> int:
         with self._lock:
@@ -574,6 +599,9 @@ class MqttLink:
             if was_online:
                 delay = self.s.reconnect_min_s  # a working link dropped: start over quickly
             delay = self._next_broker(delay, self.last_error or "connection lost")
+        if self._net_wake is not None:
+            for end in self._net_wake:
+                end.close()
         self._closed.set()
 
     def _serve(self, client: mqtt.Client) -> bool:
@@ -584,12 +612,41 @@ class MqttLink:
                 self._say_stopped(client)
                 return was_online
             self._publish_sends(client)
-            rc = client.loop(timeout=0.01)
+            rc = self._turn(client)
             was_online = was_online or self.online.is_set()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 if self.state != "refused":  # keep the CONNACK's reason, it says more
                     self.last_error = f"network loop: {rc.name}"
                 return was_online
+
+    def _turn(self, client: mqtt.Client) -> MQTTErrorCode:
+        """One turn of paho's external-loop API under our own select(): the broker's socket
+        and the wake-up pair, so that work another thread queued goes out at once and an
+        idle link sleeps up to NET_IDLE_S instead of polling every 10 ms."""
+        sock, wake = client.socket(), self._net_wake
+        if not isinstance(sock, socket.socket) or wake is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        # Bytes TLS has already decrypted do not make the socket readable: read them now.
+        pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+        writers = [sock] if client.want_write() else []
+        try:
+            readable, _, _ = select.select(
+                [sock, wake[0]], writers, [], 0 if pending else NET_IDLE_S
+            )
+        except (OSError, ValueError):
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if wake[0] in readable:
+            with contextlib.suppress(OSError):
+                wake[0].recv(4096)
+        if sock in readable or pending:
+            rc = client.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        if client.want_write():  # also what paho's callbacks queued during the read
+            rc = client.loop_write()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        return client.loop_misc()
 
     def _say_stopped(self, client: mqtt.Client) -> None:
         if not self.online.is_set():
@@ -755,6 +812,7 @@ class MqttLink:
             payload = self._final_payload(msg, floors[msg.boot_id])
             self._sends.append(_Send(msg.id, msg.topic, payload, msg.qos, False, None))
         self.spool.mark_sent([msg.id for msg in batch])
+        self._wake_net()
 
     def _final_payload(self, msg: Spooled, floor: int) -> bytes:
         extra = f',"floor":{floor}'
