@@ -70,9 +70,11 @@ class Proc:
 
 
 @contextlib.contextmanager
-def listening(argv: list[str], port: int, name: str) -> Iterator[Proc]:
+def listening(
+    argv: list[str], port: int, name: str, env: dict[str, str] | None = None
+) -> Iterator[Proc]:
     """A broker process, once it accepts connections on ``port``; terminated afterwards."""
-    popen = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    popen = subprocess.Popen(argv, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
@@ -137,19 +139,20 @@ def nats_cluster(workdir: Path) -> Iterator[tuple[str, list[Proc]]]:
     ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, route, mqtt
     with contextlib.ExitStack() as stack:
         nodes = []
-        for i, (client, _route, mqtt_port) in enumerate(ports):
+        for i, (client, route, mqtt_port) in enumerate(ports):
             peers = [f"nats-route://127.0.0.1:{p[1]}" for j, p in enumerate(ports) if j != i]
-            os.environ.update(
+            env = dict(
+                os.environ,
                 NODE=f"n{i}",
                 CLIENT_LISTEN=f"127.0.0.1:{client}",
-                CLUSTER_LISTEN=f"127.0.0.1:{ports[i][1]}",
+                CLUSTER_LISTEN=f"127.0.0.1:{route}",
                 MQTT_LISTEN=f"127.0.0.1:{mqtt_port}",
                 STORE=str(workdir / f"jetstream-n{i}"),
                 ROUTE_1=peers[0],
                 ROUTE_2=peers[1],
             )
             argv = [binary, "-c", str(conf)]
-            nodes.append(stack.enter_context(listening(argv, mqtt_port, f"nats-n{i}")))
+            nodes.append(stack.enter_context(listening(argv, mqtt_port, f"nats-n{i}", env)))
         yield ",".join(f"mqtt://127.0.0.1:{p[2]}" for p in ports), nodes
 
 

@@ -421,9 +421,7 @@ class MqttLink:
         self.connects += 1
         self.auth_failed = False
         self.state = "subscribing"
-        topics = [self.topics.commands, self.topics.ack, *self._static]
-        topics += [self.topics.group_commands(g) for g in self.s.groups]
-        topics += sorted(self._dynamic)
+        topics = self._wanted_topics()
         self._sub_requests.clear()
         self._subs_in_flight.clear()
         self._sub_retry.clear()
@@ -444,9 +442,11 @@ class MqttLink:
         self._subs_in_flight[mid] = topics
         return mid
 
-    def _wanted_topics(self) -> set[str]:
-        topics = {self.topics.commands, self.topics.ack, *self._static, *self._dynamic}
-        return topics | {self.topics.group_commands(g) for g in self.s.groups}
+    def _wanted_topics(self) -> list[str]:
+        """Every topic this link subscribes to on each connection, in a stable order."""
+        topics = [self.topics.commands, self.topics.ack, *self._static]
+        topics += [self.topics.group_commands(g) for g in self.s.groups]
+        return topics + sorted(self._dynamic)
 
     def _on_subscribe(
         self,
@@ -460,7 +460,7 @@ class MqttLink:
         # strict=False: a broker that answers with fewer codes must not kill paho's thread.
         refused = [t for t, rc in zip(topics, reason_codes, strict=False) if rc.is_failure]
         if refused:
-            again = set(refused) & self._wanted_topics()
+            again = set(refused).intersection(self._wanted_topics())
             log.error(
                 "broker refused subscriptions",
                 topics=refused,
@@ -676,7 +676,7 @@ class MqttLink:
                 self._sub_retry.discard(topic)
                 client.unsubscribe(topic)
         if self._sub_retry and time.monotonic() >= self._sub_retry_at:
-            again = sorted(self._sub_retry & self._wanted_topics())
+            again = sorted(self._sub_retry.intersection(self._wanted_topics()))
             self._sub_retry.clear()
             mid = self._subscribe(client, again) if again else None
             if mid is not None:

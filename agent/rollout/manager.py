@@ -355,11 +355,15 @@ class RolloutManager:
         self._abandon(download, f"superseded by {manifest.name} v{manifest.version}")
         return True
 
-    def _abandon(self, download: _Download, reason: str) -> None:
-        """Stop a download the desired state no longer asks for; its verified parts stay."""
+    def _end_download(self, download: _Download) -> None:
+        """No more chunks for ``download``: unsubscribed, its partial file closed."""
         self.link.unsubscribe(download.topic)
         download.close()
         self._download = None
+
+    def _abandon(self, download: _Download, reason: str) -> None:
+        """Stop a download the desired state no longer asks for; its verified parts stay."""
+        self._end_download(download)
         log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
 
     def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
@@ -411,9 +415,7 @@ class RolloutManager:
         download = self._download
         if download is None:
             return
-        self.link.unsubscribe(download.topic)
-        download.close()
-        self._download = None
+        self._end_download(download)
         if not retry:
             shutil.rmtree(download.folder, ignore_errors=True)
         self._fail(download.manifest, reason, retry=retry)
@@ -442,21 +444,29 @@ class RolloutManager:
         download = self._download
         if download is None:
             return
-        self.link.unsubscribe(download.topic)
         manifest, variant = download.manifest, download.variant
         self._publish(
             Rollout.VERIFYING, manifest, download_s=round(time.monotonic() - download.started, 2)
         )
         data = os.pread(download.fd, variant.size + 1, 0)  # one byte more shows a longer file
-        download.close()
-        self._download = None
-        if len(data) != variant.size or hashlib.sha256(data).hexdigest() != variant.sha256:
+        self._end_download(download)
+        path = self._stored(data, variant)
+        if path is None:
             shutil.rmtree(download.folder, ignore_errors=True)
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
-        path = self.store.put(data, variant.sha256)
         shutil.rmtree(download.folder, ignore_errors=True)
         self._preflight_and_activate(manifest, variant, path)
+
+    def _stored(self, data: bytes, variant: VariantSpec) -> Path | None:
+        """``data`` in the model store, if it has the variant's size and sha256 (the store
+        hashes what it takes: the model is not hashed twice)."""
+        if len(data) != variant.size:
+            return None
+        try:
+            return self.store.put(data, variant.sha256)
+        except ValueError:
+            return None
 
     def _preflight_and_activate(self, manifest: Manifest, variant: VariantSpec, path: Path) -> None:
         self._publish(Rollout.PREFLIGHT, manifest)

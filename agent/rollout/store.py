@@ -30,6 +30,12 @@ class ActiveModel(BaseModel):
     previous: ActiveModel | None = None
 
 
+def _identity(path: Path) -> tuple[int, int, int]:
+    """What changes when a file is written: inode, size, modification time."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 class ModelStore:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "models"
@@ -46,6 +52,7 @@ class ModelStore:
         path = self.path_for(sha256)
         if not path.exists():
             atomic_write_bytes(path, data)
+            self._verified[sha256] = _identity(path)  # written from verified bytes
         return path
 
     def _valid(self, record: ActiveModel | None) -> bool:
@@ -53,8 +60,7 @@ class ModelStore:
             return False
         path = self.path_for(record.sha256)
         try:
-            stat = path.stat()
-            seen = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            seen = _identity(path)
             if self._verified.get(record.sha256) == seen:
                 # Hashed before and not written since: every desired message asks, and
                 # hashing 19 MB twice each time held a rollout up by 30 ms.
