@@ -15,7 +15,7 @@ import sys
 
 GROUPS = [
     ("numpy", "import numpy"),
-    ("structlog (and rich, pygments for its console)", "import structlog, edgefleet.logs"),
+    ("structlog (without rich: see edgefleet/__init__.py)", "import edgefleet.logs"),
     ("pydantic, PyYAML and the config models", "import edgefleet.config.agentconfig"),
     ("LiteRT interpreter", "import edgefleet.inference.litert as L; L.available_runtimes()"),
     ("OpenCV", "import cv2"),

@@ -14,8 +14,10 @@ spread, and the process CPU time per frame, which other tenants of the machine b
       hands over its 8 pre-generated 640x480 frames, the next one when the last was taken)
       -> prepare thread (resize into a pooled buffer) -> infer -> ``jsonl`` sink.
 
-Then the added latency with a source slower than the model (a camera's case), and
-``edgefleet run`` in a subprocess: time to the first result and peak RSS (VmHWM).
+Then the added latency with a source slower than the model (a camera's case); where each
+thread's time goes per frame in (a) and (c) (``threadtime.py``: CPU, time spent waiting for a
+core, blocking and preemptions, from the kernel's accounting); and ``edgefleet run`` in a
+subprocess: time to the first result and peak RSS (VmHWM).
 ``--cores`` pins the whole benchmark to those CPUs (compare 1 and 2 cores).
 Targets (issue 16): c/a >= 0.95, c/b >= 1.05, added latency p50 <= 0.5 ms and p99 <= 1.5 ms,
 RSS <= 150 MB with OpenCV.
@@ -37,6 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 from pairs import Run, interleave, observed, ratio_text, timed
+from threadtime import per_frame, snapshot
 
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
@@ -48,7 +51,8 @@ from edgefleet_plugins.sinks.jsonl import JsonlConfig, JsonlSink
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 
 
-def bare(threads: int) -> Callable[[float], Run]:
+def bare(threads: int) -> tuple[Callable[[float], Run], Callable[[float], str]]:
+    """(a): a timed run, and a profiled one (per-thread time per frame)."""
     clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
     buf = clf.preprocessor.new_buffer()
     buf[...] = 127
@@ -59,7 +63,14 @@ def bare(threads: int) -> Callable[[float], Run]:
         clf.interpreter.invoke()
         return 1
 
-    return lambda seconds: timed(step, seconds)
+    def profile(seconds: float) -> str:
+        before, frames = snapshot(), 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            frames += step()
+        return per_frame(before, snapshot(), frames)
+
+    return (lambda seconds: timed(step, seconds)), profile
 
 
 def naive(threads: int, frames: list[np.ndarray]) -> Callable[[float], Run]:
@@ -102,22 +113,37 @@ class _Recorder(Sink):
 
 def agent(
     threads: int, out: Path, size: tuple[int, int] = (640, 480)
-) -> Callable[..., tuple[Run, list[float]]]:
+) -> tuple[Callable[..., tuple[Run, list[float]]], Callable[[float], str]]:
+    """(c): a timed run (with the added latency of each frame), and a profiled one."""
     clf = load_classifier(factory_model_path(), CpuDelegate(CpuConfig(threads=threads)))
     clf.classify(np.zeros((size[1], size[0], 3), dtype=np.uint8))
 
-    def run(seconds: float, fps: float | None = None) -> tuple[Run, list[float]]:
+    def start(fps: float | None, sinks: list[Sink]) -> tuple[Pipeline, JsonlSink]:
         source = SyntheticSource(SyntheticConfig(fps=fps, width=size[0], height=size[1]))
-        recorder = _Recorder()
         jsonl = JsonlSink(JsonlConfig(path=out, max_bytes=50_000_000))
-        pipeline = Pipeline(source, clf, [jsonl, recorder])
+        pipeline = Pipeline(source, clf, [jsonl, *sinks])
         pipeline.start()
+        return pipeline, jsonl
+
+    def run(seconds: float, fps: float | None = None) -> tuple[Run, list[float]]:
+        recorder = _Recorder()
+        pipeline, jsonl = start(fps, [recorder])
         run = observed(lambda: pipeline.stats.inferences, seconds)
         pipeline.stop()
         jsonl.close()
         return run, recorder.added[len(recorder.added) // 10 :]
 
-    return run
+    def profile(seconds: float) -> str:
+        pipeline, jsonl = start(None, [])
+        time.sleep(0.5)
+        before, frames = snapshot(), pipeline.stats.inferences
+        time.sleep(seconds)
+        after, frames = snapshot(), pipeline.stats.inferences - frames
+        pipeline.stop()
+        jsonl.close()
+        return per_frame(before, after, max(frames, 1))
+
+    return run, profile
 
 
 def subprocess_run(threads: int) -> tuple[float, float]:
@@ -167,8 +193,8 @@ def main() -> int:
     source.open()
     frames = [source.read()[0] for _ in range(8)]
     with tempfile.TemporaryDirectory() as tmp:
-        run_c = agent(args.threads, Path(tmp) / "r.jsonl", (width, height))
-        run_a, run_b = bare(args.threads), naive(args.threads, frames)
+        run_c, profile_c = agent(args.threads, Path(tmp) / "r.jsonl", (width, height))
+        (run_a, profile_a), run_b = bare(args.threads), naive(args.threads, frames)
         series = interleave(
             {
                 "a": lambda: run_a(args.seconds),
@@ -181,6 +207,7 @@ def main() -> int:
         # Latency with a source slower than the model (a camera's case): an unpaced source
         # makes every frame wait for the previous invoke, which is queueing, not overhead.
         _, added = run_c(max(args.seconds, 4.0), fps=a.rate / 2)
+        profiles = [profile_a(4.0), profile_c(4.0)]
     first, rss = subprocess_run(args.threads)
     cores = len(os.sched_getaffinity(0))
     print(
@@ -205,6 +232,10 @@ def main() -> int:
         f"added latency (end-to-end minus invoke, source at {a.rate / 2:.0f} fps): "
         f"p50 {p50:.2f} ms, p99 {p99:.2f} ms (n={len(added)})"
     )
+    print("per frame, by thread (kernel accounting, 4 s each): (a) bare invoke()")
+    print(profiles[0])
+    print("(c) agent pipeline")
+    print(profiles[1])
     print(f"edgefleet run: first result {first:.2f} s after start, peak RSS {rss:.0f} MB")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -167,3 +168,28 @@ def test_help_for_every_command() -> None:
         proc = _run(command, "--help")
         assert proc.returncode == 0
         assert "usage: edgefleet" in proc.stdout
+
+
+def test_run_never_loads_rich(tmp_path: Path) -> None:
+    """The daemon logs JSON and draws nothing: rich (and pygments, which it pulls in) stay
+    out of its memory (bench/imports.py); `top` and the console sink, which draw with rich,
+    are tested where they draw (test_dashboard.py, test_bad_input.py)."""
+    config = tmp_path / "agent.yaml"
+    config.write_text(
+        "source: {type: synthetic, fps: 50, frames: 5}\n"
+        f"sinks: [{{type: jsonl, path: '{tmp_path / 'r.jsonl'}', flush_interval_s: 0}}]\n"
+        f"state_dir: '{tmp_path}'\n"
+    )
+    probe = (
+        "import sys; from edgefleet.cli import main; code = main(['run', '-c', sys.argv[1]]); "
+        "print(code, sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'pygments'}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout + proc.stderr
+    assert len((tmp_path / "r.jsonl").read_text().splitlines()) == 5

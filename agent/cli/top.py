@@ -14,16 +14,14 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING, Any
 
 from edgefleet.cli.args import positive_float, read_secret
 from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
+
+if TYPE_CHECKING:
+    from rich.console import Group
 
 STYLE = {"online": "green", "stale": "yellow", "offline": "bold red", "stopped": "dim"}
 SORTS: dict[str, Callable[[dict[str, Any]], Any]] = {
@@ -61,6 +59,11 @@ def render(
     note: str = "",
 ) -> Group:
     """The summary line and the table (server order is worst first)."""
+    # rich is imported where it is drawn: every command, the daemon's too, loads this module.
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     rows = [
         r
         for r in fleet.get("devices", [])
@@ -145,6 +148,9 @@ def cmd_top(args: argparse.Namespace) -> int:
             reason = watcher.refused or "no answer within 10 s"
             raise UserError(f"cannot reach the broker at {args.broker}: {reason}")
         fetch, stop = view.fleet, watcher.stop
+    from rich.console import Console
+    from rich.live import Live
+
     try:
         if args.once:
             time.sleep(args.wait if not args.collector else 0)

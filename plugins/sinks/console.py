@@ -6,16 +6,17 @@ The model is named on each line: after a rollout the line says what classified i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
-from rich.console import Console
-from rich.markup import escape
 
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry
 from edgefleet.runtime.results import Result
 from edgefleet.runtime.sinks import Sink
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class ConsoleConfig(PluginConfig):
@@ -30,10 +31,17 @@ class ConsoleSink(Sink):
     name = "console"
 
     def __init__(self, config: ConsoleConfig, console: Console | None = None) -> None:
+        # rich is imported by the sink, not by the module: every plugin module is loaded at
+        # start, and a daemon that never writes to a terminal need not map rich's modules.
+        from rich.console import Console
+        from rich.markup import escape
+
         self.config = config
         self.console = console or Console(stderr=config.stderr, soft_wrap=True)
+        self._escape = escape
 
     def open(self, context: dict[str, Any]) -> None:
+        escape = self._escape
         model = context["model"]
         self.console.print(
             f"[bold]edgefleet {context['agent_version']}[/] device "
@@ -42,6 +50,7 @@ class ConsoleSink(Sink):
         )
 
     def emit(self, result: Result) -> None:
+        escape = self._escape
         best = ", ".join(f"{t.label} {t.score:.2f}" for t in result.top[: self.config.top])
         ms = result.timings_ms
         self.console.print(
