@@ -45,6 +45,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgefleet.errors import UserError
 from edgefleet.mqtt.spool import Spool, Spooled
+from edgefleet.mqtt.topicfilter import TopicFilter
 from edgefleet.protocol import Ack, Topics
 
 log = structlog.get_logger(__name__)
@@ -181,6 +182,11 @@ def next_broker(client: mqtt.Client, brokers: list[tuple[str, int, bool]], index
     return following
 
 
+def _command_filters(topics: Topics, groups: list[str]) -> list[TopicFilter]:
+    """The device's own command topic and its groups' (fixed for the link's life)."""
+    return [TopicFilter(t) for t in (topics.commands, *map(topics.group_commands, groups))]
+
+
 class MqttLink:
     """One device's connection to the broker; ``start`` once, ``stop`` once."""
 
@@ -199,7 +205,8 @@ class MqttLink:
         self.birth = birth
         self.on_command = on_command
         # (topic filter, handler) pairs; handlers run on paho's thread and only hand over.
-        self._routes: list[tuple[str, Callable[[Incoming], None]]] = []
+        self._routes: list[tuple[TopicFilter, Callable[[Incoming], None]]] = []
+        self._command_filters = _command_filters(self.topics, settings.groups)
         self._static: list[str] = []
         self.metrics = metrics
         self.metrics_interval_s = metrics_interval_s
@@ -345,7 +352,7 @@ class MqttLink:
         subscriptions come from ``subscribe()`` at run time (a download's chunks). The
         handler runs on paho's network thread: it must only hand the message over.
         """
-        self._routes.append((topic_filter, handler))
+        self._routes.append((TopicFilter(topic_filter), handler))
         if subscribe:
             self._static.append(topic_filter)
 
@@ -528,29 +535,27 @@ class MqttLink:
             self._wake.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic  # paho decodes it on every access
         props = getattr(msg, "properties", None)
         incoming = Incoming(
-            topic=msg.topic,
+            topic=topic,
             payload=bytes(msg.payload),
             response_topic=getattr(props, "ResponseTopic", None) if props else None,
             correlation=getattr(props, "CorrelationData", None) if props else None,
         )
-        if msg.topic == self.topics.ack:
+        if topic == self.topics.ack:
             self._take_ack(incoming.payload)
             return
-        if self._is_command(msg.topic):
+        parts = topic.split("/")  # once per message, for every filter below
+        if any(f.matches_levels(parts) for f in self._command_filters):
             self._take_command(incoming)
             return
         for topic_filter, handler in self._routes:
-            if mqtt.topic_matches_sub(topic_filter, msg.topic):
+            if topic_filter.matches_levels(parts):
                 try:
                     handler(incoming)
                 except Exception:  # a handler's bug must not kill paho's thread
-                    log.exception("message handler failed", topic=msg.topic)
-
-    def _is_command(self, topic: str) -> bool:
-        filters = [self.topics.commands, *(self.topics.group_commands(g) for g in self.s.groups)]
-        return any(mqtt.topic_matches_sub(f, topic) for f in filters)
+                    log.exception("message handler failed", topic=topic)
 
     def _take_command(self, incoming: Incoming) -> None:
         try:
