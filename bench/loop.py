@@ -156,12 +156,12 @@ def agent(
     def profile(seconds: float) -> str:
         pipeline, jsonl = start(None, [])
         time.sleep(0.5)
-        before, frames = snapshot(), pipeline.stats.inferences
+        before, done = snapshot(), pipeline.stats.inferences
         time.sleep(seconds)
-        after, frames = snapshot(), pipeline.stats.inferences - frames
+        after, done = snapshot(), pipeline.stats.inferences - done
         pipeline.stop()
         jsonl.close()
-        return per_frame(before, after, max(frames, 1))
+        return per_frame(before, after, max(done, 1))
 
     return run, profile
 

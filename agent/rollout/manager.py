@@ -451,11 +451,10 @@ class RolloutManager:
         data = os.pread(download.fd, variant.size + 1, 0)  # one byte more shows a longer file
         self._end_download(download)
         path = self._stored(data, variant)
+        shutil.rmtree(download.folder, ignore_errors=True)  # in the store now, or worthless
         if path is None:
-            shutil.rmtree(download.folder, ignore_errors=True)
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
-        shutil.rmtree(download.folder, ignore_errors=True)
         self._preflight_and_activate(manifest, variant, path)
 
     def _stored(self, data: bytes, variant: VariantSpec) -> Path | None:
