@@ -21,6 +21,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -41,15 +43,25 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condi
 
 
 class Broker:
-    """One mosquitto process on a free port; ``extra`` lines go into its config."""
+    """One mosquitto process on a free port; ``extra`` lines go into its config.
+
+    With ``persistence`` it saves its sessions and their queued messages when it stops (as a
+    SIGTERM'd mosquitto does) and loads them when it starts again.
+    """
 
     def __init__(
-        self, workdir: Path, extra: str = "", anonymous: bool = True, port: int | None = None
+        self,
+        workdir: Path,
+        extra: str = "",
+        anonymous: bool = True,
+        port: int | None = None,
+        persistence: bool = False,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.extra = extra
         self.anonymous = anonymous
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = workdir / f"mosquitto-{self.port}.log"
 
@@ -60,8 +72,13 @@ class Broker:
             "user root\n"
             f"listener {self.port} 127.0.0.1\n"
             f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
-            "persistence false\n"
-            f"log_dest file {self.log}\n"
+            + (
+                f"persistence true\npersistence_location {self.workdir}/\n"
+                f"persistence_file mosquitto-{self.port}.db\n"
+                if self.persistence
+                else "persistence false\n"
+            )
+            + f"log_dest file {self.log}\n"
             "log_type all\n"
             "max_queued_messages 100000\n"
             "set_tcp_nodelay true\n"  # as the shipped configs (configs/mosquitto)
@@ -129,10 +146,15 @@ class Subscriber:
     messages: list[Received] = field(default_factory=list)
     client_id: str = ""
     tls: tuple[Path, Path, Path] | None = None  # CA, client certificate, key
+    # A session the broker keeps (MQTT 5, needs a client_id): what is published for it while
+    # it is away is queued and delivered when it comes back, however late that is.
+    session_s: int = 0
 
     def __post_init__(self) -> None:
         self.lock = threading.Lock()
         self.ready = threading.Event()
+        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
+        assert not self.session_s or (self.client_id and v5), "a kept session: MQTT 5, an id"
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol
         )
@@ -159,7 +181,14 @@ class Subscriber:
             )
 
     def start(self) -> Subscriber:
-        self.client.connect("127.0.0.1", self.port, keepalive=10)
+        if self.session_s:
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = self.session_s
+            self.client.connect(
+                "127.0.0.1", self.port, keepalive=10, clean_start=False, properties=props
+            )
+        else:
+            self.client.connect("127.0.0.1", self.port, keepalive=10)
         self.client.loop_start()
         assert self.ready.wait(10), "subscriber got no SUBACK"
         return self
