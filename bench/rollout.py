@@ -7,7 +7,7 @@
 2. download throughput of the device's chunk path against a plain subscriber fetching the same
    retained chunks (ratio; target >= 0.5);
 3. the largest gap between two consecutive predictions around the swap, against the normal
-   frame interval (target <= 2 intervals);
+   frame interval (target <= 2 intervals), for the first rollout and ``--swaps`` more;
 4. convergence when the desired state changes mid-download: release A (the float model, half
    of its chunks published, so its download cannot finish) then release B; time from B's
    publish to B active, against B's own download time (target: within it + 2 s).
@@ -194,29 +194,62 @@ def report_first(port: int, device: str, watch: Watch, seconds: float) -> None:
     size = MODEL.stat().st_size
     print(f"1 device: publish -> active in {seconds:.2f} s ({size / 1e6:.1f} MB, 128 KiB chunks)")
     download_ratio(port, device, watch, 1, size)
-    seen = watch.snapshot()
-    states = [
-        (at, json.loads(p)) for at, p in seen.get(f"edgefleet/v1/devices/{device}/rollout", []) if p
+    report_gaps(watch, device, [1])
+
+
+def _activations(watch: Watch, device: str, versions: list[int]) -> list[float]:
+    """When the device began activating each of ``versions``, by its own clock."""
+    return [
+        float(body["ts"])  # type: ignore[arg-type]
+        for _, body in _states(watch, device)
+        if body.get("state") == "activating" and body.get("version") in versions
     ]
-    # When each result was made, by the device's clock (arrival times add MQTT's jitter).
-    preds = sorted(
-        result["ts"]
-        for _, payload in seen.get(f"edgefleet/v1/devices/{device}/predictions", [])
+
+
+def report_gaps(watch: Watch, device: str, versions: list[int]) -> None:
+    """The largest gap between two results within 2 s of each swap, against the gaps away
+    from every swap (how much they jitter without one)."""
+    swaps = _activations(watch, device, versions)
+    everything = _activations(watch, device, list(range(1, 1000)))
+    # When each result was made, by the device's clock (arrival times add MQTT's jitter),
+    # and how long after its capture.
+    made = [
+        result
+        for _, payload in watch.snapshot().get(f"edgefleet/v1/devices/{device}/predictions", [])
         for result in json.loads(payload)["results"]
+    ]
+    results = sorted((result["ts"], result["timings_ms"]["total"]) for result in made)
+    gaps = [(a, b - a) for (a, _), (b, _) in itertools.pairwise(results)]
+    worst = [max((g for a, g in gaps if abs(a - at) < 2), default=0.0) for at in swaps]
+    elsewhere = sorted(g for a, g in gaps if all(abs(a - at) >= 2 for at in everything))
+    slowest = [max((t for a, t in results if abs(a - at) < 2), default=0.0) for at in swaps]
+    usual_total = sorted(t for a, t in results if all(abs(a - at) >= 2 for at in everything))
+    if not worst or not elsewhere or not usual_total:
+        print("swap gap: not enough results around the swaps")
+        return
+    usual = elsewhere[int(0.99 * (len(elsewhere) - 1))]
+    shown = ", ".join(f"{w * 1000:.0f}" for w in worst)
+    print(
+        f"swap gap: largest gap between results within 2 s of each of {len(worst)} swaps: "
+        f"{shown} ms (median {statistics.median(worst) * 1000:.0f} ms, "
+        f"{statistics.median(worst) * 20:.2f} intervals of 50 ms); away from them the p99 gap "
+        f"is {usual * 1000:.0f} ms, the largest {elsewhere[-1] * 1000:.0f} ms "
+        f"({len(elsewhere)} gaps; results' own timestamps)"
     )
-    activated = next(s["ts"] for _, s in states if s["state"] == "activating")
-    gaps = list(itertools.pairwise(preds))
-    around = [b - a for a, b in gaps if abs(a - activated) < 2]
-    # The same measure away from the swap: how much the gaps jitter without one.
-    elsewhere = sorted(b - a for a, b in gaps if abs(a - activated) >= 2)
-    if around and elsewhere:
-        usual = elsewhere[int(0.99 * (len(elsewhere) - 1))]
-        print(
-            f"swap gap: largest {max(around) * 1000:.0f} ms between predictions within 2 s of "
-            f"the swap ({max(around) * 20:.1f} intervals of 50 ms); away from it the p99 gap is "
-            f"{usual * 1000:.0f} ms and the largest {elsewhere[-1] * 1000:.0f} ms "
-            f"({len(elsewhere)} gaps; results' own timestamps)"
-        )
+    shown = ", ".join(f"{t:.1f}" for t in slowest)
+    p99 = usual_total[int(0.99 * (len(usual_total) - 1))]
+    print(
+        f"  capture -> result within 2 s of each swap, slowest: {shown} ms (median "
+        f"{statistics.median(slowest):.1f}); away from them: median "
+        f"{statistics.median(usual_total):.1f}, p99 {p99:.1f}, largest {usual_total[-1]:.1f} ms"
+    )
+    # Where the slowest result near each swap spent its time, and when it was made.
+    for at in swaps:
+        near = [r for r in made if abs(r["ts"] - at) < 2]
+        if near:
+            worst_result = max(near, key=lambda r: r["timings_ms"]["total"])
+            stages = " ".join(f"{k} {v:.1f}" for k, v in worst_result["timings_ms"].items())
+            print(f"    {(worst_result['ts'] - at) * 1000:+.0f} ms from activating: {stages}")
 
 
 def _states(watch: Watch, device: str) -> list[tuple[float, dict[str, object]]]:
@@ -224,15 +257,16 @@ def _states(watch: Watch, device: str) -> list[tuple[float, dict[str, object]]]:
     return [(at, json.loads(p)) for at, p in watch.snapshot().get(topic, []) if p]
 
 
-def converge(port: int, key: Path, device: str, watch: Watch) -> None:
+def converge(port: int, key: Path, device: str, watch: Watch, first: int, second: int) -> None:
     stuck, stuck_blobs = build_release(
-        {"cpu": FLOAT_MODEL}, "stuck", 10, key, "bench", 3600, chunk_size=1 << 20
+        {"cpu": FLOAT_MODEL}, "stuck", first, key, "bench", 3600, chunk_size=1 << 20
     )
-    latest, latest_blobs = build_release({"cpu": MODEL}, "latest", 11, key, "bench", 3600)
+    latest, latest_blobs = build_release({"cpu": MODEL}, "latest", second, key, "bench", 3600)
     operator = Broker(f"mqtt://127.0.0.1:{port}")
     pieces = chunk(stuck_blobs["cpu"], 1 << 20)
     for index, piece in enumerate(pieces[: len(pieces) // 2]):
-        operator.publish(f"edgefleet/v1/models/stuck/10/cpu/{index}", piece).wait_for_publish(10)
+        topic = f"edgefleet/v1/models/stuck/{first}/cpu/{index}"
+        operator.publish(topic, piece).wait_for_publish(10)
     operator.publish(
         f"edgefleet/v1/devices/{device}/model/desired", stuck.model_dump_json().encode()
     ).wait_for_publish(10)
@@ -266,6 +300,9 @@ def converge(port: int, key: Path, device: str, watch: Watch) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=20)
+    parser.add_argument(
+        "--swaps", type=int, default=6, help="more rollouts to the first device for the swap gap"
+    )
     args = parser.parse_args()
     binary = find_mosquitto()
     if binary is None:
@@ -280,14 +317,23 @@ def main() -> int:
         # machine; then the others join for the fleet figure.
         procs = start_agents(tmp, port, names[:1], public.read_text(), watch)
         try:
-            report_first(port, names[0], watch, roll(port, private, names[:1], 1, watch))
+            versions = itertools.count(1)  # each release newer than the last
+            first = roll(port, private, names[:1], next(versions), watch)
+            report_first(port, names[0], watch, first)
             if FLOAT_MODEL.exists():  # a larger file: fixed costs weigh less
-                roll(port, private, names[:1], 2, watch, FLOAT_MODEL)
-                download_ratio(port, names[0], watch, 2, FLOAT_MODEL.stat().st_size)
+                version = next(versions)
+                roll(port, private, names[:1], version, watch, FLOAT_MODEL)
+                download_ratio(port, names[0], watch, version, FLOAT_MODEL.stat().st_size)
+            swaps = [next(versions) for _ in range(args.swaps)]
+            for version in swaps:
+                roll(port, private, names[:1], version, watch)
+                time.sleep(5)  # results away from any swap, for the comparison
+            if swaps:
+                report_gaps(watch, names[0], swaps)
             procs += start_agents(tmp, port, names[1:], public.read_text(), watch, first=1)
-            many = roll(port, private, names, 3, watch)
+            many = roll(port, private, names, next(versions), watch)
             print(f"{len(names)} agents: publish -> all active in {many:.2f} s")
-            converge(port, private, names[0], watch)
+            converge(port, private, names[0], watch, next(versions), next(versions))
         finally:
             for proc in procs:
                 proc.terminate()

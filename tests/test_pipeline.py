@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import Classifier, load_classifier
+from edgefleet.inference.litert import get_runtime, yielding_to
 from edgefleet.runtime.frames import Frame
-from edgefleet.runtime.pipeline import LoopSettings, Pipeline
+from edgefleet.runtime.pipeline import QUIET_IDLE_S, QUIET_WAIT_S, LoopSettings, Pipeline
 from edgefleet.runtime.results import Result
 from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
@@ -240,3 +243,118 @@ def test_a_frame_prepared_for_the_old_input_is_prepared_again(classifier: Classi
     pipeline._infer_one(_Prepared(buffer, old, frame, 0.0))
     assert [(r.frame, r.model) for r in sink.results] == [(7, float_model.info.name)]
     assert pipeline.stats.reprepared == 1
+
+
+class _Busy:
+    """A result filter (on the infer thread, inside each frame) that keeps the frame busy
+    for ``seconds`` and records when, so a test can tell frames from the gaps between."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.windows: list[tuple[float, float]] = []
+
+    def __call__(self, result: Result) -> Result:
+        started = time.monotonic()
+        time.sleep(self.seconds)
+        self.windows.append((started, time.monotonic()))
+        return result
+
+
+def test_quiet_work_runs_between_frames(classifier: Classifier) -> None:
+    """Work that would hold the GIL (building an interpreter) is entered in the loop's idle
+    time and ends before the next frame: at 10 fps with half of each interval busy, work
+    entered at random moments would land inside a frame about every second time."""
+    busy = _Busy(0.05)
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=10, width=64, height=64))
+    pipeline = Pipeline(source, classifier, [sink], filters=[busy])
+    pipeline.start()
+    work: list[tuple[float, float]] = []
+    try:
+        _wait_results(sink, 3)
+        for attempt in range(12):
+            time.sleep(0.013 * attempt % 0.1)  # moments spread over the frame interval
+            with pipeline.quiet():
+                entered = time.monotonic()
+                time.sleep(0.01)
+                work.append((entered, time.monotonic()))
+        _wait_results(sink, len(sink.results) + 2)
+    finally:
+        pipeline.stop()
+    overlapping = [(w, f) for w in work for f in busy.windows if w[0] < f[1] and f[0] < w[1]]
+    assert not overlapping, f"{len(overlapping)} of {len(work)} overlapped a frame"
+
+
+def test_quiet_never_waits_on_the_infer_thread_itself(classifier: Classifier) -> None:
+    """A failover reloads on the infer thread: waiting there for its own frame to end
+    would stall the loop for QUIET_WAIT_S."""
+    waited: list[float] = []
+
+    def reload_inside(result: Result) -> Result:
+        started = time.monotonic()
+        with pipeline.quiet():
+            waited.append(time.monotonic() - started)
+        return result
+
+    sink = Collect()
+    source = SyntheticSource(SyntheticConfig(fps=20, width=64, height=64))
+    pipeline = Pipeline(source, classifier, [sink], filters=[reload_inside])
+    _run(pipeline, sink, 5)
+    assert waited
+    assert max(waited) < QUIET_WAIT_S / 5, waited
+
+
+def test_quiet_does_not_wait_for_a_loop_that_turns_no_frames(classifier: Classifier) -> None:
+    source = SyntheticSource(SyntheticConfig(fps=20, width=64, height=64))
+    settings = LoopSettings(paused=True)
+    pipeline = Pipeline(source, classifier, [], settings=settings)
+    started = time.monotonic()
+    with pipeline.quiet():  # not started
+        pass
+    pipeline.start()
+    try:
+        time.sleep(QUIET_IDLE_S + 0.2)
+        with pipeline.quiet():  # paused
+            pass
+    finally:
+        pipeline.stop()
+    assert time.monotonic() - started < QUIET_IDLE_S + 0.2 + QUIET_WAIT_S / 2
+
+
+def test_interpreters_are_built_inside_the_gate(
+    cpu_delegate: CpuDelegate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = get_runtime()
+    real = runtime.module.Interpreter
+    gate_open = threading.Event()
+    built: list[bool] = []
+
+    def interpreter(**kwargs: object) -> object:
+        built.append(gate_open.is_set())
+        return real(**kwargs)
+
+    @contextlib.contextmanager
+    def gate() -> Iterator[None]:
+        gate_open.set()
+        try:
+            yield
+        finally:
+            gate_open.clear()
+
+    monkeypatch.setattr(runtime.module, "Interpreter", interpreter)
+    cpu_delegate.make_interpreter(factory_model_path())
+    with yielding_to(gate):
+        cpu_delegate.make_interpreter(factory_model_path())
+        # Another thread's builds are its own: the gate belongs to this one.
+        other = threading.Thread(target=cpu_delegate.make_interpreter, args=(factory_model_path(),))
+        other.start()
+        other.join()
+    cpu_delegate.make_interpreter(factory_model_path())
+    assert built == [False, True, False, False]
+
+
+def _wait_results(sink: Collect, count: int, limit: float = 20.0) -> None:
+    deadline = time.monotonic() + limit
+    while len(sink.results) < count:
+        assert time.monotonic() < deadline, f"only {len(sink.results)} results"
+        time.sleep(0.01)

@@ -13,10 +13,12 @@ failover watcher), and a failover that comes before that loads on the spot.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,14 +28,18 @@ import structlog
 from edgefleet.delegation.delegate import Delegate
 from edgefleet.delegation.selection import Choice, Measurement
 from edgefleet.inference.classifier import Classifier, ModelInfo, load_checked
+from edgefleet.inference.litert import yielding_to
 
 log = structlog.get_logger(__name__)
 
 
 class Swappable(Protocol):
-    """What serving needs from the loop: serve this classifier from the next frame on."""
+    """What serving needs from the loop: serve this classifier from the next frame on, and
+    a moment between frames to build an interpreter in (it holds the GIL meanwhile)."""
 
     def swap(self, classifier: Classifier) -> None: ...
+
+    def quiet(self) -> AbstractContextManager[None]: ...
 
 
 @dataclass(frozen=True)
@@ -127,10 +133,16 @@ class Serving:
     def attach(self, loop: Swappable) -> None:
         self._loop = loop
 
+    def quiet(self) -> AbstractContextManager[None]:
+        """For one heavy step beside the loop (a build, a test inference): entered when the
+        loop has least to do; at once when no loop is attached."""
+        loop = self._loop
+        return loop.quiet() if loop is not None else contextlib.nullcontext()
+
     # -- model changes (rollouts) -------------------------------------------------------------
     def load(self, path: Path) -> Classifier:
         """``path`` loaded and test-run on the delegate serving right now (preflight)."""
-        return load_checked(path, self.delegate, crop=self._crop)
+        return self._load(path, self.delegate)
 
     def activate(self, model: ServedModel, classifier: Classifier) -> ServingState:
         """Serve ``classifier`` (made by ``load``) for ``model``; returns what served before."""
@@ -192,9 +204,7 @@ class Serving:
         reason = available.reason
         if available.ok:
             try:
-                fresh = load_checked(
-                    model.path, candidate.delegate, crop=self._crop, info=model.info
-                )
+                fresh = self._load(model.path, candidate.delegate, model.info)
             except Exception as exc:  # noqa: BLE001 - any failure means "still lost"
                 reason = str(exc)
         with self._lock:
@@ -221,9 +231,7 @@ class Serving:
         for index in pending:
             candidate = self._candidates[index]
             try:
-                fresh = load_checked(
-                    model.path, candidate.delegate, crop=self._crop, info=model.info
-                )
+                fresh = self._load(model.path, candidate.delegate, model.info)
             except Exception as exc:  # noqa: BLE001 - a runner-up that fails is just lost
                 with self._lock:
                     candidate.lost = self._lost(exc)
@@ -245,10 +253,15 @@ class Serving:
         candidate = self._candidates[index]
         if candidate.classifier is None:
             # Rare: a failover before the runner-up was reloaded for a new model.
-            candidate.classifier = load_checked(
-                self._model.path, candidate.delegate, crop=self._crop, info=self._model.info
+            candidate.classifier = self._load(
+                self._model.path, candidate.delegate, self._model.info
             )
         return candidate.classifier
+
+    def _load(self, path: Path, delegate: Delegate, info: ModelInfo | None = None) -> Classifier:
+        """``path`` loaded and test-run on ``delegate``, in the loop's quiet moments."""
+        with yielding_to(self.quiet):
+            return load_checked(path, delegate, crop=self._crop, info=info)
 
     def _swap(self, classifier: Classifier) -> None:
         if self._loop is not None:

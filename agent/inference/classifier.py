@@ -17,6 +17,7 @@ import numpy as np
 
 from edgefleet.delegation.delegate import Delegate, Interpreter
 from edgefleet.errors import ModelError
+from edgefleet.inference.litert import quiet_moment
 from edgefleet.inference.modelfile import ModelMetadata, is_tflite, read_packed
 from edgefleet.runtime.results import Label
 
@@ -339,7 +340,9 @@ def load_checked(
 ) -> Classifier:
     """``load_classifier``, then one inference on a grey frame: "loads" means "runs here"."""
     classifier = load_classifier(path, delegate, labels_file=labels_file, crop=crop, info=info)
-    scores = classifier.classify(np.full((*classifier.input_shape, 3), 127, dtype=np.uint8))
+    grey = np.full((*classifier.input_shape, 3), 127, dtype=np.uint8)
+    with quiet_moment():
+        scores = classifier.classify(grey)
     if not np.all(np.isfinite(scores)):
         raise ModelError(f"{path}: test inference gave non-finite output")
     return classifier

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +29,31 @@ RUNTIMES: tuple[tuple[str, str, str], ...] = (
     ("litert", "ai_edge_litert.interpreter", "ai-edge-litert"),
     ("tflite-runtime", "tflite_runtime.interpreter", "tflite-runtime"),
 )
+
+# Building an interpreter holds the GIL for milliseconds: the constructor reads the model and
+# allocate_tensors lets XNNPACK pack its weights (lite0: 6-22 ms on the development machines),
+# and every other Python thread waits meanwhile, the serving loop's included; a test inference
+# beside the loop takes cores it would use. A thread that does such work beside the loop (a
+# rollout's preflight, a failover's reload) sets a gate: each build and test inference it
+# makes waits for ``gate()``, the loop's quiet moment (``Pipeline.quiet``).
+QuietGate = Callable[[], AbstractContextManager[None]]
+_QUIET_GATE: ContextVar[QuietGate | None] = ContextVar("edgefleet_quiet_gate", default=None)
+
+
+@contextlib.contextmanager
+def yielding_to(gate: QuietGate | None) -> Iterator[None]:
+    """Within the block, this thread's builds and test inferences wait for ``gate()``."""
+    token = _QUIET_GATE.set(gate)
+    try:
+        yield
+    finally:
+        _QUIET_GATE.reset(token)
+
+
+def quiet_moment() -> AbstractContextManager[None]:
+    """This thread's gate (``yielding_to``) for one heavy step, or nothing to wait for."""
+    gate = _QUIET_GATE.get()
+    return gate() if gate is not None else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -44,7 +71,7 @@ class Runtime:
 
     def new_interpreter(self, **kwargs: Any) -> Interpreter:
         """An ``Interpreter(**kwargs)`` with tensors allocated, its INFO chatter dropped."""
-        with native_info_dropped():
+        with native_info_dropped(), quiet_moment():
             interpreter = self.interpreter_class(**kwargs)
             interpreter.allocate_tensors()
         return interpreter

@@ -29,6 +29,7 @@ import queue
 import shutil
 import threading
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -63,11 +64,14 @@ SHADOW_REPORT_EVERY = 10  # samples between two retained shadow progress reports
 
 
 class ServingPort(Protocol):
-    """What rollouts need from ``Serving``: load on the serving delegate, swap, swap back."""
+    """What rollouts need from ``Serving``: load on the serving delegate, test-run in the
+    loop's quiet moments, swap, swap back."""
 
     def kinds(self) -> list[str]: ...
 
     def load(self, path: Path) -> Classifier: ...
+
+    def quiet(self) -> AbstractContextManager[None]: ...
 
     def activate(self, model: ServedModel, classifier: Classifier) -> ServingState: ...
 

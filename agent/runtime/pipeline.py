@@ -10,16 +10,18 @@ Two threads besides the source's own capture thread:
 
 So while frame N is inferred, frame N+1 is already being captured and prepared. The
 classifier can be swapped between two frames (``swap``); a buffer prepared for the old
-model is dropped, never fed to the new one.
+model is dropped, never fed to the new one. Work that holds the GIL for milliseconds beside
+the loop (building the next model's interpreter) waits for the loop's idle time (``quiet``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,11 @@ log = structlog.get_logger(__name__)
 POOL_SIZE = 3  # one being written, one waiting in the slot, one being copied in
 MAX_CAP_INTERVAL_S = 3600.0  # an fps cap below one frame an hour is treated as one an hour
 CAP_WAIT_STEP_S = 0.25
+# quiet(): the longest it waits for a frame to end; how long without a frame counts as a loop
+# that serves nothing (paused, no input); what a first build is assumed to take.
+QUIET_WAIT_S = 0.5
+QUIET_IDLE_S = 1.0
+QUIET_COST_S = 0.05
 
 
 class _BufferPool:
@@ -71,6 +78,43 @@ class LoopSettings:
     threshold: float = 0.0
     fps_cap: float | None = None
     paused: bool = False
+
+
+class _Cadence:
+    """When the infer thread works and when it idles, for ``Pipeline.quiet``."""
+
+    def __init__(self) -> None:
+        self.infer_ident: int | None = None
+        self.cost = QUIET_COST_S  # what the last quiet work took
+        self._busy = False
+        self._last_start = self._last_end = 0.0
+        self._interval = 0.0  # smoothed time from one frame's start to the next
+        self._ended = 0
+        self._turned = threading.Condition()
+
+    def frame_started(self) -> None:
+        now = time.monotonic()
+        if self._last_start:
+            self._interval += 0.2 * (min(now - self._last_start, 1.0) - self._interval)
+        self._last_start = now
+        self._busy = True
+
+    def frame_ended(self) -> None:
+        with self._turned:
+            self._busy = False
+            self._last_end = time.monotonic()
+            self._ended += 1
+            self._turned.notify_all()
+
+    def wait_quiet(self) -> None:
+        with self._turned:
+            now = time.monotonic()
+            if now - self._last_end > QUIET_IDLE_S:
+                return  # no frame to protect
+            if not self._busy and now + self.cost < self._last_start + self._interval:
+                return  # done before the next frame is due
+            ended = self._ended
+            self._turned.wait_for(lambda: self._ended != ended, QUIET_WAIT_S)
 
 
 class Pipeline:
@@ -109,6 +153,7 @@ class Pipeline:
         self._deliver_lock = threading.Lock()
         self._due = threading.Event()  # under an fps cap: the next frame may be prepared
         self._due.set()
+        self._cadence = _Cadence()
 
     @property
     def classifier(self) -> Classifier:
@@ -122,6 +167,23 @@ class Pipeline:
     def swap(self, classifier: Classifier) -> None:
         """Serve ``classifier`` from the next frame on; the loop does not pause."""
         self._pool = _BufferPool(classifier)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Enter when the loop has least to do, for work that holds the GIL a while.
+
+        At once when the next frame is not due before work as long as the last such work
+        would end; else just after the infer thread finishes its frame (at most
+        QUIET_WAIT_S later). At once from the infer thread itself, or while no frame ends.
+        """
+        cadence = self._cadence
+        if threading.get_ident() != cadence.infer_ident and not self._stop.is_set():
+            cadence.wait_quiet()
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            cadence.cost = time.monotonic() - started
 
     def start(self) -> None:
         self.source.start()
@@ -210,6 +272,8 @@ class Pipeline:
     # -- infer thread ----------------------------------------------------------------
     def _infer_loop(self, generation: int = 0) -> None:
         next_due = 0.0
+        cadence = self._cadence
+        cadence.infer_ident = threading.get_ident()
         while not self._stop.is_set() and generation == self._generation:
             self.last_beat = time.monotonic()
             item = self._slot.take(timeout=0.1)
@@ -220,11 +284,13 @@ class Pipeline:
             if self.settings.paused:
                 item.pool.release(item.buffer)
                 continue
+            cadence.frame_started()
             try:
                 self._infer_one(item)
             except Exception as exc:  # noqa: BLE001 - a bug in one frame must not end the loop
                 self.stats.errors += 1
                 self._count_error("frame failed", exc)
+            cadence.frame_ended()
             try:
                 next_due = self._wait_for_cap(next_due)
             except Exception as exc:  # noqa: BLE001 - nor may a bad setting
