@@ -521,7 +521,7 @@ class RolloutManager:
             self._fail(manifest, "shadow phases are not supported on an EdgeTPU yet", False)
             return
         shadow = self._shadow = _Shadow(
-            candidate, ShadowRun(spec, candidate.classifier, self.sampler)
+            candidate, ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
         )
         self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
         self._take_decision()  # one may be waiting already (retained)

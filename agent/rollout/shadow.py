@@ -6,7 +6,8 @@ same frame and compares: top-1 agreement, top-5 overlap (by label), the differen
 top-1 scores, both models' latency, errors. Frames are spaced in time because consecutive
 frames are nearly the same picture: 300 samples one second apart say much more than 300
 consecutive frames. The cost to the loop is one candidate invoke per interval, on the rollout
-thread (``bench/shadow.py`` measures it).
+thread in the loop's idle time between two frames (``quiet``; ``bench/shadow.py`` measures
+it).
 
 Only labels and scores leave the device: no pixels (privacy is the default).
 """
@@ -14,9 +15,11 @@ Only labels and scores leave the device: no pixels (privacy is the default).
 from __future__ import annotations
 
 import collections
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,11 +113,13 @@ class ShadowRun:
         candidate: Classifier,
         sampler: Sampler,
         clock: Callable[[], float] = time.monotonic,
+        quiet: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
     ) -> None:
         self.spec = spec
         self.candidate = candidate
         self.sampler = sampler
         self.clock = clock
+        self.quiet = quiet  # the loop's idle moment, for each candidate invoke
         self.started = clock()
         self.figures = Figures()
         self._next = self.started
@@ -143,11 +148,12 @@ class ShadowRun:
         self._next = self.clock() + self.spec.interval_s
         figures = self.figures
         try:
-            started = time.perf_counter()
-            self.candidate.preprocessor(image, self._buffer)
-            self.candidate.set_input(self._buffer)
-            scores = self.candidate.invoke()
-            elapsed_ms = (time.perf_counter() - started) * 1000
+            with self.quiet():
+                started = time.perf_counter()
+                self.candidate.preprocessor(image, self._buffer)
+                self.candidate.set_input(self._buffer)
+                scores = self.candidate.invoke()
+                elapsed_ms = (time.perf_counter() - started) * 1000
             top = self.candidate.top(scores, 5)
         except (ValueError, RuntimeError):
             figures.errors += 1
