@@ -7,7 +7,8 @@
 2. download throughput of the device's chunk path against a plain subscriber fetching the same
    retained chunks (ratio; target >= 0.5);
 3. the largest gap between two consecutive predictions around the swap, against the normal
-   frame interval (target <= 2 intervals), for the first rollout and ``--swaps`` more;
+   frame interval (target <= 2 intervals), for the first rollout and ``--swaps`` more (whose
+   downloads are also compared with a plain subscriber's: medians over all of them);
 4. convergence when the desired state changes mid-download: release A (the float model, half
    of its chunks published, so its download cannot finish) then release B; time from B's
    publish to B active, against B's own download time (target: within it + 2 s).
@@ -171,8 +172,10 @@ def start_agents(
     return procs
 
 
-def download_ratio(port: int, device: str, watch: Watch, version: int, size: int) -> None:
-    """The device's download of release ``version`` against a plain subscriber's."""
+def download_ratio(
+    port: int, device: str, watch: Watch, version: int, size: int, quiet: bool = False
+) -> tuple[float, float]:
+    """The device's download of release ``version`` against a plain subscriber's (seconds)."""
     plain = plain_fetch(port, -(-size // (128 * 1024)), version)
     states = [
         (at, body)
@@ -183,10 +186,23 @@ def download_ratio(port: int, device: str, watch: Watch, version: int, size: int
     dl_end = next(at for at, s in states if s["state"] == "verifying")
     device_dl = dl_end - dl_start
     own = next(s.get("download_s") for _, s in states if s["state"] == "verifying")
+    if not quiet:
+        print(
+            f"download of {size / 1e6:.1f} MB: device {device_dl * 1000:.0f} ms (its own clock: "
+            f"{own} s) vs plain subscriber {plain * 1000:.0f} ms for the same retained chunks, "
+            f"ratio {plain / device_dl:.2f}"
+        )
+    return device_dl, plain
+
+
+def report_downloads(figures: list[tuple[float, float]], size: int) -> None:
+    """Many downloads of one size: the median of each side and of the ratios, with the range."""
+    ratios = sorted(plain / device for device, plain in figures)
     print(
-        f"download of {size / 1e6:.1f} MB: device {device_dl * 1000:.0f} ms (its own clock: "
-        f"{own} s) vs plain subscriber {plain * 1000:.0f} ms for the same retained chunks, "
-        f"ratio {plain / device_dl:.2f}"
+        f"download of {size / 1e6:.1f} MB, {len(figures)} rollouts: device median "
+        f"{statistics.median(d for d, _ in figures) * 1000:.0f} ms, plain subscriber median "
+        f"{statistics.median(p for _, p in figures) * 1000:.0f} ms; ratio median "
+        f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
     )
 
 
@@ -325,10 +341,14 @@ def main() -> int:
                 roll(port, private, names[:1], version, watch, FLOAT_MODEL)
                 download_ratio(port, names[0], watch, version, FLOAT_MODEL.stat().st_size)
             swaps = [next(versions) for _ in range(args.swaps)]
+            downloads = []
             for version in swaps:
                 roll(port, private, names[:1], version, watch)
+                size = MODEL.stat().st_size
+                downloads.append(download_ratio(port, names[0], watch, version, size, quiet=True))
                 time.sleep(5)  # results away from any swap, for the comparison
             if swaps:
+                report_downloads(downloads, MODEL.stat().st_size)
                 report_gaps(watch, names[0], swaps)
             procs += start_agents(tmp, port, names[1:], public.read_text(), watch, first=1)
             many = roll(port, private, names, next(versions), watch)
