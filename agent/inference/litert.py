@@ -31,11 +31,11 @@ RUNTIMES: tuple[tuple[str, str, str], ...] = (
 )
 
 # Building an interpreter holds the GIL for milliseconds: the constructor reads the model and
-# allocate_tensors lets XNNPACK pack its weights (lite0: 6-18 ms on a 2-core development VM),
-# and every other Python thread waits meanwhile, the serving loop's included; a test inference
-# beside the loop takes cores it would use. A thread that does such work beside the loop (a
-# rollout's preflight, a failover's reload) sets a gate: each build and test inference it
-# makes waits for ``gate()``, the loop's quiet moment (``Pipeline.quiet``).
+# allocate_tensors lets XNNPACK pack its weights (lite0: 6-22 ms together on a 2-core
+# development VM), and every other Python thread waits meanwhile, the serving loop's included;
+# a test inference beside the loop takes cores it would use. A thread that does such work
+# beside the loop (a rollout's preflight, a failover's reload) sets a gate: each build and
+# test inference it makes waits for ``gate()``, the loop's quiet moment (``Pipeline.quiet``).
 QuietGate = Callable[[], AbstractContextManager[None]]
 _QUIET_GATE: ContextVar[QuietGate | None] = ContextVar("edgefleet_quiet_gate", default=None)
 
