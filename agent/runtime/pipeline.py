@@ -43,6 +43,7 @@ CAP_WAIT_STEP_S = 0.25
 QUIET_WAIT_S = 0.5
 QUIET_IDLE_S = 1.0
 QUIET_COST_S = 0.05
+QUIET_MARGIN = 1.5  # work goes at once only if 1.5 times its last duration fits before a frame
 
 
 class _BufferPool:
@@ -111,8 +112,9 @@ class _Cadence:
             now = time.monotonic()
             if now - self._last_end > QUIET_IDLE_S:
                 return  # no frame to protect
-            if not self._busy and now + self.cost < self._last_start + self._interval:
-                return  # done before the next frame is due
+            next_frame = self._last_start + self._interval
+            if not self._busy and now + QUIET_MARGIN * self.cost < next_frame:
+                return  # done before the next frame is due, with room for the frame's jitter
             ended = self._ended
             self._turned.wait_for(lambda: self._ended != ended, QUIET_WAIT_S)
 
@@ -172,8 +174,8 @@ class Pipeline:
     def quiet(self) -> Iterator[None]:
         """Enter when the loop has least to do, for work that holds the GIL a while.
 
-        At once when the next frame is not due before work as long as the last such work
-        would end; else just after the infer thread finishes its frame (at most
+        At once when the next frame is not due before 1.5 times as long as the last such
+        work took; else just after the infer thread finishes its frame (at most
         QUIET_WAIT_S later). At once from the infer thread itself, or while no frame ends.
         """
         cadence = self._cadence
