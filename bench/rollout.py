@@ -192,7 +192,6 @@ def download_ratio(
     """The device's download of release ``version`` against a plain subscriber's (seconds)."""
     chunks = -(-size // (128 * 1024))
     plain = plain_fetch(port, chunks, version)
-    plain311 = plain_fetch(port, chunks, version, MQTTProtocolVersion.MQTTv311)
     states = [
         (at, body)
         for at, body in _states(watch, device)
@@ -203,6 +202,7 @@ def download_ratio(
     device_dl = dl_end - dl_start
     own = next(s.get("download_s") for _, s in states if s["state"] == "verifying")
     if not quiet:
+        plain311 = plain_fetch(port, chunks, version, MQTTProtocolVersion.MQTTv311)
         print(
             f"download of {size / 1e6:.1f} MB: device {device_dl * 1000:.0f} ms (its own clock: "
             f"{own} s) vs a plain MQTT 5 subscriber {plain * 1000:.0f} ms for the same retained "
@@ -229,12 +229,14 @@ def report_first(port: int, device: str, watch: Watch, seconds: float) -> None:
     report_gaps(watch, device, [1])
 
 
-def _activations(watch: Watch, device: str, versions: list[int]) -> list[float]:
-    """When the device began activating each of ``versions``, by its own clock."""
+def _activations(watch: Watch, device: str, versions: list[int] | None = None) -> list[float]:
+    """When the device began activating each of ``versions`` (all, by default), by its own
+    clock."""
     return [
         float(body["ts"])  # type: ignore[arg-type]
         for _, body in _states(watch, device)
-        if body.get("state") == "activating" and body.get("version") in versions
+        if body.get("state") == "activating"
+        and (versions is None or body.get("version") in versions)
     ]
 
 
@@ -242,7 +244,7 @@ def report_gaps(watch: Watch, device: str, versions: list[int]) -> None:
     """The largest gap between two results within 2 s of each swap, against the gaps away
     from every swap (how much they jitter without one)."""
     swaps = _activations(watch, device, versions)
-    everything = _activations(watch, device, list(range(1, 1000)))
+    everything = _activations(watch, device)
     # When each result was made, by the device's clock (arrival times add MQTT's jitter),
     # and how long after its capture.
     made = [
@@ -254,9 +256,14 @@ def report_gaps(watch: Watch, device: str, versions: list[int]) -> None:
     gaps = [(a, b - a) for (a, _), (b, _) in itertools.pairwise(results)]
     worst = [max((g for a, g in gaps if abs(a - at) < 2), default=0.0) for at in swaps]
     elsewhere = sorted(g for a, g in gaps if all(abs(a - at) >= 2 for at in everything))
-    slowest = [max((t for a, t in results if abs(a - at) < 2), default=0.0) for at in swaps]
+    # The slowest result within 2 s of each swap (capture -> result), and when it was made.
+    slowest = [
+        (max(near, key=lambda r: r["timings_ms"]["total"]), at)
+        for at in swaps
+        if (near := [r for r in made if abs(r["ts"] - at) < 2])
+    ]
     usual_total = sorted(t for a, t in results if all(abs(a - at) >= 2 for at in everything))
-    if not worst or not elsewhere or not usual_total:
+    if not worst or not elsewhere or not usual_total or not slowest:
         print("swap gap: not enough results around the swaps")
         return
     usual = elsewhere[int(0.99 * (len(elsewhere) - 1))]
@@ -268,20 +275,17 @@ def report_gaps(watch: Watch, device: str, versions: list[int]) -> None:
         f"is {usual * 1000:.0f} ms, the largest {elsewhere[-1] * 1000:.0f} ms "
         f"({len(elsewhere)} gaps; results' own timestamps)"
     )
-    shown = ", ".join(f"{t:.1f}" for t in slowest)
+    totals = [r["timings_ms"]["total"] for r, _ in slowest]
     p99 = usual_total[int(0.99 * (len(usual_total) - 1))]
     print(
-        f"  capture -> result within 2 s of each swap, slowest: {shown} ms (median "
-        f"{statistics.median(slowest):.1f}); away from them: median "
-        f"{statistics.median(usual_total):.1f}, p99 {p99:.1f}, largest {usual_total[-1]:.1f} ms"
+        f"  capture -> result within 2 s of each swap, slowest: "
+        f"{', '.join(f'{t:.1f}' for t in totals)} ms (median {statistics.median(totals):.1f}); "
+        f"away from them: median {statistics.median(usual_total):.1f}, p99 {p99:.1f}, "
+        f"largest {usual_total[-1]:.1f} ms"
     )
-    # Where the slowest result near each swap spent its time, and when it was made.
-    for at in swaps:
-        near = [r for r in made if abs(r["ts"] - at) < 2]
-        if near:
-            worst_result = max(near, key=lambda r: r["timings_ms"]["total"])
-            stages = " ".join(f"{k} {v:.1f}" for k, v in worst_result["timings_ms"].items())
-            print(f"    {(worst_result['ts'] - at) * 1000:+.0f} ms from activating: {stages}")
+    for result, at in slowest:  # where it spent its time
+        stages = " ".join(f"{k} {v:.1f}" for k, v in result["timings_ms"].items())
+        print(f"    {(result['ts'] - at) * 1000:+.0f} ms from activating: {stages}")
 
 
 def _states(watch: Watch, device: str) -> list[tuple[float, dict[str, object]]]:
@@ -358,13 +362,13 @@ def main() -> int:
                 download_ratio(port, names[0], watch, version, FLOAT_MODEL.stat().st_size)
             swaps = [next(versions) for _ in range(args.swaps)]
             downloads = []
+            size = MODEL.stat().st_size
             for version in swaps:
                 roll(port, private, names[:1], version, watch)
-                size = MODEL.stat().st_size
                 downloads.append(download_ratio(port, names[0], watch, version, size, quiet=True))
                 time.sleep(5)  # results away from any swap, for the comparison
             if swaps:
-                report_downloads(downloads, MODEL.stat().st_size)
+                report_downloads(downloads, size)
                 report_gaps(watch, names[0], swaps)
             procs += start_agents(tmp, port, names[1:], public.read_text(), watch, first=1)
             many = roll(port, private, names, next(versions), watch)

@@ -20,6 +20,8 @@ from edgefleet.runtime.sinks import Sink
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 from edgefleet_plugins.sources.synthetic import SyntheticConfig, SyntheticSource
 
+from .mqtt_helpers import wait_for
+
 
 class Collect(Sink):
     name = "collect"
@@ -271,14 +273,15 @@ def test_quiet_work_runs_between_frames(classifier: Classifier) -> None:
     pipeline.start()
     work: list[tuple[float, float]] = []
     try:
-        _wait_results(sink, 3)
+        wait_for(lambda: len(sink.results) >= 3, 20, "3 results")
         for attempt in range(12):
             time.sleep(0.013 * attempt % 0.1)  # moments spread over the frame interval
             with pipeline.quiet():
                 entered = time.monotonic()
                 time.sleep(0.01)
                 work.append((entered, time.monotonic()))
-        _wait_results(sink, len(sink.results) + 2)
+        more = len(sink.results) + 2
+        wait_for(lambda: len(sink.results) >= more, 20, "2 more results")
     finally:
         pipeline.stop()
     overlapping = [(w, f) for w in work for f in busy.windows if w[0] < f[1] and f[0] < w[1]]
@@ -351,10 +354,3 @@ def test_interpreters_are_built_inside_the_gate(
         other.join()
     cpu_delegate.make_interpreter(factory_model_path())
     assert built == [False, True, False, False]
-
-
-def _wait_results(sink: Collect, count: int, limit: float = 20.0) -> None:
-    deadline = time.monotonic() + limit
-    while len(sink.results) < count:
-        assert time.monotonic() < deadline, f"only {len(sink.results)} results"
-        time.sleep(0.01)
