@@ -34,6 +34,7 @@ from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier
 from edgefleet.mqtt.fleetlink import link_settings
 from edgefleet.mqtt.link import LinkSettings, MqttLink
+from edgefleet.mqtt.outbox import Outbox
 from edgefleet.mqtt.reporter import Reporter
 from edgefleet.mqtt.settings import FleetConfig, ReportPolicy
 from edgefleet.mqtt.spool import Spool
@@ -66,15 +67,17 @@ RESULT = {
 
 
 def spool_cost(tmp: Path, count: int = 20000, batch: int = 50) -> float:
-    spool = Spool(tmp / "cost.sqlite", "boot")
+    """Per message, written to disk at once (``flush_after_s: 0``, the most a spool writes)."""
+    outbox = Outbox(Spool(tmp / "cost.sqlite"), "boot", flush_after_s=0)
     payload = json.dumps({"results": [RESULT]}).encode()
     started = time.perf_counter()
     for start in range(0, count, batch):
-        spool.put_many(
-            [(spool.next_seq(), "t", payload, 1) for _ in range(min(batch, count - start))]
+        outbox.put_many(
+            [(outbox.next_seq(), "t", payload, 1) for _ in range(min(batch, count - start))]
         )
+        outbox.flush()
     elapsed = time.perf_counter() - started
-    spool.close()
+    outbox.close()
     return elapsed / count * 1e6
 
 
@@ -134,7 +137,7 @@ def throughput(tmp: Path, port: int, count: int, ack_mode: str) -> tuple[float, 
         time.sleep(0.05)
     elapsed = time.perf_counter() - started
     stored = _stored(db, device)
-    spool_left = link.spool.depth()
+    spool_left = link.outbox.depth()
     link.stop()
     collector.terminate()
     collector.wait(10)

@@ -4,6 +4,7 @@ a recording subscriber, and an agent subprocess runner."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -25,6 +27,45 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
+
+
+def debian_mosquitto_conf() -> str:
+    """/etc/mosquitto/mosquitto.conf as Debian's mosquitto package ships it (this machine's
+    copy may be edited): fetched with apt once, cached by the package's version."""
+    import pytest
+
+    version = subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", "mosquitto"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip() or "unknown"  # fmt: skip
+    cached = CACHE / f"debian-mosquitto-{version}.conf"
+    if cached.exists():
+        return cached.read_text()
+    work = CACHE / f"debian-mosquitto-{version}.download"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        got = subprocess.run(
+            ["apt-get", "download", f"mosquitto={version}"] if version != "unknown"
+            else ["apt-get", "download", "mosquitto"],
+            cwd=work, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        debs = sorted(work.glob("mosquitto_*.deb"))
+        if got.returncode != 0 or not debs:
+            pytest.skip(f"Debian's mosquitto package cannot be fetched: {got.stderr.strip()}")
+        tar = subprocess.run(
+            ["dpkg-deb", "--fsys-tarfile", str(debs[0])], capture_output=True, check=True
+        ).stdout
+        with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
+            member = archive.extractfile("./etc/mosquitto/mosquitto.conf")
+            assert member is not None
+            text = member.read().decode()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert "include_dir /etc/mosquitto/conf.d" in text, text
+    cached.write_text(text)
+    return text
 
 
 def free_port() -> int:
@@ -247,7 +288,7 @@ def agent_config(
 
 
 class AgentProcess:
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.log = config.parent / f"agent-{time.monotonic_ns()}.log"
         self._fh = self.log.open("wb")
@@ -255,7 +296,7 @@ class AgentProcess:
             [sys.executable, "-m", "edgefleet", "run", "-c", str(config)],
             stdout=subprocess.DEVNULL,
             stderr=self._fh,
-            env={**os.environ},
+            env={**os.environ, **(env or {})},
         )
 
     def terminate(self, timeout: float = 10) -> int:
@@ -284,8 +325,8 @@ class AgentProcess:
 
 
 @contextlib.contextmanager
-def running(config: Path) -> Iterator[AgentProcess]:
-    agent = AgentProcess(config)
+def running(config: Path, env: dict[str, str] | None = None) -> Iterator[AgentProcess]:
+    agent = AgentProcess(config, env)
     try:
         yield agent
     finally:

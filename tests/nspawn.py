@@ -1,7 +1,7 @@
-"""A Debian 12 root booted with systemd as PID 1 (systemd-nspawn), for the install test.
+"""A Debian 12 root booted with systemd as PID 1 (systemd-nspawn), for the install tests.
 
-The root is built once with debootstrap and cached, keyed by what it is made of, under
-``$EDGEFLEET_CACHE`` (default ``~/.cache/edgefleet``); each test boots a copy. On this
+The roots come from ``debroot`` (built once, cached, keyed by what they are made of); each
+test boots a copy: this machine's architecture, or a Raspberry Pi's under qemu-user. On this
 machine kind nspawn boots only with ``--register=no --keep-unit`` (no D-Bus on the host);
 commands go in with ``nsenter``, and the container shares the host's network.
 """
@@ -9,71 +9,49 @@ commands go in with ``nsenter``, and the container shares the host's network.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import os
 import shutil
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
-PACKAGES = ["systemd", "systemd-sysv", "dbus", "python3", "python3-venv", "ca-certificates"]
-CACHE = Path(os.environ.get("EDGEFLEET_CACHE", Path.home() / ".cache" / "edgefleet"))
+from . import debroot
 
 
-def unavailable() -> str | None:
+def unavailable(recipe: debroot.Recipe = debroot.NATIVE) -> str | None:
     """Why a booted container cannot be had here, or None."""
-    if os.geteuid() != 0:
-        return "needs root"
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter"):
+    for tool in ("systemd-nspawn", "nsenter"):
         if shutil.which(tool) is None:
-            return f"{tool} not installed (apt install systemd-container debootstrap)"
-    return None
+            return f"{tool} not installed (apt install systemd-container)"
+    return debroot.unavailable(recipe)
 
 
-def cached_root() -> Path:
-    """The cached root for this recipe, built when missing (a few minutes, once)."""
-    key = hashlib.sha256("|".join([SUITE, MIRROR, *PACKAGES]).encode()).hexdigest()[:12]
-    root = CACHE / f"debian-{SUITE}-{key}"
-    if (root / ".complete").exists():
-        return root
-    building = root.with_name(root.name + ".building")
-    shutil.rmtree(building, ignore_errors=True)
-    building.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "debootstrap", "--variant=minbase", f"--include={','.join(PACKAGES)}",
-            SUITE, str(building), MIRROR,
-        ],
-        check=True, capture_output=True, timeout=1800,
-    )  # fmt: skip
-    (building / "etc" / "hostname").write_text("edgefleet-test\n")
-    (building / ".complete").write_text(key)
-    shutil.rmtree(root, ignore_errors=True)
-    building.rename(root)
-    return root
+def cached_root(recipe: debroot.Recipe = debroot.NATIVE) -> Path:
+    return debroot.cached_root(recipe)
 
 
 class Machine:
     """A booted copy of the root; ``run`` executes in it as root."""
 
-    def __init__(self, root: Path, binds: list[str]) -> None:
+    def __init__(
+        self, root: Path, binds: list[str], recipe: debroot.Recipe = debroot.NATIVE
+    ) -> None:
         self.root = root
+        self.recipe = recipe
         self.log = root.parent / "nspawn.log"
         self._log = self.log.open("wb")
+        setenv = [f"--setenv=QEMU_CPU={recipe.qemu_cpu}"] if recipe.qemu_cpu else []
         self.proc = subprocess.Popen(
             [
                 "systemd-nspawn", "-D", str(root), "-b", "--register=no", "--keep-unit",
-                *(f"--bind={b}" for b in binds),
+                *setenv, *(f"--bind={b}" for b in binds),
             ],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.leader = self._find_init()
 
     def _find_init(self) -> int:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (180 if self.recipe.foreign else 60)
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, self.log.read_text(errors="replace")[-3000:]
             children = subprocess.run(
@@ -91,7 +69,7 @@ class Machine:
         proc = subprocess.run(
             ["nsenter", "-t", str(self.leader), "-a", "/bin/bash", "-c", command],
             capture_output=True, text=True, timeout=timeout, check=False,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+            env=self._env(),
         )  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(
@@ -99,11 +77,18 @@ class Machine:
             )
         return proc
 
+    def _env(self) -> dict[str, str]:
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": "/root"}
+        if self.recipe.qemu_cpu:
+            env["QEMU_CPU"] = self.recipe.qemu_cpu
+        return env
+
     def wait_booted(self) -> None:
         # On a loaded machine systemd may not have opened its bus yet: ask again until it has.
-        deadline = time.monotonic() + 120
+        patience = 600 if self.recipe.foreign else 120
+        deadline = time.monotonic() + patience
         while True:
-            state = self.run("systemctl is-system-running --wait", timeout=120, check=False)
+            state = self.run("systemctl is-system-running --wait", timeout=patience, check=False)
             not_yet = "Failed to connect to bus" in state.stdout + state.stderr
             if not not_yet or time.monotonic() > deadline:
                 break
@@ -121,16 +106,21 @@ class Machine:
 
 
 @contextlib.contextmanager
-def booted(work: Path, binds: list[str]) -> Iterator[Machine]:
+def booted(
+    work: Path, binds: list[str], recipe: debroot.Recipe = debroot.NATIVE
+) -> Iterator[Machine]:
     """A fresh copy of the cached root, booted; shut down and removed afterwards."""
     root = work / "root"
     subprocess.run(
-        ["cp", "-a", "--reflink=auto", str(cached_root()), str(root)], check=True, timeout=600
-    )
-    machine = Machine(root, binds)
+        ["cp", "-a", "--reflink=auto", str(cached_root(recipe)), str(root)],
+        check=True, timeout=600,
+    )  # fmt: skip
     try:
-        machine.wait_booted()
-        yield machine
+        machine = Machine(root, binds, recipe)
+        try:
+            machine.wait_booted()
+            yield machine
+        finally:
+            machine.close()
     finally:
-        machine.close()
-        shutil.rmtree(root, ignore_errors=True)
+        debroot.remove(root)

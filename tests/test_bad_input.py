@@ -62,6 +62,24 @@ def test_one_line_exit_2_no_traceback(args: list[str], message: str) -> None:
     assert not Path("/nonexistent").exists()
 
 
+def test_top_says_a_refused_broker_at_once() -> None:
+    """It waited out its 10 s timeout before; a refused connection is known at once."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = _run("top", "--broker", f"mqtt://127.0.0.1:{port}", "--once")
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        (
+            f"error: cannot reach the broker at mqtt://127.0.0.1:{port}: no broker accepts a "
+            f"connection (127.0.0.1:{port})"
+        )
+    ]
+
+
 def test_classify_says_what_is_wrong_with_each_input(tmp_path: Path) -> None:
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "notes.jpg").write_text("shopping list\n")

@@ -1,5 +1,11 @@
 """The shipped mosquitto configuration, run for real: authentication and the ACL matrix.
 
+Every broker here is a stock Debian mosquitto as docs/deploy.md sets it up: the package's
+own /etc/mosquitto/mosquitto.conf (taken from Debian's .deb, as it ships) including
+conf.d/, where the guide puts exactly one of the shipped drop-ins; the guide's files under
+/etc/mosquitto/edgefleet/. Only ports and paths change (all under the test's folder), and
+mosquitto runs as root so that it can read that folder.
+
 Denials are proven by delivery: a second, authorised client must receive nothing (MQTT 3.1.1
 acks look like success either way); with MQTT 5 the PUBACK/SUBACK must carry 0x87.
 """
@@ -24,7 +30,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from .certs import CA
 from .conftest import REPO, cli_command
-from .mqtt_helpers import MOSQUITTO, free_port, wait_for
+from .mqtt_helpers import MOSQUITTO, debian_mosquitto_conf, free_port, wait_for
 
 SHIPPED = REPO / "configs" / "mosquitto"
 NOT_AUTHORIZED = 0x87
@@ -40,21 +46,29 @@ class Env:
     proc: subprocess.Popen[bytes]
 
 
+FILES = ("passwd", "passwd-fleet", "acl", "acl-fleet", "crl.pem")
+LISTENERS = (8883, 8884)
+
+
 def _adapt(
-    config: str, folder: Path, ports: tuple[int, int], server: tuple[Path, Path], ca: Path
+    config: str, folder: Path, ports: tuple[int, ...], server: tuple[Path, Path], ca: Path
 ) -> str:
-    """The shipped file with this test's ports and paths; nothing else changes."""
-    text = config.replace("listener 8883", f"listener {ports[0]} 127.0.0.1")
-    text = text.replace("listener 8884", f"listener {ports[1]} 127.0.0.1")
-    for name in ("passwd-fleet", "acl-fleet", "passwd", "acl", "crl.pem"):
+    """A shipped or packaged file with this test's ports and paths; nothing else changes."""
+    text = config
+    for shipped, port in zip(LISTENERS, ports, strict=True):
+        text = text.replace(f"listener {shipped}\n", f"listener {port} 127.0.0.1\n")
+    for name in FILES:
         text = text.replace(f"/etc/mosquitto/edgefleet/{name}\n", f"{folder / name}\n")
     text = text.replace("/etc/mosquitto/edgefleet/ca.crt", str(ca))
     text = text.replace("/etc/mosquitto/edgefleet/server.crt", str(server[0]))
     text = text.replace("/etc/mosquitto/edgefleet/server.key", str(server[1]))
     text = text.replace("/var/lib/mosquitto/", f"{folder}/")
+    text = text.replace("/run/mosquitto/mosquitto.pid", str(folder / "mosquitto.pid"))
+    text = text.replace("/var/log/mosquitto/mosquitto.log", str(folder / "broker.log"))
+    text = text.replace("/etc/mosquitto/conf.d", str(folder / "conf.d"))
     settings = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
-    assert not any("/etc/mosquitto" in line for line in settings)
-    return f"user root\nlog_dest file {folder / 'broker.log'}\n" + text
+    assert not any("/etc/mosquitto" in line or "/var/" in line for line in settings), text
+    return text
 
 
 def _start(
@@ -63,19 +77,42 @@ def _start(
     ca: CA | None,
     files: tuple[tuple[Path, Path], Path] | None = None,
 ) -> tuple[tuple[int, int], subprocess.Popen[bytes]]:
-    """The shipped config in a real mosquitto; ``files``: (server cert and key, CA) to use."""
+    """The packaged mosquitto.conf with the shipped drop-in ``conf_name`` in its conf.d;
+    ``files``: (server cert and key, CA) to use."""
     ports = (free_port(), free_port())
     if files is None:
         assert ca is not None
         files = (ca.issue("localhost", server=True), ca.cert_path)
-    conf = folder / conf_name
-    conf.write_text(_adapt((SHIPPED / conf_name).read_text(), folder, ports, *files))
-    proc = subprocess.Popen(
-        [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    time.sleep(0.5)
-    assert proc.poll() is None, (folder / "broker.log").read_text()
+    (folder / "conf.d").mkdir(exist_ok=True)
+    dropin = folder / "conf.d" / conf_name
+    dropin.write_text(_adapt((SHIPPED / conf_name).read_text(), folder, ports, *files))
+    main = folder / "mosquitto.conf"
+    main.write_text("user root\n" + _adapt(debian_mosquitto_conf(), folder, ports, *files))
+    stderr = folder / "broker.stderr"  # what mosquitto says before its log file is open
+    with stderr.open("wb") as err:
+        proc = subprocess.Popen([MOSQUITTO, "-c", str(main)], stdout=err, stderr=err)
+    try:
+        wait_for(lambda: _listening(ports) or proc.poll() is not None, 10, "the broker")
+    except AssertionError:
+        proc.kill()
+        proc.wait(5)
+        raise
+    if proc.poll() is not None:
+        log = folder / "broker.log"
+        said = stderr.read_text() + (log.read_text() if log.exists() else "")
+        raise AssertionError(f"mosquitto exited: {said}")
     return ports, proc
+
+
+def _listening(ports: tuple[int, ...]) -> bool:
+    import socket
+
+    for port in ports:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        except OSError:
+            return False
+    return True
 
 
 def _cli(*args: str) -> str:
@@ -116,12 +153,13 @@ def password_broker(tmp_path: Path) -> Iterator[Env]:
     for user, groups in (("dev-a", "lab"), ("dev-b", "")):
         out = _add(tmp_path, user, groups, "--passwd", str(tmp_path / "passwd"))
         passwords[user] = _password(out)
-    for role, name in (("operator", "operator"), ("collector", "collector-1")):
+    services = [("operator", "op-alice"), ("operator", "op-watcher")]
+    services += [("collector", "collector-1"), ("collector", "collector-2")]
+    for role, name in services:
         passwords[name] = _add_service(tmp_path, role, name)
-    passwords["collector-2"] = _add_service(tmp_path, "collector", "collector-2")
     ca = CA(tmp_path)
-    ports, proc = _start(tmp_path, "mosquitto.conf", ca)
-    yield Env(ports[0], ports[1], ca, tmp_path, passwords, proc)
+    ports, proc = _start(tmp_path, "edgefleet.conf", ca)
+    yield Env(*ports, ca, tmp_path, passwords, proc)
     proc.kill()
     proc.wait(5)
 
@@ -209,7 +247,8 @@ def test_authentication(password_broker: Env) -> None:
 
 def test_acl_matrix(password_broker: Env) -> None:
     env = password_broker
-    op = Client(env, "operator", env.passwords["operator"], port=env.fleet_port)
+    op = Client(env, "op-alice", env.passwords["op-alice"], port=env.fleet_port)
+    assert op.connack == 0
     assert op.subscribe("edgefleet/v1/#") == [1]
     dev_a = Client(env, "dev-a", env.passwords["dev-a"])
     dev_b = Client(env, "dev-b", env.passwords["dev-b"])
@@ -267,8 +306,8 @@ def test_mtls_variant(tmp_path: Path) -> None:
         "broker", "crl", "--crl", str(tmp_path / "crl.pem"),
         "--ca-cert", str(ca.cert_path), "--ca-key", str(ca.key_path),
     )  # fmt: skip
-    ports, proc = _start(tmp_path, "mosquitto-mtls.conf", ca)
-    env = Env(ports[0], ports[1], ca, tmp_path, {}, proc)
+    ports, proc = _start(tmp_path, "edgefleet-mtls.conf", ca)
+    env = Env(*ports, ca, tmp_path, {}, proc)
     try:
         _add(
             tmp_path,
@@ -324,6 +363,22 @@ def test_add_device_refuses_bad_input(tmp_path: Path) -> None:
             "reserved role name",
         ),
         (["broker", "add-device", "dev-x", "--acl", str(acl)], "give either --passwd"),
+        (
+            ["broker", "add-device", "op-cam", "--acl", str(acl), "--passwd", "p"],
+            "device id 'op-cam' starts with 'op-', which is the services'",
+        ),
+        (
+            ["broker", "add-device", "collector-9", "--acl", str(acl), "--passwd", "p"],
+            "starts with 'collector-'",
+        ),
+        (
+            ["broker", "add-collector", "ingest", "--acl", str(acl), "--passwd", "p"],
+            "collector name 'ingest' must start with 'collector-'",
+        ),
+        (
+            ["broker", "add-operator", "alice", "--acl", str(acl), "--passwd", "p"],
+            "operator name 'alice' must start with 'op-'",
+        ),
     ]
     for args, message in cases:
         proc = subprocess.run(
@@ -338,7 +393,7 @@ def test_add_device_refuses_bad_input(tmp_path: Path) -> None:
 def test_a_device_cannot_take_over_another_ones_session(password_broker: Env) -> None:
     """dev-a with its own password but dev-b's client id: the broker makes it dev-a."""
     env = password_broker
-    watch = Client(env, "operator", env.passwords["operator"], port=env.fleet_port)
+    watch = Client(env, "op-watcher", env.passwords["op-watcher"], port=env.fleet_port)
     watch.subscribe("edgefleet/v1/devices/+/status")
     status = "edgefleet/v1/devices/dev-b/status"
     dev_b = Client(env, "dev-b", env.passwords["dev-b"], will=status)
@@ -351,11 +406,40 @@ def test_a_device_cannot_take_over_another_ones_session(password_broker: Env) ->
     time.sleep(1.0)
     assert not dev_b.disconnected.is_set(), "dev-b lost its connection"
     assert status not in watch.got  # no last will: nobody saw dev-b go offline
-    # A device's password does not work on the fleet-services listener, where ids are free.
+    # A device's password does not work on the fleet-services listener.
     sneaky = Client(env, "dev-a", env.passwords["dev-a"], port=env.fleet_port, client_id="dev-b")
     assert sneaky.connack in (134, 135)
+    sneaky.close()
     assert not dev_b.disconnected.is_set()
-    for client in (watch, dev_b, sneaky):
+    for client in (watch, dev_b):
+        client.close()
+
+
+def test_no_identity_takes_another_s_client_id_on_any_listener(password_broker: Env) -> None:
+    """Client ids are global across listeners: every role tries a device's id and each
+    service's, over and over; the broker makes each of them itself, and no victim goes
+    offline (before, a collector or operator could close dev-b's session and fire its
+    retained will, on every try)."""
+    env = password_broker
+    status = "edgefleet/v1/devices/dev-b/status"
+    watch = Client(env, "op-watcher", env.passwords["op-watcher"], port=env.fleet_port)
+    watch.subscribe("edgefleet/v1/devices/+/status")
+    dev_b = Client(env, "dev-b", env.passwords["dev-b"], will=status)
+    collector = Client(env, "collector-1", env.passwords["collector-1"], port=env.fleet_port)
+    assert (watch.connack, dev_b.connack, collector.connack) == (0, 0, 0)
+    victims = ("dev-b", "collector-1", "op-watcher")
+    attackers = (("dev-a", env.port), ("collector-2", env.fleet_port), ("op-alice", env.fleet_port))
+    for _ in range(2):
+        for user, port in attackers:
+            for victim in victims:
+                tried = Client(env, user, env.passwords[user], port=port, client_id=victim)
+                assert tried.connack == 0, (user, victim)  # connected, as itself
+                tried.close()
+    time.sleep(1.0)
+    for name, held in (("dev-b", dev_b), ("collector-1", collector), ("op-watcher", watch)):
+        assert not held.disconnected.is_set(), f"{name} lost its session"
+    assert status not in watch.got, "dev-b's last will fired"
+    for client in (watch, dev_b, collector):
         client.close()
 
 
@@ -425,13 +509,13 @@ def test_a_fleet_enrolled_from_zero_with_the_tool(tmp_path: Path) -> None:
          "--server-name", "127.0.0.1")  # fmt: skip
     for name in ("acl", "acl-fleet"):
         (fleet / name).write_text((SHIPPED / name).read_text())
-    services = {"alice": "operator", "collector-1": "collector"}
+    services = {"op-alice": "operator", "collector-1": "collector"}
     secrets = {name: _add_service(fleet, role, name) for name, role in services.items()}
     device = _add(fleet, "pi-1", "kitchen", "--passwd", str(fleet / "passwd"))
     (tmp_path / "pi-1.secret").write_text(_password(device) + "\n")
     ca = fleet / "fleet-ca.crt"
     ports, proc = _start(
-        fleet, "mosquitto.conf", None, ((fleet / "server.crt", fleet / "server.key"), ca)
+        fleet, "edgefleet.conf", None, ((fleet / "server.crt", fleet / "server.key"), ca)
     )
     collector = Collector(
         CollectorSettings(
@@ -455,10 +539,10 @@ def test_a_fleet_enrolled_from_zero_with_the_tool(tmp_path: Path) -> None:
         collector.start()
         with running(config) as agent:
             wait_for(lambda: collector.stored > 0, 30, "the device's reports stored")
-            (tmp_path / "alice.secret").write_text(secrets["alice"])
+            (tmp_path / "alice.secret").write_text(secrets["op-alice"])
             status = _cli(
                 "rollout", "status", "--broker", f"mqtts://127.0.0.1:{ports[1]}",
-                "--ca", str(ca), "--username", "alice",
+                "--ca", str(ca), "--username", "op-alice",
                 "--password-file", str(tmp_path / "alice.secret"),
             )  # fmt: skip
             row = next(line for line in status.splitlines() if "pi-1" in line)

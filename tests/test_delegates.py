@@ -4,7 +4,10 @@ cached ranking, and failover to the next candidate and back."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +25,7 @@ from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import ConfigError, UserError
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import inspect_model, sha256_file
+from edgefleet.inference.litert import get_runtime
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.manager import Plugins, make_plugin_manager
 from edgefleet.plugin.registry import Registry
@@ -87,6 +91,31 @@ def test_edgetpu_discovery_on_fake_sysfs(tmp_path: Path) -> None:
 
 # LiteRT's Delegate.__del__ raises AttributeError after its own constructor failed on a
 # library that is not a delegate; that finaliser bug is the runtime's, not ours.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build the stand-in")
+def test_a_libedgetpu_that_does_not_fit_the_runtime_is_one_clear_line(tmp_path: Path) -> None:
+    """A real shared library that is not a delegate of this runtime (as a libedgetpu built
+    for another TensorFlow is not): the runtime's several lines become one that says what
+    to check, naming the runtime and its version."""
+    source = tmp_path / "stand_in.c"
+    source.write_text("int not_a_delegate(void) { return 0; }\n")
+    lib = tmp_path / "libedgetpu.so.1"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(source)], check=True)
+    sys_root = tmp_path / "sys"
+    _usb(sys_root, "1-1.2", "18d1", "9302")
+    tpu = EdgeTpuDelegate(EdgeTpuConfig(library=str(lib)), sys_root, tmp_path / "dev")
+    with pytest.raises(RuntimeError) as caught:
+        tpu.make_interpreter(MODEL)
+    message = str(caught.value)
+    del caught  # its traceback holds the runtime's half-made Delegate: let it go now,
+    gc.collect()  # under this test's filter, not at exit
+    assert "\n" not in message
+    assert message.startswith(f"{lib} did not load as a delegate of ")
+    runtime = get_runtime("auto")
+    assert f"{runtime.name} {runtime.version}" in message
+    assert "libedgetpu and the runtime must match" in message
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_gpu_and_external_decline_here(tmp_path: Path) -> None:
     gpu = GpuDelegate(GpuConfig()).availability()

@@ -87,6 +87,40 @@ def test_a_quiet_device_turns_stale_by_the_clock_alone(view: FleetView, clock: C
     assert _state(view, "a") == "online"
 
 
+def test_ages_are_right_for_a_device_whose_clock_is_off_or_jumps(
+    view: FleetView, clock: Clock
+) -> None:
+    """A Pi without an RTC starts with a clock days off, then NTP jumps it: the ages the
+    page shows come from the collector's clock, and the device's times are read through
+    the offset its live messages show."""
+    days = 400 * 86400
+    device_now = clock.now - days
+    view.on_status("a", _status(clock={"synced": False}))
+    view.on_metrics("a", _metrics(device_now))
+    prediction = {"ts": device_now, "results": [
+        {"ts": device_now - 0.5, "top": [{"label": "cat", "score": 0.9}]}
+    ]}  # fmt: skip
+    view.on_predictions("a", prediction)
+    row = view.rows()[0]
+    assert row["clock_offset_s"] == pytest.approx(days, abs=2)
+    assert row["clock_synced"] is False
+    assert row["prediction_age_s"] == pytest.approx(0.5, abs=0.1)  # not 400 days
+    assert row["state"] == "online"
+    # A backlog replayed later keeps its own age (2 s old), read with the offset now known.
+    clock.now += 2
+    replayed = {"ts": device_now, "replayed": True, "results": [
+        {"ts": device_now, "top": [{"label": "dog", "score": 0.8}]}
+    ]}  # fmt: skip
+    view.on_predictions("a", replayed)
+    assert view.rows()[0]["prediction_age_s"] == pytest.approx(2.0, abs=0.1)
+    # NTP sets the clock: the next live message moves the offset, ages stay right.
+    view.on_metrics("a", _metrics(clock.now))
+    row = view.rows()[0]
+    assert row["clock_offset_s"] == pytest.approx(0.0, abs=0.1)
+    assert row["metrics_ts"] == pytest.approx(clock.now)
+    assert row["age_s"] == 0
+
+
 def test_offline_and_stopped_come_from_the_device_and_rank_worst_first(
     view: FleetView, clock: Clock
 ) -> None:

@@ -30,9 +30,65 @@ SENSOR = {"platform", "name", "state_topic", "value_template", "unique_id", "uni
 UNITS = {"temperature": {"°C", "°F", "K"}, "duration": {"d", "h", "min", "s", "ms", "µs"}}
 
 
+class _WarnedError(Exception):
+    """A template touched an undefined value: HA logs a warning each time it does."""
+
+
+def _undefined() -> type:
+    import jinja2
+
+    class LoggingUndefined(jinja2.Undefined):
+        """As HA's: using an undefined value in text, a loop or a test is a warning."""
+
+        def _warn(self) -> None:
+            raise _WarnedError(self._undefined_message)
+
+        def __str__(self) -> str:
+            self._warn()
+            return ""
+
+        def __iter__(self) -> Any:
+            self._warn()
+            return iter(())
+
+        def __bool__(self) -> bool:
+            self._warn()
+            return False
+
+    return LoggingUndefined
+
+
 def _render(template: str, message: dict[str, Any]) -> str:
-    env = sandbox.ImmutableSandboxedEnvironment()
+    env = sandbox.ImmutableSandboxedEnvironment(undefined=_undefined())
     return str(env.from_string(template).render(value_json=message))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"state": "offline", "device": "d", "boot_id": "b", "ts": 1.0},
+        {"state": "stopped", "device": "d", "boot_id": "b", "ts": 1.0},
+        {"state": "online", "device": "d", "model": {"name": "m", "version": 3}},
+        {"device": "d", "fps": 2.0, "health": {}, "latency_ms": {}},  # metrics on a bare board
+        {"device": "d", "results": []},
+        {"device": "d", "results": [{"top": []}]},  # a threshold left no label
+        {"device": "d", "results": [{"top": [{"label": "cat", "score": 0.912345}]}]},
+    ],
+)
+def test_every_template_reads_every_message_without_a_warning(message: dict[str, Any]) -> None:
+    """HA logged "'dict object' has no attribute 'model'" on every offline/stopped status."""
+    body = discovery_payload(Topics("edgefleet/v1", "d"), 10.0)
+    templates = [s["value_template"] for s in body["components"].values()]
+    templates += [a["value_template"] for a in body["availability"]]
+    for template in templates:
+        _render(template, message)  # raises _WarnedError where HA would warn
+    label, score = (body["components"][k]["value_template"] for k in ("label", "score"))
+    if message.get("results"):
+        top = message["results"][-1]["top"]
+        assert _render(label, message) == (top[0]["label"] if top else "None")
+        assert _render(score, message) == ("0.912" if top else "None")
+    version = body["components"]["model_version"]["value_template"]
+    assert _render(version, message) == ("3" if "model" in message else "None")
 
 
 def test_the_payload_uses_only_documented_keys() -> None:

@@ -348,6 +348,60 @@ def test_kill_9_at_each_state_leaves_one_verified_model(
     sub.stop()
 
 
+@pytest.mark.parametrize("case", ["shadow", "failing-preflight"])
+def test_kill_9_in_a_shadow_phase_and_in_a_preflight_meant_to_fail(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path], case: str
+) -> None:
+    """The states the kill test above leaves out: a SIGKILL while the candidate runs beside
+    the active model, and while a release that must fail (its probe's label is wrong) is in
+    preflight. After a restart: the outcome is final, only verified models were ever served,
+    the store holds the active model (and what it may roll back to), no download is left."""
+    from edgefleet.protocol import ShadowSpec
+    from edgefleet.rollout.store import ModelStore
+
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    config = _device_config(tmp_path, broker, keys)
+    # No agreement rule: synthetic frames are noise, on which the two models disagree.
+    shadow = ShadowSpec(samples=4, interval_s=0.5, max_duration_s=60.0)
+    manifest, blobs = build_release(
+        {"cpu": FP32}, "lite0-float", 1, keys[0], "release", 3600, chunk_size=1 << 20,
+        shadow=shadow if case == "shadow" else None,
+        expected_top1="no such label" if case == "failing-preflight" else None,
+    )  # fmt: skip
+    kill_at = "shadow" if case == "shadow" else "preflight"
+    operator = Operator(broker.url)
+    with running(config) as agent:
+        wait_for(lambda: len(sub.result_seqs()) > 3, 30, "results")
+        publish_release(operator, manifest, blobs, ["device:dev-1"])
+        wait_for(lambda: any(s["state"] == kill_at for s in _states(sub)), 60, kill_at)
+        agent.kill()
+    killed_at = len(_states(sub))
+    with running(config) as agent:
+        want = ("active", "rejected") if case == "shadow" else ("failed",)
+        wait_for(lambda: _states(sub)[-1]["state"] in want, 120, f"one of {want}")
+        agent.terminate()
+    after = _states(sub)[killed_at:]
+    store = ModelStore(tmp_path / "state")
+    active = store.active()
+    served = {r["model_version"] for m in sub.on("/predictions") for r in m.json()["results"]}
+    if case == "shadow":
+        assert after[-1]["state"] == "active", after[-1]
+        assert active is not None
+        assert active.sha256 == manifest.variants[0].sha256
+        assert served == {0, 1}
+    else:
+        assert after[-1]["state"] == "failed"
+        assert "expected" in str(after[-1]["reason"]), after[-1]
+        assert active is None  # the factory model still serves
+        assert served == {0}
+        # the failed candidate was removed from the store; nothing else is there
+        assert not list((tmp_path / "state" / "models").glob("*.tflite"))
+    downloads = tmp_path / "state" / "downloads"
+    assert not downloads.exists() or not any(downloads.iterdir())
+    operator.close()
+    sub.stop()
+
+
 def test_waves_halt_on_failure_threshold(
     tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
 ) -> None:

@@ -65,6 +65,25 @@ def test_images_once_in_order_then_ended(tmp_path: Path) -> None:
     assert frames[1].image[0, 0, 0] == pytest.approx(20, abs=2)
 
 
+def test_images_are_never_dropped_for_a_slow_model(tmp_path: Path) -> None:
+    """Files are meant to be classified, each of them: with loop false a file went missing
+    under load (latest-wins dropped it before the consumer came back)."""
+    _write_images(tmp_path, 6)
+    source = ImagesSource(ImagesConfig(path=str(tmp_path), loop=False, fps=1000))
+    source.start()
+    frames: list[Frame] = []
+    deadline = time.monotonic() + 20
+    while not (source.ended and source.status().frames == len(frames)):
+        assert time.monotonic() < deadline, [f.origin for f in frames]
+        frame = source.get(0.05)
+        if frame is not None:
+            frames.append(frame)
+            time.sleep(0.03)  # a model 30x slower than the source's pace
+    source.stop()
+    assert [f.origin for f in frames] == [f"img{i:02d}.jpg" for i in range(6)]
+    assert source.status().dropped == 0
+
+
 def test_images_glob_loop_skips_bad_files(tmp_path: Path) -> None:
     _write_images(tmp_path, 2)
     good = (tmp_path / "img00.jpg").read_bytes()

@@ -9,13 +9,12 @@ debootstrap). Cgroups here are v1, so `DeviceAllow=` cannot be checked: it is no
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from . import nspawn
+from . import debroot, nspawn
 from .conftest import REPO
 
 REASON = nspawn.unavailable()
@@ -37,21 +36,6 @@ logging: {format: json}
 """
 
 
-def _checkout(dest: Path) -> None:
-    """The files git tracks (and new ones it does not ignore), as they are now."""
-    names = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO, capture_output=True, text=True, check=True,
-    ).stdout.splitlines()  # fmt: skip
-    for name in names:
-        source = REPO / name
-        if source.is_file():
-            target = dest / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
-            target.chmod(source.stat().st_mode & 0o777)
-
-
 def _show(machine: nspawn.Machine, prop: str) -> str:
     return machine.run(f"systemctl show -p {prop} --value edgefleet").stdout.strip()
 
@@ -69,7 +53,7 @@ def _wait(machine: nspawn.Machine, command: str, want: str, seconds: float) -> s
 
 def test_install_reload_watchdog_upgrade_stop_under_systemd(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    _checkout(src)
+    debroot.copy_checkout(REPO, src)
     pip_cache = Path.home() / ".cache" / "pip"
     pip_cache.mkdir(parents=True, exist_ok=True)
     binds = [f"{src}:/src", f"{pip_cache}:/root/.cache/pip"]

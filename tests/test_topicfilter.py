@@ -61,7 +61,7 @@ def _link(tmp_path: Path) -> MqttLink:
 def _deliver(link: MqttLink, topic: str) -> None:
     msg = mqtt.MQTTMessage(topic=topic.encode())
     msg.payload = b"{}"
-    link._on_message(mqtt.Client(CallbackAPIVersion.VERSION2), None, msg)  # as paho calls it
+    link.net._on_message(mqtt.Client(CallbackAPIVersion.VERSION2), None, msg)  # as paho calls it
 
 
 def test_the_link_dispatches_by_filter(tmp_path: Path) -> None:
@@ -90,7 +90,7 @@ def test_the_link_dispatches_by_filter(tmp_path: Path) -> None:
             ("desired", "edgefleet/v1/devices/dev-1/desired"),
             ("chunk", "edgefleet/v1/models/m/3/cpu/7"),
         ]
-        commands = [link._commands.get_nowait().topic for _ in range(link._commands.qsize())]
+        commands = [link.net.commands.get_nowait().topic for _ in range(link.net.commands.qsize())]
         assert commands == [own.replace("+", "status"), lab.replace("+", "pause")]
     finally:
-        link.spool.close()
+        link.outbox.close()

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int_between(1, 100), default=5, help="1..100")
     classify.add_argument("--threads", type=int_between(1, 256), default=None)
     classify.add_argument("--every", type=int_between(1), default=1, help="video: every Nth frame")
+    classify.add_argument(
+        "--max-pixels",
+        type=int_between(1),
+        default=None,
+        help="refuse images with more pixels than this, read from their header (default 50000000)",
+    )
     classify.set_defaults(func=device.cmd_classify)
 
     bench = sub.add_parser("bench", help="measure every delegate candidate on a model")

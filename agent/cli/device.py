@@ -207,9 +207,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from edgefleet.delegation.delegate import Delegate
     from edgefleet.factory import factory_model_path
     from edgefleet.inference.classifier import load_classifier
-    from edgefleet.inference.images import decode_image
+    from edgefleet.inference.images import DEFAULT_MAX_PIXELS, decode_image
     from edgefleet.plugin.manager import make_plugin_manager
 
+    max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
     model = Path(args.model) if args.model else factory_model_path()
     # The CPU delegate comes through its registry, as a third-party one would.
     cpu = make_plugin_manager().registries.delegates.get("cpu")
@@ -239,13 +240,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
                 for index, frame in _video_frames(path, args.every):
                     emit({"input": str(path), "frame": index}, frame)
             else:
-                emit({"input": str(path)}, decode_image(path))
+                emit({"input": str(path)}, decode_image(path, max_pixels))
         except ValueError as exc:
             failures += 1
             print(f"error: {exc}", file=sys.stderr)
     if seen == 0:
         raise UserError("no inputs to classify")
-    return 1 if failures else 0
+    # Some inputs unusable: 1, the rest classified. None usable: bad input, 2.
+    return (2 if failures == seen else 1) if failures else 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -281,12 +281,12 @@ def _add_broker_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     add.add_argument("--ca-key", type=Path, help="fleet CA private key (mTLS mode)")
     add.add_argument("--out", type=Path, help="where to write the device's certificate and key")
     add.set_defaults(func=cmd_add_device)
-    for role in ("operator", "collector"):
+    for role, example in (("operator", "op-alice"), ("collector", "collector-1")):
         service = broker_sub.add_parser(
             f"add-{role}",
             help=f"a {role} identity on the fleet-services listener (password + ACL block)",
         )
-        service.add_argument("name", help=f"the {role}'s user name, e.g. {role}-1")
+        service.add_argument("name", help=f"the {role}'s user name, e.g. {example}")
         service.add_argument("--acl", required=True, help="the fleet-services ACL file")
         service.add_argument("--passwd", required=True, help="the fleet-services password file")
         service.add_argument("--prefix", default=DEFAULT_PREFIX)

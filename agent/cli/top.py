@@ -145,7 +145,7 @@ def cmd_top(args: argparse.Namespace) -> int:
         watcher.start()
         if not watcher.wait_connected(10):
             watcher.stop()
-            reason = watcher.refused or "no answer within 10 s"
+            reason = watcher.refused or watcher.unreachable or "no answer within 10 s"
             raise UserError(f"cannot reach the broker at {args.broker}: {reason}")
         fetch, stop = view.fleet, watcher.stop
     from rich.console import Console

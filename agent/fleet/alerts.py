@@ -155,6 +155,10 @@ class Alerter:
         if row["throttled"] and not before["throttled"]:
             flags = ", ".join(row["throttled"])
             self.raise_alert("throttled", device, f"{device} is throttled: {flags}", row)
+        if row.get("state_dir_full") and not before.get("state_dir_full"):
+            self.raise_alert(
+                "state_dir_full", device, f"{device}: its state directory is full", row
+            )
 
     def on_stored(self, kind: str, device: str, body: dict[str, Any]) -> None:
         """The collector's echo: match watched labels in every stored prediction."""

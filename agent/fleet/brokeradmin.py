@@ -1,14 +1,16 @@
 """``edgefleet broker``: enrol and remove devices, operators and collectors.
 
-The shipped broker (``configs/mosquitto/``) has two listeners with their own identities:
+The shipped broker (``configs/mosquitto/``) has two listeners with their own identities;
+mosquitto's client ids are global across listeners, so on both the broker makes each
+client's id its user name (``use_username_as_clientid``) and the names are kept apart:
 - devices (port 8883): a password entry (``mosquitto_passwd``) or a client certificate signed
-  by the fleet CA (its CN is the device id); the broker makes the client id the identity
-  (``use_username_as_clientid``), so no device can take over another's session and fire its
-  last will. The device's groups are appended to the devices' ACL as a ``user`` block,
-  because a mosquitto ACL pattern cannot know which groups a device belongs to.
-- fleet services (port 8884): operators and collectors, each with its own name and password
-  in the services' password file and a ``user`` block of its role's rights in the services'
-  ACL; client ids are free there, so several collectors and commands run side by side.
+  by the fleet CA (its CN is the device id); no device can take over another's session and
+  fire its last will. The device's groups are appended to the devices' ACL as a ``user``
+  block, because a mosquitto ACL pattern cannot know which groups a device belongs to.
+- fleet services (port 8884): operators, named ``op-*``, and collectors, named
+  ``collector-*``, each with its own name and password in the services' password file and a
+  ``user`` block of its role's rights in the services' ACL; several collectors share the
+  load, each its own identity. A device may not be named ``op-*`` or ``collector-*``.
 Removal deletes the password entry and the ACL block, or revokes the certificate in the CRL.
 """
 
@@ -34,6 +36,8 @@ from edgefleet.protocol import FleetTopics
 CaKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED = {"operator", "collector"}
+# Each role's names (and so, forced by the broker, client ids) start with its own prefix.
+ROLE_PREFIX = {"operator": "op-", "collector": "collector-"}
 
 
 def check_id(name: str, what: str) -> None:
@@ -114,6 +118,12 @@ def add_service(
 ) -> dict[str, str]:
     """An operator's or collector's identity on the fleet-services listener."""
     check_id(name, f"{role} name")
+    wanted = ROLE_PREFIX.get(role, "")
+    if not name.startswith(wanted):
+        raise UserError(
+            f"{role} name {name!r} must start with {wanted!r}: the broker makes a service's "
+            f"name its client id, which must never be a device's (e.g. {wanted}{name})"
+        )
     rights = role_rights(role, prefix)
     secret = password or secrets.token_urlsafe(24)
     add_password(passwd, name, secret)
@@ -312,6 +322,12 @@ def add_device(
     check_id(device, "device id")
     if device in RESERVED:
         raise UserError(f"{device!r} is a reserved role name")
+    for reserved in ROLE_PREFIX.values():
+        if device.startswith(reserved):
+            raise UserError(
+                f"device id {device!r} starts with {reserved!r}, which is the services' (a "
+                "device with it could share a client id with one of them)"
+            )
     if (passwd is None) == (ca_cert is None):
         raise UserError("give either --passwd (password file) or --ca-cert/--ca-key (mTLS)")
     written: dict[str, str] = {}

@@ -37,7 +37,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.errors import UserError
 from edgefleet.fleet.view import FleetView
 from edgefleet.fleet.watch import feed
-from edgefleet.mqtt.link import next_broker, no_delay, parse_urls
+from edgefleet.mqtt.brokers import next_broker, no_delay, parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     MAX_JSON_DEPTH,
@@ -48,6 +48,8 @@ from edgefleet.protocol import (
 )
 
 log = structlog.get_logger(__name__)
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a login with the same client id
+TAKEN_OVER_RETRY_S = 60
 # (kind, device, body) of each stored message, for a live display
 Echo = Callable[[str, str, dict[str, Any]], None]
 
@@ -385,9 +387,21 @@ class Collector:
         self, client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Properties | None
     ) -> None:
         self.connected.clear()
-        if not self._stop.is_set():
+        if self._stop.is_set():
+            return
+        if rc.value == SESSION_TAKEN_OVER:
+            # Another collector logged in with this identity (the shipped broker makes the
+            # user name the client id): coming straight back would only throw it out in turn.
+            log.error(
+                "another client logged in with this collector's identity and took its session; "
+                "give each collector its own (edgefleet broker add-collector); retrying slowly",
+                retry_in_s=TAKEN_OVER_RETRY_S,
+            )
+            client.reconnect_delay_set(TAKEN_OVER_RETRY_S, TAKEN_OVER_RETRY_S)
+        else:
             log.warning("collector disconnected", reason=str(rc))
-            self._rotate(client)
+            client.reconnect_delay_set(1, 10)
+        self._rotate(client)
 
     def _on_message(self, _c: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
         if self.view is not None and self._watch(self.view, msg.topic, bytes(msg.payload)):

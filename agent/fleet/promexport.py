@@ -36,6 +36,12 @@ LIVE_GAUGES = (
     ("edgefleet_fps", "Frames classified per second", "fps"),
     ("edgefleet_cpu_temperature_celsius", "CPU temperature", "cpu_temp_c"),
     ("edgefleet_spool_backlog_messages", "Messages waiting in the device's spool", "spool_backlog"),
+    ("edgefleet_uptime_seconds", "Seconds since the device booted", "uptime_s"),
+    (
+        "edgefleet_state_dir_free_bytes",
+        "Free bytes where the agent keeps its state",
+        "disk_free_bytes",
+    ),
 )
 LIVE_SECONDS = (
     ("edgefleet_latency_p99_seconds", "Whole-frame latency p99 over the device's window",

@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from edgefleet.errors import UserError
 from edgefleet.inference.classifier import inspect_model
 from edgefleet.inference.modelfile import is_tflite
-from edgefleet.mqtt.link import no_delay, parse_urls
+from edgefleet.mqtt.brokers import no_delay, parse_urls
 from edgefleet.protocol import (
     DEFAULT_PREFIX,
     Decision,
@@ -43,6 +43,8 @@ from edgefleet.rollout.release import (
     sign,
 )
 
+SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a login with the same client id
+
 
 class Broker:
     """A short-lived operator connection that waits for every publish to be acknowledged."""
@@ -58,6 +60,10 @@ class Broker:
         random.shuffle(brokers)  # several brokers of one cluster: any that answers
         self.messages: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self.username = username
+        # Set when the broker closed this session because another client logged in with the
+        # same identity (the shipped broker makes the user name the client id).
+        self.taken_over = threading.Event()
         failures = []
         for host, port, tls in brokers:
             # MQTT 5 first; a broker that only speaks 3.1.1 (NATS) refuses it: then 3.1.1.
@@ -81,6 +87,7 @@ class Broker:
     ) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
+            # On the shipped broker the id becomes the operator's name; elsewhere a random one.
             client_id=f"edgefleet-operator-{uuid.uuid4().hex[:8]}",
             protocol=protocol,
         )
@@ -100,8 +107,14 @@ class Broker:
             answer.append("" if not rc.is_failure else str(rc))
             done.set()
 
+        def on_disconnect(client: mqtt.Client, _u: Any, _f: Any, rc: ReasonCode, _p: Any) -> None:
+            done.set()
+            if rc.value == SESSION_TAKEN_OVER:
+                self.taken_over.set()
+                client.disconnect()  # no reconnection: it would take the other one's place
+
         self.client.on_connect = on_connect
-        self.client.on_disconnect = lambda *_: done.set()
+        self.client.on_disconnect = on_disconnect
         try:
             self.client.connect(host, port, keepalive=30)
         except OSError as exc:
@@ -128,6 +141,7 @@ class Broker:
         """Retained messages under ``topic`` (a filter), gathered for ``seconds``."""
         self.client.subscribe(topic, qos=1)
         time.sleep(seconds)
+        self.check()
         self.client.unsubscribe(topic)
         with self._lock:
             return {
@@ -137,8 +151,18 @@ class Broker:
             }
 
     def snapshot(self) -> dict[str, bytes]:
+        self.check()
         with self._lock:
             return dict(self.messages)
+
+    def check(self) -> None:
+        """UserError once another client with this identity took the session over."""
+        if self.taken_over.is_set():
+            raise UserError(
+                f"another client logged in as {self.username or 'this client'} and the broker "
+                "closed this session: one command at a time per identity (enrol one operator "
+                "per person or automation)"
+            )
 
     def close(self) -> None:
         self.client.loop_stop()

@@ -36,7 +36,7 @@ from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from edgefleet import __version__, protocol
-from edgefleet.mqtt.link import no_delay, parse_urls
+from edgefleet.mqtt.brokers import no_delay, parse_urls
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, Topics
 
 if TYPE_CHECKING:

@@ -71,6 +71,10 @@ class DeviceRecord:
     presence_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     rollout_history: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=HISTORY))
     version: int = 0  # bumped on every change, for live updates
+    # Collector clock minus device clock, from the last live (not replayed) message: a device
+    # without an RTC may be days off, or jump; its own times are read through this.
+    clock_offset: float | None = None
+    metrics_ts: float = 0.0  # the current metrics' device time, on the collector's clock
 
     def last_arrival(self) -> float:
         return max(self.status_at, self.metrics_at, self.prediction_at)
@@ -124,14 +128,23 @@ class FleetView:
             record.status, record.status_at = body, now
             self._bump(record)
 
+    def _device_time(self, record: DeviceRecord, body: dict[str, Any], now: float) -> float:
+        """A message's ``ts`` on the collector's clock; live messages update the offset."""
+        ts = _num(body.get("ts"))
+        if ts is None:
+            return now
+        if not body.get("replayed"):
+            record.clock_offset = now - ts
+        return ts + (record.clock_offset or 0.0)
+
     def on_metrics(self, device: str, body: dict[str, Any]) -> None:
         now = self.clock()
-        ts = _num(body.get("ts")) or now
         with self._lock:
             record = self._record(device)
+            ts = self._device_time(record, body, now)
             # A replayed (older) message fills the history but never replaces fresher figures.
-            if ts >= (_num(record.metrics.get("ts")) or 0.0):
-                record.metrics, record.metrics_at = body, now
+            if ts >= record.metrics_ts:
+                record.metrics, record.metrics_at, record.metrics_ts = body, now, ts
             model = record.status.get("model") or {}
             self._latency.add(
                 device,
@@ -158,12 +171,15 @@ class FleetView:
             return
         with self._lock:
             record = self._record(device)
+            self._device_time(record, body, now)  # the message's own ts: the offset
+            offset = record.clock_offset or 0.0
             for result in results:
                 top = (result.get("top") or [{}])[0] if isinstance(result, dict) else {}
+                made = _num(result.get("ts")) if isinstance(result, dict) else None
                 entry = {
                     "label": top.get("label"),
                     "score": _num(top.get("score")),
-                    "ts": _num(result.get("ts")),
+                    "ts": made + offset if made is not None else None,
                     "model": result.get("model"),
                     "model_version": result.get("model_version"),
                 }
@@ -284,7 +300,9 @@ class FleetView:
         want = self._desired(record) or {}
         health = metrics.get("health") or {}
         latency = (metrics.get("latency_ms") or {}).get("total") or {}
-        throttled_now = ((health.get("throttled") or {}).get("now")) or {}
+        throttled = health.get("throttled") or {}
+        throttled_now, since_boot = throttled.get("now") or {}, throttled.get("since_boot") or {}
+        state_dir = status.get("state_dir") or {}
         arrival = record.last_arrival()
         return {
             "device": record.device,
@@ -293,7 +311,11 @@ class FleetView:
             "groups": status.get("groups") or [],
             "agent_version": status.get("agent_version"),
             "last_seen": arrival or None,
-            "metrics_ts": _num(metrics.get("ts")),
+            "metrics_ts": record.metrics_ts or None,
+            "clock_offset_s": round(record.clock_offset, 1)
+            if record.clock_offset is not None
+            else None,
+            "clock_synced": (status.get("clock") or {}).get("synced"),
             "metrics_interval_s": record.interval_s(),
             "model": {"name": model.get("name"), "version": model.get("version")}
             if model
@@ -311,6 +333,10 @@ class FleetView:
             "latency_window": _num(metrics.get("latency_window")),
             "cpu_temp_c": _num(health.get("cpu_temp_c")) if live else None,
             "throttled": sorted(flag for flag, on in throttled_now.items() if on),
+            "throttled_since_boot": sorted(flag for flag, on in since_boot.items() if on),
+            "uptime_s": _num(health.get("uptime_s")) if live else None,
+            "disk_free_bytes": _num(health.get("disk_free_bytes")) if live else None,
+            "state_dir_full": bool(state_dir.get("full")) if live else None,
             "spool_backlog": _num((metrics.get("spool") or {}).get("depth")),
             "prediction": record.prediction,
             "version": record.version,
@@ -422,9 +448,12 @@ def _delegate_kind(delegate: object) -> str:
 
 
 def in_trouble(row: dict[str, Any]) -> bool:
-    """Up, but something an operator should look at: a failed rollout, throttling."""
+    """Up, but something an operator should look at: a failed rollout, throttling, a state
+    directory that refuses writes."""
     rollout = row["rollout"] or {}
-    return bool(row["throttled"]) or rollout.get("state") in (Rollout.FAILED, Rollout.ROLLED_BACK)
+    if row["throttled"] or row.get("state_dir_full"):
+        return True
+    return rollout.get("state") in (Rollout.FAILED, Rollout.ROLLED_BACK)
 
 
 def worst_first(row: dict[str, Any], age_s: float | None = None) -> tuple[int, int, float, str]:

@@ -20,7 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.fleet.view import DEVICE_LEAVES, FleetView
-from edgefleet.mqtt.link import next_broker, parse_urls
+from edgefleet.mqtt.brokers import next_broker, parse_urls
 from edgefleet.protocol import DEFAULT_PREFIX, FleetTopics, loads
 
 log = structlog.get_logger(__name__)
@@ -71,6 +71,10 @@ class FleetWatcher:
         self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
         self.host, self.port, tls = self.brokers[self._broker]
         self.refused: str | None = None
+        # Set once every broker of the list failed to connect (refused, unreachable): a
+        # command says so at once instead of waiting out its timeout.
+        self.unreachable: str | None = None
+        self._failed: set[tuple[str, int]] = set()
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"edgefleet-watch-{uuid.uuid4().hex[:8]}",
@@ -83,8 +87,18 @@ class FleetWatcher:
         self.client.reconnect_delay_set(1, 10)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
-        self.client.on_connect_fail = lambda client, _u: self._rotate(client)
+        self.client.on_connect_fail = lambda client, _u: self._connect_failed(client)
         self.client.on_disconnect = lambda client, *_: self._rotate(client)
+
+    def _connect_failed(self, client: mqtt.Client) -> None:
+        self._failed.add((self.brokers[self._broker][0], self.brokers[self._broker][1]))
+        if len(self._failed) >= len(self.brokers) and self.unreachable is None:
+            self.unreachable = (
+                "no broker accepts a connection ("
+                + ", ".join(f"{host}:{port}" for host, port in sorted(self._failed))
+                + ")"
+            )
+        self._rotate(client)
 
     def _rotate(self, client: mqtt.Client) -> None:
         if self.refused is None:
@@ -118,7 +132,7 @@ class FleetWatcher:
     def wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.client.is_connected() or self.refused:
+            if self.client.is_connected() or self.refused or self.unreachable:
                 return self.client.is_connected()
             time.sleep(0.05)
         return False

@@ -25,6 +25,10 @@ from edgefleet.runtime.results import Label
 # only compete with the interpreter's threads (XNNPACK's workers wait for the slowest).
 cv2.setNumThreads(1)
 
+# Bit-exact bilinear (fixed point, the same bytes on x86, arm64 and armhf); see _shrink.
+RESIZE = cv2.INTER_LINEAR_EXACT
+# Names the way a frame becomes an input tensor: what caches of inputs or features key on.
+PREPROCESSING = "box+bilinear-exact"
 DEFAULT_MEAN = 127.0
 DEFAULT_STD = 128.0
 DEFAULT_CROP = 0.875
@@ -84,7 +88,11 @@ class Preprocessor:
         """Box-filter by the largest whole factor first: anti-aliased and cheap.
 
         OpenCV's INTER_AREA is fast only for whole factors (1.9 ms for 420->224 here, 0.1 ms
-        for 420->210); the remaining factor below 2 is left to bilinear resizing.
+        for 420->210); the remaining factor below 2 is left to bilinear resizing. Both steps
+        give the same bytes on every machine: the whole-factor box filter, and bilinear in
+        OpenCV's fixed-point ``INTER_LINEAR_EXACT`` (its SIMD ``INTER_LINEAR`` rounds
+        differently on ARM: 12-22% of an input tensor's values off by one on aarch64), so
+        a photo's input tensor on a Pi is the one the operator's machine computed.
         """
         factor = min(region.shape[0] // self.plan.height, region.shape[1] // self.plan.width)
         if factor < 2:
@@ -104,9 +112,9 @@ class Preprocessor:
         size = (self.plan.width, self.plan.height)
         target = out[0]
         if self._identity:
-            cv2.resize(region, size, dst=target, interpolation=cv2.INTER_LINEAR)
+            cv2.resize(region, size, dst=target, interpolation=RESIZE)
             return
-        cv2.resize(region, size, dst=self._scratch, interpolation=cv2.INTER_LINEAR)
+        cv2.resize(region, size, dst=self._scratch, interpolation=RESIZE)
         if self._lut is not None:
             cv2.LUT(self._scratch, self._lut, dst=target.view(np.uint8))
             return

@@ -17,9 +17,10 @@ import structlog
 
 from edgefleet import __version__
 from edgefleet.config.agentconfig import AgentConfig
+from edgefleet.mqtt.brokers import parse_url
 from edgefleet.mqtt.commands import CommandHandler
 from edgefleet.mqtt.homeassistant import Discovery
-from edgefleet.mqtt.link import Incoming, LinkSettings, MqttLink, parse_url
+from edgefleet.mqtt.link import Incoming, LinkSettings, MqttLink
 from edgefleet.mqtt.reporter import Reporter
 from edgefleet.mqtt.settings import FleetConfig, TlsConfig
 from edgefleet.protocol import LATENCY_BUCKETS_MS, Topics
@@ -66,6 +67,8 @@ def link_settings(
         ack_mode=cfg.ack_mode,
         spool_max_bytes=cfg.spool.max_bytes,
         spool_max_age_s=cfg.spool.max_age_s,
+        flush_after_s=cfg.spool.flush_after_s,
+        memory_max_bytes=cfg.spool.memory_max_bytes,
         reconnect_min_s=cfg.reconnect_min_s,
         reconnect_max_s=cfg.reconnect_max_s,
         auth_retry_s=cfg.auth_retry_s,
@@ -118,8 +121,9 @@ class FleetLink:
         self.commands = CommandHandler(agent, self.reporter.report, cfg.max_command_bytes)
 
     def start(self) -> None:
-        if self.link.spool.moved_aside is not None:
-            log.error("spool was damaged and moved aside", path=str(self.link.spool.moved_aside))
+        moved = self.link.outbox.spool.moved_aside
+        if moved is not None:
+            log.error("spool was damaged and moved aside", path=str(moved))
         self.link.start()
 
     def stop(self) -> None:
@@ -144,6 +148,10 @@ class FleetLink:
         body["source"] = agent.source_choice
         body["delegate_choice"] = agent.delegate_choice
         body["capabilities"] = agent.capability_report
+        disk = self.link.outbox.disk
+        body["state_dir"] = {"writable": disk.ok, "full": disk.full}
+        # Whether this device's times (every ts it sends) come from a set clock.
+        body["clock"] = {"synced": health.clock_synced()}
         return body
 
     def _metrics(self) -> dict[str, Any]:
@@ -170,8 +178,7 @@ class FleetLink:
                 paused=pipeline.settings.paused,
                 delegate=pipeline.classifier.delegate,
             )
-        spool = self.link.spool
-        body["spool"] = {"depth": spool.depth(), "bytes": spool.bytes, "dropped": spool.dropped}
+        body["spool"] = self.link.outbox.stats()
         body["link"] = self.link.stats()
         body["report"] = {"skipped": self.reporter.report.skipped}
         body["health"] = health.collect(self.state_dir)

@@ -8,6 +8,12 @@ which is also the availability (``online`` means available; ``offline`` and ``st
 Figures from the metrics expire after three metrics intervals, so a frozen device shows
 *unavailable*, never a stale "30 fps". Disabling it clears the retained config (an empty
 payload) once, remembered in the state directory.
+
+Every template reads a field through ``| default(...)``, never ``if x`` or ``x.y`` on a field
+that may be absent: HA logs a warning each time a template touches an undefined value, and
+``offline`` and ``stopped`` statuses carry no model, a board without sensors no temperature.
+Home Assistant before 2024.11 does not read device-based discovery ("Integration device is
+not supported") and shows nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +29,11 @@ from edgefleet import __version__
 from edgefleet.protocol import Topics
 
 MARKER = "homeassistant.json"  # in the state directory: which config topic we published
+# The best label of a predictions message's last result, as ``t`` ({} when there is none).
+LAST_TOP = (
+    "{% set r = value_json.results | default([]) | last | default({}) %}"
+    "{% set t = r.top | default([]) | first | default({}) %}"
+)
 
 
 class HomeAssistantConfig(BaseModel):
@@ -57,26 +68,26 @@ def discovery_payload(topics: Topics, metrics_interval_s: float) -> dict[str, An
         "label": _sensor(
             "Last label",
             topics.predictions,
-            "{{ value_json.results[-1].top[0].label }}",
+            LAST_TOP + "{{ t.label | default(None) }}",
             icon="mdi:tag-search",
         ),
         "score": _sensor(
             "Last score",
             topics.predictions,
-            "{{ value_json.results[-1].top[0].score | round(3) }}",
+            LAST_TOP + "{{ (t.score | round(3)) if t.score is number else None }}",
             state_class="measurement",
         ),
         "fps": _sensor(
             "Frames per second",
             topics.metrics,
-            "{{ value_json.fps }}",
+            "{{ value_json.fps | default(None) }}",
             unit_of_measurement="fps",
             **measured,
         ),
         "latency_p50": _sensor(
             "Latency p50",
             topics.metrics,
-            "{{ (value_json.latency_ms.total or {}).p50 | default(None) }}",
+            "{{ ((value_json.latency_ms | default({})).total | default({})).p50 | default(None) }}",
             unit_of_measurement="ms",
             device_class="duration",
             **measured,
@@ -84,7 +95,7 @@ def discovery_payload(topics: Topics, metrics_interval_s: float) -> dict[str, An
         "cpu_temperature": _sensor(
             "CPU temperature",
             topics.metrics,
-            "{{ value_json.health.cpu_temp_c | default(None) }}",
+            "{{ (value_json.health | default({})).cpu_temp_c | default(None) }}",
             unit_of_measurement="°C",
             device_class="temperature",
             **measured,
@@ -92,7 +103,7 @@ def discovery_payload(topics: Topics, metrics_interval_s: float) -> dict[str, An
         "model_version": _sensor(
             "Model version",
             topics.status,
-            "{{ value_json.model.version if value_json.model else None }}",
+            "{{ (value_json.model | default({}, true)).version | default(None) }}",
             icon="mdi:brain",
             entity_category="diagnostic",
         ),
@@ -111,7 +122,8 @@ def discovery_payload(topics: Topics, metrics_interval_s: float) -> dict[str, An
         "availability": [
             {
                 "topic": topics.status,
-                "value_template": "{{ 'online' if value_json.state == 'online' else 'offline' }}",
+                "value_template": "{{ 'online' if (value_json.state | default('')) == 'online'"
+                " else 'offline' }}",
                 "payload_available": "online",
                 "payload_not_available": "offline",
             }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -23,9 +24,27 @@ class TlsConfig(_Strict):
 
 
 class SpoolConfig(_Strict):
+    """The outbox: messages in memory first, on disk (SQLite) when they wait for their ack."""
+
     path: Path | None = Field(default=None, description="null = STATE_DIR/spool.sqlite")
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     max_age_s: float = Field(default=7 * 24 * 3600, gt=0)
+    flush_after_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="a message still unacknowledged this long after it was made is written to "
+        "disk; a power cut or SIGKILL loses at most that many seconds of unacknowledged "
+        "messages. 0: every message on disk within 20 ms (most SD-card writes)",
+    )
+    memory_max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=64 * 1024,
+        le=1024 * 1024 * 1024,
+        description="most bytes of messages held in memory; past it the oldest are written "
+        "to disk at once, or, while the state directory refuses writes (disk full), dropped "
+        "and counted",
+    )
 
 
 class ReportPolicy(_Strict):
@@ -84,3 +103,36 @@ class FleetConfig(_Strict):
     homeassistant: HomeAssistantConfig = Field(
         default_factory=HomeAssistantConfig, description="MQTT discovery for Home Assistant"
     )
+
+
+@dataclass
+class LinkSettings:
+    """Everything the link needs, decoupled from the config model that produced it."""
+
+    url: str
+    device: str
+    groups: list[str]
+    prefix: str
+    boot_id: str
+    spool_path: Path
+    protocol: str = "5"
+    username: str | None = None
+    password: str | None = None
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+    keepalive_s: int = 30
+    qos: int = 1
+    ack_mode: str = "broker"
+    spool_max_bytes: int = 64 * 1024 * 1024
+    spool_max_age_s: float = 7 * 24 * 3600
+    flush_after_s: float = 5.0  # unacknowledged this long: written to the spool
+    memory_max_bytes: int = 8 * 1024 * 1024  # held in memory at most (a disk that refuses)
+    reconnect_min_s: float = 0.5
+    reconnect_max_s: float = 30.0
+    auth_retry_s: float = 300.0
+    max_inflight: int = 200
+    resend_after_s: float = 30.0
+    max_command_bytes: int = 64 * 1024
+    urls: list[str] | None = None  # a cluster's brokers; ``url`` alone when None

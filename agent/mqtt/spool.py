@@ -1,13 +1,16 @@
-"""The on-disk outbox: every message is written here before it is published.
+"""The outbox's disk tier: messages that waited too long for their acknowledgement.
 
-SQLite in WAL mode, one file under the state directory. A message is deleted only when it
-is acknowledged (PUBACK in ``broker`` mode, the collector's ack in ``collector`` mode), so a
-broker outage, a network outage or an agent SIGKILL loses nothing that reached the spool.
-Bounded by bytes and age: when full the oldest messages are dropped and counted.
+SQLite in WAL mode, one file under the state directory. The outbox (``mqtt.outbox``) keeps
+messages in memory first and writes here only what is still unacknowledged after
+``fleet.spool.flush_after_s`` (or everything at once, with 0), so that a device whose link
+is up writes almost nothing to its SD card. A row is deleted when acknowledged (PUBACK in
+``broker`` mode, the collector's ack in ``collector`` mode), so a broker outage, a network
+outage or an agent SIGKILL loses nothing that reached this file. Bounded by bytes and age:
+when full the oldest rows are dropped and counted.
 
-Every message of a boot has a contiguous ``seq`` (per boot id); published payloads carry
-``boot_id``, ``seq`` and ``floor`` (the lowest seq of that boot still held here), so a
-collector can ack "everything up to N" even across messages the spool had to drop.
+Rows carry the ids the outbox gave them (ascending, never reused: AUTOINCREMENT keeps its
+high-water mark) and the ``seq`` of their boot. Which rows are on the wire is the outbox's
+business, kept in memory: nothing here is written per publish.
 
 Only one thread (the MQTT link's outbox thread) uses a Spool object.
 """
@@ -45,7 +48,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 
 @dataclass(frozen=True)
 class Spooled:
-    """One message waiting for its acknowledgement."""
+    """One message waiting for its acknowledgement (in memory or on disk)."""
 
     id: int
     boot_id: str
@@ -63,17 +66,14 @@ class Spool:
     def __init__(
         self,
         path: Path,
-        boot_id: str,
         max_bytes: int = 64 * 1024 * 1024,
         max_age_s: float = 7 * 24 * 3600,
     ) -> None:
         self.path = path
-        self.boot_id = boot_id
         self.max_bytes = max_bytes
         self.max_age_s = max_age_s
         self.moved_aside: Path | None = None
         self.db = self._open()
-        self._seq = self._last_seq()
         self._bytes = self._total_bytes()
 
     # -- opening, and surviving a damaged file ------------------------------------------
@@ -114,12 +114,6 @@ class Spool:
         log.error("spool damaged, moved aside; starting a new one", path=str(target), reason=reason)
         return target
 
-    def _last_seq(self) -> int:
-        row = self.db.execute(
-            "SELECT max(seq) FROM outbox WHERE boot_id = ?", (self.boot_id,)
-        ).fetchone()
-        return int(row[0] or 0)
-
     def _total_bytes(self) -> int:
         row = self.db.execute("SELECT coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         return int(row[0])
@@ -140,27 +134,65 @@ class Spool:
     def dropped(self) -> int:
         return self.counter("dropped")
 
-    # -- the queue ----------------------------------------------------------------------
-    def next_seq(self) -> int:
-        self._seq += 1
-        return self._seq
+    # -- the rows -------------------------------------------------------------------------
+    def last_seq(self, boot_id: str) -> int:
+        """The highest seq ``boot_id`` has here (0: none)."""
+        row = self.db.execute(
+            "SELECT max(seq) FROM outbox WHERE boot_id = ?", (boot_id,)
+        ).fetchone()
+        return int(row[0] or 0)
 
-    def put_many(self, items: list[tuple[int, str, bytes, int]]) -> None:
-        """Store (seq, topic, payload, qos) messages in one transaction, then enforce bounds."""
-        if not items:
+    def next_id(self) -> int:
+        """An id above every id this file has held, deleted ones included."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        top = self.db.execute("SELECT max(id) FROM outbox").fetchone()
+        return max(int(row[0]) if row else 0, int(top[0] or 0)) + 1
+
+    def put_many(self, items: list[Spooled]) -> None:
+        """Store messages (with their ids) in one transaction, then enforce the bounds."""
+        self.commit(items)
+
+    def commit(
+        self,
+        put: list[Spooled],
+        delete_ids: list[int] | None = None,
+        acks: dict[str, int] | None = None,
+    ) -> None:
+        """One transaction: store ``put``, delete ``delete_ids`` and, per boot id, every row
+        up to its acknowledged seq (``acks``); then enforce the bounds. All or nothing."""
+        if not put and not delete_ids and not acks:
             return
-        now = time.time()
         with self._transaction():
-            self.db.executemany(
-                "INSERT INTO outbox(boot_id, seq, topic, payload, qos, created) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [
-                    (self.boot_id, seq, topic, payload, qos, now)
-                    for seq, topic, payload, qos in items
-                ],
-            )
-            self._bytes += sum(len(p) for _, _, p, _ in items)
-            self._enforce_bounds(now)
+            if put:
+                self.db.executemany(
+                    "INSERT INTO outbox(id, boot_id, seq, topic, payload, qos, created, attempts) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (m.id, m.boot_id, m.seq, m.topic, m.payload, m.qos, m.created, m.attempts)
+                        for m in put
+                    ],
+                )
+                self._bytes += sum(len(m.payload) for m in put)
+            gone = self._delete_ids(delete_ids or [])
+            for boot_id, seq in (acks or {}).items():
+                gone += self.db.execute(
+                    "DELETE FROM outbox WHERE boot_id = ? AND seq <= ? RETURNING length(payload)",
+                    (boot_id, seq),
+                ).fetchall()
+            self._bytes -= sum(r[0] for r in gone)
+            if put:
+                self._enforce_bounds(time.time())
+
+    def _delete_ids(self, ids: list[int]) -> list[Any]:
+        gone: list[Any] = []
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            gone += self.db.execute(
+                f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",  # noqa: S608
+                chunk,
+            ).fetchall()
+        return gone
 
     def _enforce_bounds(self, now: float) -> None:
         dropped: list[Any] = []
@@ -184,63 +216,44 @@ class Spool:
             self._bytes -= sum(r[0] for r in dropped)
             self._bump("dropped", len(dropped))
 
-    def pending(self, limit: int, exclude_ids: set[int] | None = None) -> list[Spooled]:
-        """The oldest messages not yet handed to the broker in this session."""
+    def count_dropped(self, count: int) -> None:
+        """Messages the outbox had to drop before they reached this file."""
+        if count:
+            with self._transaction():
+                self._bump("dropped", count)
+
+    def after(self, first_id: int, limit: int) -> list[Spooled]:
+        """Up to ``limit`` rows with ids from ``first_id`` on, oldest first."""
         rows = self.db.execute(
             "SELECT id, boot_id, seq, topic, payload, qos, attempts, created FROM outbox "
-            "WHERE sent = 0 ORDER BY id LIMIT ?",
-            (limit + len(exclude_ids or ()),),
+            "WHERE id >= ? ORDER BY id LIMIT ?",
+            (first_id, limit),
         ).fetchall()
-        out = [Spooled(*row) for row in rows if not exclude_ids or row[0] not in exclude_ids]
-        return out[:limit]
-
-    def mark_sent(self, ids: list[int]) -> None:
-        if ids:
-            with self._transaction():  # one commit for the window, not one per message
-                self.db.executemany(
-                    "UPDATE outbox SET sent = 1, attempts = attempts + 1 WHERE id = ?",
-                    [(i,) for i in ids],
-                )
-
-    def requeue_unacked(self, keep: set[int] | None = None) -> int:
-        """Everything sent but not acknowledged goes out again (except ids in ``keep``)."""
-        if not keep:
-            return self.db.execute("UPDATE outbox SET sent = 0 WHERE sent = 1").rowcount
-        with self._transaction():
-            rows = self.db.execute("SELECT id FROM outbox WHERE sent = 1").fetchall()
-            ids = [(r[0],) for r in rows if r[0] not in keep]
-            self.db.executemany("UPDATE outbox SET sent = 0 WHERE id = ?", ids)
-        return len(ids)
+        return [Spooled(*row) for row in rows]
 
     def delete(self, ids: list[int]) -> None:
-        if not ids:
-            return
-        with self._transaction():
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                gone = self.db.execute(
-                    f"DELETE FROM outbox WHERE id IN ({marks}) RETURNING length(payload)",  # noqa: S608
-                    chunk,
-                ).fetchall()
-                self._bytes -= sum(r[0] for r in gone)
+        self.commit([], delete_ids=ids)
 
     def ack_upto(self, boot_id: str, seq: int) -> int:
         """Collector ack: everything of ``boot_id`` up to ``seq`` is stored centrally."""
-        with self._transaction():
-            gone = self.db.execute(
-                "DELETE FROM outbox WHERE boot_id = ? AND seq <= ? RETURNING length(payload)",
-                (boot_id, seq),
-            ).fetchall()
-            self._bytes -= sum(r[0] for r in gone)
-        return len(gone)
+        before = self.depth()
+        self.commit([], acks={boot_id: seq})
+        return before - self.depth()
 
-    def floor(self, boot_id: str) -> int:
-        """Lowest seq of ``boot_id`` still held (everything below is acked or dropped)."""
+    def floor(self, boot_id: str, above: int = 0) -> int | None:
+        """Lowest seq of ``boot_id`` above ``above`` still held here, or None."""
         row = self.db.execute(
-            "SELECT min(seq) FROM outbox WHERE boot_id = ?", (boot_id,)
+            "SELECT min(seq) FROM outbox WHERE boot_id = ? AND seq > ?", (boot_id, above)
         ).fetchone()
-        return int(row[0]) if row[0] is not None else self._seq + 1
+        return int(row[0]) if row[0] is not None else None
+
+    def count(self, boot_id: str, above: int, upto: int) -> int:
+        """How many rows of ``boot_id`` have a seq in (above, upto]."""
+        row = self.db.execute(
+            "SELECT count(*) FROM outbox WHERE boot_id = ? AND seq > ? AND seq <= ?",
+            (boot_id, above, upto),
+        ).fetchone()
+        return int(row[0])
 
     def depth(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])

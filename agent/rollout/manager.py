@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -88,6 +89,13 @@ class LinkPort(Protocol):
     def subscribe(self, topic: str) -> None: ...
 
     def unsubscribe(self, topic: str) -> None: ...
+
+
+def _disk_reason(exc: OSError) -> str:
+    """Why a download stopped, for the rollout state an operator reads."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"state directory full ({exc.strerror}): the download resumes when space returns"
+    return f"state directory refuses writes ({exc.strerror}): the download is tried again"
 
 
 class BoundedMemo(collections.OrderedDict[str, T]):
@@ -373,8 +381,12 @@ class RolloutManager:
     def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
         folder = self.downloads / variant.sha256
         self._clean_downloads(keep=folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / PARTIAL, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(folder / PARTIAL, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            self._fail(manifest, _disk_reason(exc), retry=True, backoff=False)
+            return
         have = chunks_on_disk(fd, variant)  # kept from an interrupted download
         topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
         now = time.monotonic()
@@ -407,7 +419,13 @@ class RolloutManager:
             return
         # Chunks are verified by hash again on resume: no fsync per chunk; the whole model is
         # fsynced when it enters the store.
-        os.pwrite(download.fd, incoming.payload, index * download.variant.chunk_size)
+        try:
+            os.pwrite(download.fd, incoming.payload, index * download.variant.chunk_size)
+        except OSError as exc:
+            # A full state directory: stop, keep the verified chunks, try again (at the
+            # first retry delay, not a growing one) until space returns.
+            self._abort(_disk_reason(exc), retry=True, backoff=False)
+            return
         download.have.add(index)
         download.last_chunk = time.monotonic()
         if len(download.have) == len(download.variant.chunks):
@@ -415,14 +433,14 @@ class RolloutManager:
         elif len(download.have) % 8 == 0:
             self._publish(Rollout.DOWNLOADING, download.manifest, progress=self._percent())
 
-    def _abort(self, reason: str, retry: bool = False) -> None:
+    def _abort(self, reason: str, retry: bool = False, backoff: bool = True) -> None:
         download = self._download
         if download is None:
             return
         self._end_download(download)
         if not retry:
             shutil.rmtree(download.folder, ignore_errors=True)
-        self._fail(download.manifest, reason, retry=retry)
+        self._fail(download.manifest, reason, retry=retry, backoff=backoff)
 
     def _clean_downloads(self, keep: Path | None = None) -> None:
         """Partial downloads other than ``keep`` (abandoned or failed releases) go."""
@@ -432,9 +450,11 @@ class RolloutManager:
             if folder != keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _fail(self, manifest: Manifest, reason: str, retry: bool) -> None:
+    def _fail(self, manifest: Manifest, reason: str, retry: bool, backoff: bool = True) -> None:
         delay = float("inf")
-        if retry:
+        if retry and not backoff:
+            delay = self.settings.retry_min_s
+        elif retry:
             # Exponential backoff per release, from retry_min_s up to retry_max_s.
             attempt = self._attempts.get(manifest.rollout_id, 0)
             self._attempts[manifest.rollout_id] = attempt + 1
@@ -454,7 +474,11 @@ class RolloutManager:
         )
         data = os.pread(download.fd, variant.size + 1, 0)  # one byte more shows a longer file
         self._end_download(download)
-        path = self._stored(data, variant)
+        try:
+            path = self._stored(data, variant)
+        except OSError as exc:  # the verified chunks stay for the retry
+            self._fail(manifest, _disk_reason(exc), retry=True, backoff=False)
+            return
         shutil.rmtree(download.folder, ignore_errors=True)  # in the store now, or worthless
         if path is None:
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)

@@ -71,7 +71,12 @@ class ThreadedSource(Source):
 
     Subclasses implement ``open``, ``read`` (one RGB frame, or EndOfStream) and ``close``.
     ``fps`` paces sources that could produce faster than real time (files, synthetic).
+    A ``lossless`` source (files: every one is meant to be classified) puts its next frame
+    only once the last was taken, so ``fps`` is its most and a slow consumer drops none;
+    the others keep only the newest frame, as a camera must.
     """
+
+    lossless = False
 
     def __init__(self, name: str, fps: float | None = None, backoff: Backoff | None = None) -> None:
         self.name = name
@@ -151,6 +156,10 @@ class ThreadedSource(Source):
         next_due = time.monotonic()
         while not self._stop.is_set():
             image, origin = self.read()
+            if self.lossless:
+                while not self._slot.wait_empty(0.1):
+                    if self._stop.is_set():
+                        return
             now = time.monotonic()
             self._index += 1
             self._status.frames += 1

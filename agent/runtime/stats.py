@@ -13,6 +13,7 @@ import numpy as np
 from edgefleet.protocol import HISTOGRAM_STAGES, LATENCY_BUCKETS_MS
 
 STAGES = ("capture_wait", "preprocess", "inference", "postprocess", "total")
+FPS_WINDOW_S = 10.0  # fps is measured over this much of the recent past
 
 
 class Rolling:
@@ -70,6 +71,7 @@ class LoopStats:
         self.sink_errors = 0
         self.reprepared = 0  # frames prepared again after a swap changed the input
         self._times = Rolling(window)
+        self._first_frame: float | None = None
         self.started = time.monotonic()
 
     def record(self, timings_ms: dict[str, float]) -> None:
@@ -82,17 +84,26 @@ class LoopStats:
                 if histogram is not None:
                     histogram.add(value)
             self.inferences += 1
-            self._times.add(time.monotonic())
+            now = time.monotonic()
+            if self._first_frame is None:
+                self._first_frame = now
+            self._times.add(now)
 
-    def fps(self) -> float:
+    def fps(self, now: float | None = None) -> float:
+        """Frames per second over the last FPS_WINDOW_S (over the frames so far when the loop
+        is younger): a stall shows as a drop at once and is forgotten one window after it
+        ended, however long the stall was."""
+        now = time.monotonic() if now is None else now
         count = min(self._times._n, self._times._buf.size)
-        if count < 2:
+        if count == 0 or self._first_frame is None:
             return 0.0
-        ring = self._times._buf
-        newest = ring[(self._times._n - 1) % ring.size]
-        oldest = ring[(self._times._n - count) % ring.size]
-        span = newest - oldest
-        return (count - 1) / span if span > 0 else 0.0
+        ring = self._times._buf[:count]
+        recent = int(np.count_nonzero(ring > now - FPS_WINDOW_S))
+        if now - self._first_frame >= FPS_WINDOW_S:
+            return recent / FPS_WINDOW_S
+        newest = float(ring[(self._times._n - 1) % ring.size])
+        span = newest - self._first_frame
+        return (recent - 1) / span if recent >= 2 and span > 0 else 0.0
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:

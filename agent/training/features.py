@@ -22,7 +22,7 @@ import numpy as np
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.inference.classifier import InputPlan, Preprocessor
+from edgefleet.inference.classifier import PREPROCESSING, InputPlan, Preprocessor
 from edgefleet.inference.images import decode_image
 from edgefleet.inference.litert import get_runtime
 from edgefleet.training.convert import (
@@ -154,7 +154,8 @@ class Extractor:
         self.level = level
         root = cache_root(cache)
         self.model_path = backbone_file(level, root)
-        self.cache_dir = root / "features" / self.model_path.stem
+        # Features depend on the backbone and on how a photo became its input tensor.
+        self.cache_dir = root / "features" / f"{self.model_path.stem}-{PREPROCESSING}"
         size = SIZES[level]
         self._centre = Preprocessor(_plan(size, CROP_FRACTION))
         self._whole = Preprocessor(_plan(size, None))

@@ -150,7 +150,11 @@ class EdgeTpuDelegate(Delegate):
             "device": device.name if self.config.device == "auto" else self.config.device,
             **self.config.options,
         }
-        delegate = runtime.load_delegate(self.config.library, options)
+        try:
+            delegate = runtime.load_delegate(self.config.library, options)
+        except (ValueError, RuntimeError, OSError, AttributeError) as exc:
+            # AttributeError: ctypes on a library without the delegate's entry points.
+            raise RuntimeError(delegate_failure(self.config.library, runtime, exc)) from None
         return runtime.new_interpreter(
             model_path=str(model_path), experimental_delegates=[delegate]
         )
@@ -162,6 +166,17 @@ class EdgeTpuDelegate(Delegate):
         if temps:
             out["temp_c"] = temps
         return out
+
+
+def delegate_failure(library: str, runtime: Any, exc: BaseException) -> str:
+    """One line for a libedgetpu that will not load: the runtime says so in several."""
+    said = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = "; ".join(said[1:] or said)[:300] or type(exc).__name__
+    return (
+        f"{library} did not load as a delegate of {runtime.name} {runtime.version} ({detail}): "
+        "libedgetpu and the runtime must match (Coral's libedgetpu1-std 16.0 for tflite-runtime "
+        "2.5-2.14; see docs/delegates.md, Coral USB on Bookworm)"
+    )
 
 
 def coral_temperature(sys_root: Path = Path("/sys")) -> dict[str, float]:

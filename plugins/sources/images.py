@@ -10,7 +10,7 @@ import structlog
 from pydantic import Field
 
 from edgefleet.errors import SourceError
-from edgefleet.inference.images import decode_image, list_images
+from edgefleet.inference.images import DEFAULT_MAX_PIXELS, decode_image, list_images
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry
 from edgefleet.runtime.sources import EndOfStream, Source, ThreadedSource
@@ -25,9 +25,19 @@ class ImagesConfig(PluginConfig):
     path: str = Field(description="a folder, a file, or a glob such as photos/*.jpg")
     loop: bool = True
     fps: float | None = Field(default=5.0, gt=0, description="null = as fast as consumed")
+    max_pixels: int = Field(
+        default=DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="a file whose header claims more pixels is skipped (and counted), never "
+        "decoded",
+    )
 
 
 class ImagesSource(ThreadedSource):
+    """Each file once per pass, in order: none is dropped for a slow model (lossless)."""
+
+    lossless = True
+
     def __init__(self, config: ImagesConfig) -> None:
         super().__init__("images", fps=config.fps)
         self.config = config
@@ -54,7 +64,7 @@ class ImagesSource(ThreadedSource):
             path = self._files[self._pos]
             self._pos += 1
             try:
-                image = decode_image(path)
+                image = decode_image(path, self.config.max_pixels)
             except ValueError as exc:
                 self.bad_files += 1
                 self._status.errors += 1

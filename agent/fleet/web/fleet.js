@@ -22,7 +22,22 @@ const SORTS = {
   p99: (a, b) => (b.latency_p99_ms ?? -1) - (a.latency_p99_ms ?? -1),
   temp: (a, b) => (b.cpu_temp_c ?? -1) - (a.cpu_temp_c ?? -1),
   spool: (a, b) => (b.spool_backlog ?? 0) - (a.spool_backlog ?? 0),
+  disk: (a, b) => (a.disk_free_bytes ?? Infinity) - (b.disk_free_bytes ?? Infinity),
 };
+
+function bytesText(n) {
+  if (n === null || n === undefined) return "–";
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+  return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+
+function throttledText(r) {
+  const now = r.throttled || [];
+  const before = (r.throttled_since_boot || []).filter((f) => !now.includes(f));
+  return [...now, ...before.map((f) => `${f} (since boot)`)].join(", ");
+}
 
 function renderSummary() {
   const box = document.getElementById("summary");
@@ -63,8 +78,9 @@ function rowNode(r) {
     el("td", { class: "num" }, num(r.dropped_frames, 0)),
     el("td", { class: "num" }, latency),
     el("td", { class: "num" }, num(r.cpu_temp_c, 1)),
-    el("td", { class: r.throttled.length ? "trouble" : "" }, r.throttled.join(", ")),
+    el("td", { class: r.throttled.length ? "trouble" : "" }, throttledText(r)),
     el("td", { class: "num" }, num(r.spool_backlog, 0)),
+    el("td", { class: r.state_dir_full ? "num trouble" : "num", title: r.state_dir_full ? "state directory full" : "" }, r.state_dir_full ? `full (${bytesText(r.disk_free_bytes)})` : bytesText(r.disk_free_bytes)),
     el("td", {}, prediction),
   );
 }
