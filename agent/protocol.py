@@ -275,6 +275,12 @@ class Status(_Message):
     source: dict[str, Any] | None = None
     capabilities: dict[str, Any] | None = None
     groups: list[str] | None = None
+    state_dir: dict[str, Any] | None = Field(
+        default=None, description="writable, full: whether the state directory takes writes"
+    )
+    clock: dict[str, Any] | None = Field(
+        default=None, description="synced: whether the wall clock was set (null: unknown)"
+    )
 
 
 class Spooled(_Message):
@@ -331,6 +337,9 @@ class Metrics(Spooled):
     latency_hist: dict[str, LatencyHistogram] | None = None
     delegate: dict[str, Any] | None = None
     spool: dict[str, int]
+    state_dir: dict[str, Any] | None = Field(
+        default=None, description="ok, full; error and for_s while it refuses writes"
+    )
     health: dict[str, Any]
 
 

@@ -163,6 +163,36 @@ def test_demo_runs(tmp_path: Path) -> None:
     assert "espresso" in proc.stdout or "tiger cat" in proc.stdout or "missile" in proc.stdout
 
 
+def test_the_demo_shows_its_device_on_the_fleet_page(tmp_path: Path) -> None:
+    """`./dev demo` opens the fleet page too: the demo device appears online there."""
+    import urllib.request
+
+    from .mqtt_helpers import free_port, wait_for
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgefleet", "demo", "--http", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+
+        def online() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/fleet", timeout=2) as r:
+                    rows = json.loads(r.read())["devices"]
+            except OSError:
+                return False
+            return any(row["device"] == "demo-device" and row["state"] == "online" for row in rows)
+
+        wait_for(online, 60, "the demo device online on the fleet page")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as page:
+            assert b"<table" in page.read()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    assert f"fleet page: http://127.0.0.1:{port}/" in out
+
+
 def test_help_for_every_command() -> None:
     for command in ("run", "check-config", "plugins", "classify", "demo", "schema"):
         proc = _run(command, "--help")

@@ -153,7 +153,7 @@ def test_past_its_memory_bound_a_full_disk_drops_the_oldest_and_counts_them(
         made = len(agent.truth())
         wait_for(lambda: len(agent.truth()) > made + 50, 20, "the loop goes on")
         filler.unlink()
-        wait_for(lambda: sub.on("/metrics")[-1].json()["spool"]["disk"]["ok"], 20, "disk back")
+        wait_for(lambda: sub.on("/metrics")[-1].json()["state_dir"]["ok"], 20, "disk back")
         assert agent.terminate() == 0
     assert dropped() > 0
     sub.stop()

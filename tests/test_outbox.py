@@ -285,7 +285,7 @@ def test_a_full_disk_holds_in_memory_drops_past_the_bound_and_recovers(
         filler.unlink()
         clock.now += outbox_module.RETRY_DISK_S
         box.flush()
-        assert box.stats()["disk"] == {"ok": True, "full": False}
+        assert box.disk_state() == {"ok": True, "full": False}
         assert changes == [False, True]
         assert box.in_memory == 0
         assert box.spool.dropped == dropped

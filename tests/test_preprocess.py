@@ -53,7 +53,7 @@ def _reference_pixels(plan: InputPlan, frame: np.ndarray) -> np.ndarray:
         region = region[: region.shape[0] // k * k, : region.shape[1] // k * k]
         size = (region.shape[1] // k, region.shape[0] // k)
         region = cv2.resize(region, size, interpolation=cv2.INTER_AREA)
-    return cv2.resize(region, (plan.width, plan.height), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(region, (plan.width, plan.height), interpolation=cv2.INTER_LINEAR_EXACT)
 
 
 def test_center_crop_box() -> None:
@@ -107,7 +107,7 @@ def test_upscaling_small_frames() -> None:
     out = pre.new_buffer()
     tiny = FRAME[:8, :8]
     pre(tiny, out)
-    expected = cv2.resize(tiny, (16, 16), interpolation=cv2.INTER_LINEAR)
+    expected = cv2.resize(tiny, (16, 16), interpolation=cv2.INTER_LINEAR_EXACT)
     np.testing.assert_array_equal(out[0], expected)
 
 

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -24,11 +24,16 @@ from rich.markup import escape
 from edgefleet import logs
 from edgefleet.app.daemon import Daemon
 from edgefleet.config.agentconfig import load_config
+from edgefleet.errors import UserError
 from edgefleet.fleet.collector import Echo
 from edgefleet.plugin.manager import make_plugin_manager
 from edgefleet.protocol import FleetTopics, loads
 from edgefleet.rollout.release import generate_keys
 from edgefleet.samples import sample_dir
+
+if TYPE_CHECKING:
+    from edgefleet.fleet.dashboard import Dashboard
+    from edgefleet.fleet.view import FleetView
 
 DEMO_DEVICE = "demo-device"
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
@@ -156,8 +161,24 @@ def _rollout_later(console: Console, port: int, key: Path, daemon: Daemon) -> No
             )
 
 
-def run_demo(duration: float | None = None) -> int:
+def _fleet_page(console: Console, view: FleetView, bind: str | None) -> Dashboard | None:
+    """The fleet page on loopback (a free port unless ``bind`` says), or None if it cannot
+    be had: the demo goes on without it."""
+    from edgefleet.fleet.dashboard import Dashboard
+
+    try:
+        dashboard = Dashboard(view, bind or "127.0.0.1:0")
+    except UserError as exc:
+        console.print(f"[yellow]no fleet page: {escape(str(exc))}[/]")
+        return None
+    dashboard.start()
+    console.print(f"[bold]fleet page: {dashboard.url}[/] (the device, live; Ctrl-C stops)")
+    return dashboard
+
+
+def run_demo(duration: float | None = None, http: str | None = None) -> int:
     from edgefleet.fleet.collector import Collector, CollectorSettings
+    from edgefleet.fleet.view import FleetView
 
     console = Console(soft_wrap=True)  # whole lines, also when piped
     logs.configure("warning", "console")
@@ -179,13 +200,16 @@ def run_demo(duration: float | None = None) -> int:
                 f"[dim]local mosquitto on 127.0.0.1:{port}; agent -> broker -> "
                 "collector (SQLite); Ctrl-C stops.[/]"
             )
+            view = FleetView()
             collector = Collector(
                 CollectorSettings(
                     broker=f"mqtt://127.0.0.1:{port}", db=f"sqlite:///{work / 'fleet.db'}"
                 ),
                 echo=_echo(console),
+                view=view,
             )
             collector.start()
+            dashboard = _fleet_page(console, view, http)
             private, public = generate_keys(work / "keys", "demo")
             text = _config_text(port, work, public.read_text())
             config = load_config(None, plugins.registries, environ={}, text=text)
@@ -198,5 +222,7 @@ def run_demo(duration: float | None = None) -> int:
                 return daemon.run(duration=duration)
             finally:
                 time.sleep(0.3)
+                if dashboard is not None:
+                    dashboard.stop()
                 collector.stop()
                 console.print(f"[dim]collector stored {collector.stored} messages[/]")

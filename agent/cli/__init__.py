@@ -73,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="classify the bundled sample photos live")
     demo.add_argument("--duration", type=float, default=None, help="seconds (default: Ctrl-C)")
+    demo.add_argument(
+        "--http",
+        default=None,
+        metavar="HOST:PORT",
+        help="where the fleet page listens (default: 127.0.0.1 on a free port)",
+    )
     demo.set_defaults(func=device.cmd_demo)
 
     fleet.add_fleet_commands(sub)

@@ -64,7 +64,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     console = Console(width=max(100, Console().width))
     table = Table(title="edgefleet plugins")
     for column in ("plugin", "origin", "status", "provides", "here", "hooks"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")
     provided: dict[str, list[str]] = {}
     here: dict[str, list[str]] = {}
     for registry in (
@@ -79,6 +79,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 here.setdefault(entry.plugin, []).append(said)
     for record in plugins.records:
         status = record.status if not record.error else f"{record.status}: {record.error}"
+        if record.deprecated:
+            status += (
+                " (deprecated imports: "
+                + ", ".join(message.split(" is deprecated")[0] for message in record.deprecated)
+                + "; use edgefleet.plugin)"
+            )
         table.add_row(
             record.name,
             record.origin,
@@ -318,7 +324,7 @@ def _candidates(text: str) -> list[dict[str, Any]]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from edgefleet.app.demo import run_demo
 
-    return run_demo(duration=args.duration)
+    return run_demo(duration=args.duration, http=args.http)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

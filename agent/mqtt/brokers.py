@@ -5,13 +5,19 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import ssl
 import threading
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.enums import CallbackAPIVersion
 
 from edgefleet.errors import UserError
+
+if TYPE_CHECKING:
+    from edgefleet.mqtt.settings import LinkSettings
 
 log = structlog.get_logger(__name__)
 
@@ -98,3 +104,27 @@ class Rotation:
         say("mqtt reconnect scheduled", reason=reason, retry_in=round(wait, 2))
         self._stop.wait(wait)
         return min(max_delay, delay * 2)
+
+
+def device_client(s: LinkSettings, tls: bool) -> mqtt.Client:
+    """A fresh paho client for one connection of a device (no state of a dead session)."""
+    v5 = s.protocol == "5"
+    client = mqtt.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=s.device,
+        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+        clean_session=None if v5 else True,
+    )
+    if s.username is not None:
+        client.username_pw_set(s.username, s.password)
+    if tls:
+        context = ssl.create_default_context(cafile=str(s.ca) if s.ca else None)
+        if s.cert is not None:
+            context.load_cert_chain(str(s.cert), str(s.key) if s.key else None)
+        client.tls_set_context(context)
+        if s.server_name:
+            # SNI/verification name differs from the address dialled.
+            client._tls_server_name = s.server_name  # type: ignore[attr-defined]
+    client.max_inflight_messages_set(s.max_inflight)
+    client.max_queued_messages_set(0)  # the outbox queues, paho never does
+    return client

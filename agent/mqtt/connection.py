@@ -30,11 +30,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.mqtt.brokers import Rotation, no_delay
+from edgefleet.mqtt.brokers import Rotation, device_client, no_delay
 from edgefleet.mqtt.liveness import silence, unreachable_reason
 from edgefleet.mqtt.settings import LinkSettings
 from edgefleet.mqtt.subscriptions import Subscriptions
@@ -213,24 +213,7 @@ class Connection:
 
     # -- client ----------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
-        client = mqtt.Client(
-            callback_api_version=CallbackAPIVersion.VERSION2,
-            client_id=self.s.device,
-            protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
-            clean_session=None if self.v5 else True,
-        )
-        if self.s.username is not None:
-            client.username_pw_set(self.s.username, self.s.password)
-        if self.tls:
-            context = ssl.create_default_context(cafile=str(self.s.ca) if self.s.ca else None)
-            if self.s.cert is not None:
-                context.load_cert_chain(str(self.s.cert), str(self.s.key) if self.s.key else None)
-            client.tls_set_context(context)
-            if self.s.server_name:
-                # SNI/verification name differs from the address dialled.
-                client._tls_server_name = self.s.server_name  # type: ignore[attr-defined]
-        client.max_inflight_messages_set(self.s.max_inflight)
-        client.max_queued_messages_set(0)
+        client = device_client(self.s, self.tls)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

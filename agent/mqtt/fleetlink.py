@@ -179,6 +179,7 @@ class FleetLink:
                 delegate=pipeline.classifier.delegate,
             )
         body["spool"] = self.link.outbox.stats()
+        body["state_dir"] = self.link.outbox.disk_state()
         body["link"] = self.link.stats()
         body["report"] = {"skipped": self.reporter.report.skipped}
         body["health"] = health.collect(self.state_dir)

@@ -349,15 +349,18 @@ class Outbox:
     def dropped(self) -> int:
         return self.spool.dropped + self._dropped_unwritten
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> dict[str, int]:
+        """Counts only (older collectors read ``spool`` as a map of integers)."""
         return {
             "depth": self.depth(),
             "bytes": self.bytes,
             "dropped": self.dropped,
             "in_memory": self.in_memory,
             "on_disk": self._disk_rows,
-            "disk": self.disk.as_dict(self._clock()),
         }
+
+    def disk_state(self) -> dict[str, object]:
+        return self.disk.as_dict(self._clock())
 
     def close(self) -> None:
         """Write what memory holds (a graceful stop loses nothing), then close the file."""

@@ -8,6 +8,7 @@ broken plugin is recorded (and shown by ``edgefleet plugins``) and the agent run
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class PluginRecord:
     status: str = "loaded"  # loaded, blocked, failed
     error: str = ""
     hooks: list[str] = field(default_factory=list)
+    deprecated: list[str] = field(default_factory=list)  # what it imports that moved
 
 
 def _origin(ep: importlib.metadata.EntryPoint) -> str:
@@ -172,7 +174,7 @@ def make_plugin_manager(
             record.status = "blocked"
             continue
         try:
-            _register(pm, ep.load(), ep.name, record)
+            _register(pm, _load(ep, record), ep.name, record)
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the agent
             record.status, record.error = "failed", f"load: {_describe_exc(exc)}"
             log.error("plugin failed to load", plugin=ep.name, error=record.error)
@@ -189,6 +191,29 @@ def make_plugin_manager(
     plugins = Plugins(pm, records)
     plugins.unknown_blocked = unknown
     return plugins
+
+
+def _load(ep: importlib.metadata.EntryPoint, record: PluginRecord) -> object:
+    """Import an entry point, noting the deprecated API paths it uses (they still work)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DeprecationWarning)
+        obj = ep.load()
+    record.deprecated = sorted(
+        {str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)}
+        & _moved_messages()
+    )
+    if record.deprecated:
+        log.warning("plugin uses deprecated imports", plugin=ep.name, imports=record.deprecated)
+    return obj
+
+
+def _moved_messages() -> set[str]:
+    """The warnings the old API paths give (others, from a plugin's own imports, are its own)."""
+    old = ("hookspecs", "registry", "sourceoffers", "sources", "sinks", "delegates", "results")
+    return {
+        f"edgefleet.{name} is deprecated: import from edgefleet.plugin (the stable plugin API)"
+        for name in (*old, "frames")
+    }
 
 
 def _register(pm: pluggy.PluginManager, obj: object, name: str, record: PluginRecord) -> None:
