@@ -8,6 +8,6 @@ from edgefleet.plugin.moved import warn_moved
 
 warn_moved(__name__)
 
-from edgefleet.delegation.delegate import Availability, Delegate, Interpreter  # noqa: E402
+from edgefleet.inference.delegate import Availability, Delegate, Interpreter  # noqa: E402
 
 __all__ = ["Availability", "Delegate", "Interpreter"]

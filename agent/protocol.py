@@ -245,6 +245,11 @@ def _segment_after(topic: str, marker: str) -> str:
     return parts[len(parts) - parts[::-1].index(marker)]
 
 
+# The loop's fps cap, as the config's `loop.fps_cap` and the `set` command take it.
+FPS_CAP_MIN: Final = 0.001  # one frame in about 17 minutes
+FPS_CAP_MAX: Final = 1000.0
+
+
 # -- messages ------------------------------------------------------------------------------
 class _Message(BaseModel):
     # Consumers ignore what they do not know: devices may be newer than the fleet tools.

@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Any
 
-from edgefleet.fleet.collector import Store
+from edgefleet.collector.store import Store
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 

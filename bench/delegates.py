@@ -23,11 +23,11 @@ from typing import Any, Literal
 
 from edgefleet.app.daemon import Daemon
 from edgefleet.config.agentconfig import load_config
-from edgefleet.delegation.delegate import Availability
 from edgefleet.delegation.policies import AutoPolicy
 from edgefleet.delegation.selection import _time_invokes, candidate_sections, choose
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import load_classifier, sha256_file
+from edgefleet.inference.delegate import Availability
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.manager import make_plugin_manager
 from edgefleet.plugin.registry import Registry

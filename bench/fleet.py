@@ -266,7 +266,8 @@ def one_run(
 def rollout_run(devices: int, downloaders: int, waves: str, workdir: Path) -> None:
     """A release of the factory model (5.5 MB) in waves to a simulated group."""
     from edgefleet.factory import factory_model_path
-    from edgefleet.fleet.publish import Broker, build_release, run_waves
+    from edgefleet.operator.releases import Broker, build_release
+    from edgefleet.operator.waves import run_waves
     from edgefleet.rollout.release import generate_keys
 
     key, _ = generate_keys(workdir, "bench")

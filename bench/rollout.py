@@ -34,7 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from edgefleet.app.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
-from edgefleet.fleet.publish import Broker, build_release, publish_release
+from edgefleet.operator.releases import Broker, build_release, publish_release
 from edgefleet.rollout.release import chunk, generate_keys
 
 MODEL = factory_model_path()

@@ -444,7 +444,7 @@ def test_no_identity_takes_another_s_client_id_on_any_listener(password_broker: 
 
 
 def test_two_collectors_still_share_the_load(password_broker: Env) -> None:
-    from edgefleet.fleet.collector import Collector, CollectorSettings
+    from edgefleet.collector.collector import Collector, CollectorSettings
 
     env = password_broker
     collectors = [
@@ -500,7 +500,7 @@ def test_a_removed_device_can_no_longer_connect(password_broker: Env) -> None:
 
 def test_a_fleet_enrolled_from_zero_with_the_tool(tmp_path: Path) -> None:
     """docs/deploy.md's enrolment, step by step: init, services, a device, the agent on it."""
-    from edgefleet.fleet.collector import Collector, CollectorSettings
+    from edgefleet.collector.collector import Collector, CollectorSettings
 
     from .mqtt_helpers import running
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.collector.collector import Collector, CollectorSettings
+from edgefleet.collector.store import Store
 from edgefleet.errors import UserError
-from edgefleet.fleet.collector import Collector, CollectorSettings, Store
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -78,9 +79,9 @@ def test_idempotent_and_contiguous(store: Store) -> None:
 def test_contiguous_run_found_across_pages(
     store: Store, page: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edgefleet.fleet import collector
+    from edgefleet.collector import store as store_module
 
-    monkeypatch.setattr(collector, "ADVANCE_PAGE", page)
+    monkeypatch.setattr(store_module, "ADVANCE_PAGE", page)
     boot = uuid.uuid4().hex
     cur = store.cursor()
     for mseq in [*range(1, 10), 11, 12]:  # 10 is missing; 9 is a whole number of pages of 3

@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from edgefleet.fleet.publish import Broker as Operator
-from edgefleet.fleet.publish import build_release, publish_release
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_release
 
 from .conftest import REPO, cli_command
 from .mqtt_helpers import AgentProcess, Broker, agent_config, free_port, wait_for

@@ -18,13 +18,13 @@ import pytest
 
 from edgefleet.app.daemon import Daemon
 from edgefleet.config.agentconfig import load_config
-from edgefleet.delegation.delegate import Availability
 from edgefleet.delegation.policies import PreferPolicy
 from edgefleet.delegation.selection import candidate_sections, choose
 from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import ConfigError, UserError
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import inspect_model, sha256_file
+from edgefleet.inference.delegate import Availability
 from edgefleet.inference.litert import get_runtime
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.manager import Plugins, make_plugin_manager
@@ -433,7 +433,8 @@ def test_auto_times_each_invoke_beside_the_prepare_stage_work(
     """auto's figure is the loop's: while each timed invoke runs, another thread prepares a
     640x480 frame, as the pipeline's prepare stage does."""
     from edgefleet.delegation import selection
-    from edgefleet.inference.classifier import Preprocessor, load_classifier
+    from edgefleet.inference.classifier import load_classifier
+    from edgefleet.inference.preprocess import Preprocessor
 
     prepared: list[tuple[str, tuple[int, ...]]] = []
     real = Preprocessor.__call__

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from edgefleet.collector.collector import Collector, CollectorSettings
+from edgefleet.collector.store import Store
 from edgefleet.errors import UserError
-from edgefleet.fleet.collector import Collector, CollectorSettings, Store
 from edgefleet.mqtt.link import parse_urls
 
 from .conftest import REPO, cli_command
@@ -201,8 +202,8 @@ def test_the_rollout_state_is_announced_again_after_the_broker_lost_it(
     tmp_path: Path, broker: Broker, keys: tuple[Path, Path]
 ) -> None:
     from edgefleet.factory import factory_model_path
-    from edgefleet.fleet.publish import Broker as Operator
-    from edgefleet.fleet.publish import build_release, publish_release
+    from edgefleet.operator.releases import Broker as Operator
+    from edgefleet.operator.releases import build_release, publish_release
 
     pem = keys[1].read_text().replace("\\n", "\\\\n")
     config = agent_config(

@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from edgefleet.fleet.collector import Collector, CollectorSettings
-from edgefleet.fleet.publish import Broker as Operator
-from edgefleet.fleet.publish import build_release, publish_release
+from edgefleet.collector.collector import Collector, CollectorSettings
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_release
 
 from .chaos import ChaosProxy
 from .conftest import REPO
@@ -343,13 +343,12 @@ def _silent(agent: Any) -> bool:
 
 
 def test_the_paho_internals_the_silence_check_reads_are_there() -> None:
-    """The link reads paho's clock of the last byte and sends its PINGREQ: a paho that
-    renamed them would leave only its own keepalive; this says so at once."""
+    """The link sends paho's PINGREQ and reads whether one is out: a paho that renamed
+    them would leave only its own keepalive; this says so at once."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
-    assert isinstance(client._last_bytes_received, float)
     assert client._ping_t == 0
     assert callable(client._send_pingreq)
     assert callable(client._sock_close)

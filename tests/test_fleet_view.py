@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from edgefleet.dashboard.alerts import Alerter, LabelRule, webhook_poster
+from edgefleet.dashboard.promexport import exposition
+from edgefleet.dashboard.server import Dashboard, is_loopback, parse_bind
+from edgefleet.dashboard.view import FleetView
 from edgefleet.errors import UserError
-from edgefleet.fleet.alerts import Alerter, LabelRule, webhook_poster
-from edgefleet.fleet.dashboard import Dashboard, is_loopback, parse_bind
-from edgefleet.fleet.promexport import exposition
-from edgefleet.fleet.view import FleetView
 from edgefleet.protocol import LATENCY_BUCKETS_MS
 from edgefleet.runtime.stats import Histogram
 

@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from edgefleet.collector.collector import Collector, CollectorSettings
 from edgefleet.config.agentconfig import load_config
 from edgefleet.errors import ConfigError, ModelError, UserError
-from edgefleet.fleet.collector import Collector, CollectorSettings
 from edgefleet.inference.modelfile import read_packed
 from edgefleet.mqtt.commands import CommandHandler
 from edgefleet.mqtt.link import Incoming
@@ -24,7 +24,8 @@ from edgefleet.mqtt.reporter import ReportState
 from edgefleet.mqtt.settings import ReportPolicy
 from edgefleet.plugin.manager import Plugins
 from edgefleet.protocol import Ack, FleetTopics
-from edgefleet.rollout.manager import RolloutManager, ServingPort
+from edgefleet.rollout.manager import RolloutManager
+from edgefleet.rollout.ports import ServingPort
 from edgefleet.rollout.release import ReleaseError, parse_manifest
 from edgefleet.rollout.settings import RolloutSettings
 from edgefleet.runtime.pipeline import LoopSettings

@@ -19,7 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from edgefleet.fleet.collector import Collector, CollectorSettings
+from edgefleet.collector.collector import Collector, CollectorSettings
 from edgefleet.mqtt.link import LinkSettings, MqttLink
 
 from .mqtt_helpers import (

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import cv2
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgefleet.errors import ModelError
-from edgefleet.inference.classifier import (
-    Classifier,
-    InputPlan,
-    ModelInfo,
-    Preprocessor,
-    _top_indices,
-)
+from edgefleet.inference.classifier import Classifier, ModelInfo, _top_indices
+from edgefleet.inference.preprocess import InputPlan, Preprocessor
 
 RNG = np.random.default_rng(7)
 FRAME = RNG.integers(0, 256, size=(48, 64, 3), dtype=np.uint8)
@@ -48,7 +44,7 @@ def _reference_pixels(plan: InputPlan, frame: np.ndarray) -> np.ndarray:
     y0, y1, x0, x1 = pre.crop_box(*frame.shape[:2])
     region = frame[y0:y1, x0:x1]
     # Box filter by the whole factor (here 42 -> 21, exactly 2x), then bilinear to 16.
-    k = region.shape[0] // plan.height
+    k = min(region.shape[0] // plan.height, region.shape[1] // plan.width)
     if k >= 2:
         region = region[: region.shape[0] // k * k, : region.shape[1] // k * k]
         size = (region.shape[1] // k, region.shape[0] // k)
@@ -99,6 +95,52 @@ def test_quantized_inputs_follow_their_parameters(dtype: Any, scale: float, zero
     expected = np.clip(np.round(real / scale + zero), info.min, info.max).astype(dtype)
     np.testing.assert_array_equal(out[0], expected)
     assert out.dtype == dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    height=st.integers(1, 200),
+    width=st.integers(1, 200),
+    crop=st.sampled_from([None, 0.875, 1.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_frame_gives_the_three_channel_bilinear_bytes(
+    height: int, width: int, crop: float | None, seed: int
+) -> None:
+    """The four-channel route is an optimisation only: the same bytes as resizing RGB."""
+    frame = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    plan = _plan(np.uint8, 1 / 128, 127, crop=crop)
+    pre = Preprocessor(plan)
+    out = pre.new_buffer()
+    pre(frame, out)
+    np.testing.assert_array_equal(out[0], _reference_pixels(plan, frame))
+
+
+def test_one_preprocessor_serves_two_threads_at_once() -> None:
+    """The prepare thread and a one-off classify may share a model's preprocessor."""
+    plan = _plan(np.int8, 1 / 128, -1)  # through the working image and the lookup table
+    pre = Preprocessor(plan)
+    frames = [RNG.integers(0, 256, (40 + 8 * i, 60, 3), dtype=np.uint8) for i in range(2)]
+    expected = []
+    for frame in frames:
+        out = pre.new_buffer()
+        pre(frame, out)
+        expected.append(out.copy())
+    wrong = []
+
+    def work(i: int) -> None:
+        out = pre.new_buffer()
+        for _ in range(300):
+            pre(frames[i], out)
+            if not np.array_equal(out, expected[i]):
+                wrong.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert wrong == []
 
 
 def test_upscaling_small_frames() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefleet.fleet.publish import Broker as Operator
-from edgefleet.fleet.publish import build_release, publish_release
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_release
 from edgefleet.protocol import Manifest, VariantSpec
 from edgefleet.rollout.release import (
     PARTIAL,
@@ -407,7 +407,7 @@ def test_waves_halt_on_failure_threshold(
 ) -> None:
     import subprocess
 
-    from edgefleet.fleet.publish import wave_order
+    from edgefleet.operator.waves import wave_order
 
     from .conftest import cli_command
 

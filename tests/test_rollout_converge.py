@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from edgefleet.factory import factory_model_path
-from edgefleet.fleet.publish import Broker as Operator
-from edgefleet.fleet.publish import build_release, publish_release
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_release
 from edgefleet.protocol import FleetTopics, Manifest
 from edgefleet.rollout.release import (
     chunk,

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from edgefleet.factory import factory_model_path
-from edgefleet.fleet.publish import Broker as Operator
-from edgefleet.fleet.publish import build_release, publish_decision, publish_release
 from edgefleet.inference.classifier import load_classifier
 from edgefleet.inference.images import decode_image
 from edgefleet.inference.modelfile import pack, read_packed
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_decision, publish_release
 from edgefleet.protocol import Rollout, ShadowSpec
 from edgefleet.rollout.shadow import ShadowRun
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate

@@ -1,6 +1,6 @@
 """Mutation testing of the trust and durability core: do the tests notice a weakened check?
 
-    .venv/bin/python tools/mutate.py [release|spool|commands|modelstore ...] [--list]
+    .venv/bin/python tools/mutate.py [release|spool|outbox|commands|modelstore ...] [--list]
 
 For each target module, every simple mutant is made in turn: a comparison flipped
 (``<``/``<=``, ``==``/``!=``, ``in``/``not in``, ``is``/``is not``), a ``raise`` removed, a
@@ -49,6 +49,7 @@ TARGETS: dict[str, tuple[list[tuple[str, set[str] | None]], list[str]]] = {
         ["tests/test_release.py"],
     ),
     "spool": ([("agent/mqtt/spool.py", None)], ["tests/test_spool.py"]),
+    "outbox": ([("agent/mqtt/outbox.py", None)], ["tests/test_outbox.py"]),
     "commands": ([("agent/mqtt/commands.py", None)], ["tests/test_commands.py"]),
     "modelstore": ([("agent/rollout/store.py", None)], ["tests/test_modelstore.py"]),
 }

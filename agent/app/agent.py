@@ -19,7 +19,6 @@ import structlog
 
 from edgefleet import __version__, logs
 from edgefleet.config.agentconfig import AgentConfig, load_config
-from edgefleet.delegation.delegate import Delegate
 from edgefleet.delegation.failover import FailoverWatch
 from edgefleet.delegation.policies import AutoPolicy
 from edgefleet.delegation.selection import Choice, candidate_sections, choose, fixed_choice
@@ -27,6 +26,7 @@ from edgefleet.delegation.serving import FailoverSettings, ServedModel, Serving
 from edgefleet.errors import UserError
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.classifier import Classifier, load_checked, read_model_info
+from edgefleet.inference.delegate import Delegate
 from edgefleet.inference.litert import available_runtimes
 from edgefleet.plugin.manager import Plugins
 from edgefleet.plugin.registry import PluginConfig

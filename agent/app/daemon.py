@@ -82,7 +82,8 @@ class Daemon:
                 core.state_dir,
             )
             agent.extra_sinks.append(self.fleet.reporter)
-            agent.on_reload.append(self.fleet.apply_config)
+            fleet = self.fleet
+            agent.on_reload.append(lambda fresh: fleet.apply_config(fresh.fleet))
         agent.start()
         if self.fleet is None:
             return

@@ -23,18 +23,16 @@ from rich.markup import escape
 
 from edgefleet import logs
 from edgefleet.app.daemon import Daemon
+from edgefleet.collector import Echo
 from edgefleet.config.agentconfig import load_config
 from edgefleet.errors import UserError
-from edgefleet.fleet.collector import Echo
 from edgefleet.plugin.manager import make_plugin_manager
 from edgefleet.protocol import FleetTopics, loads
 from edgefleet.rollout.release import generate_keys
 from edgefleet.samples import sample_dir
 
 if TYPE_CHECKING:
-    from edgefleet.fleet.dashboard import Dashboard
-    from edgefleet.fleet.view import FleetView
-
+    from edgefleet.dashboard import Dashboard, FleetView
 DEMO_DEVICE = "demo-device"
 MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 
@@ -137,7 +135,7 @@ def second_model() -> Path | None:
 
 def _rollout_later(console: Console, port: int, key: Path, daemon: Daemon) -> None:
     """After a few results, roll the float model out to the demo device, live."""
-    from edgefleet.fleet.publish import Broker, build_release, publish_release
+    from edgefleet.operator import Broker, build_release, publish_release
 
     model = second_model()
     time.sleep(6)
@@ -164,7 +162,7 @@ def _rollout_later(console: Console, port: int, key: Path, daemon: Daemon) -> No
 def _fleet_page(console: Console, view: FleetView, bind: str | None) -> Dashboard | None:
     """The fleet page on loopback (a free port unless ``bind`` says), or None if it cannot
     be had: the demo goes on without it."""
-    from edgefleet.fleet.dashboard import Dashboard
+    from edgefleet.dashboard import Dashboard
 
     try:
         dashboard = Dashboard(view, bind or "127.0.0.1:0")
@@ -177,8 +175,8 @@ def _fleet_page(console: Console, view: FleetView, bind: str | None) -> Dashboar
 
 
 def run_demo(duration: float | None = None, http: str | None = None) -> int:
-    from edgefleet.fleet.collector import Collector, CollectorSettings
-    from edgefleet.fleet.view import FleetView
+    from edgefleet.collector import Collector, CollectorSettings
+    from edgefleet.dashboard import FleetView
 
     console = Console(soft_wrap=True)  # whole lines, also when piped
     logs.configure("warning", "console")

@@ -12,8 +12,7 @@ from edgefleet.errors import UserError
 from edgefleet.protocol import ID_PATTERN
 
 if TYPE_CHECKING:
-    from edgefleet.fleet.alerts import LabelRule
-
+    from edgefleet.dashboard import LabelRule
 MAX_CHUNK = 16 * 1024 * 1024
 
 
@@ -103,7 +102,7 @@ def waves(text: str) -> list[float]:
 
 
 def label_rule(text: str) -> LabelRule:
-    from edgefleet.fleet.alerts import LabelRule
+    from edgefleet.dashboard import LabelRule
 
     try:
         return LabelRule.parse(text)

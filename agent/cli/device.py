@@ -210,9 +210,9 @@ def _video_frames(path: Path, every: int) -> Iterator[tuple[int, Any]]:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from edgefleet.delegation.delegate import Delegate
     from edgefleet.factory import factory_model_path
     from edgefleet.inference.classifier import load_classifier
+    from edgefleet.inference.delegate import Delegate
     from edgefleet.inference.images import DEFAULT_MAX_PIXELS, decode_image
     from edgefleet.plugin.manager import make_plugin_manager
 

@@ -12,18 +12,16 @@ from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
-    from edgefleet.fleet.alerts import Alerter
-    from edgefleet.fleet.collector import Echo
-    from edgefleet.fleet.dashboard import Dashboard
-    from edgefleet.fleet.view import FleetView
+    from edgefleet.collector import Echo
+    from edgefleet.dashboard import Alerter, Dashboard, FleetView
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from edgefleet.fleet.collector import Collector, CollectorSettings
-    from edgefleet.fleet.view import FleetView
+    from edgefleet.collector import Collector, CollectorSettings
+    from edgefleet.dashboard import FleetView
 
     password = read_secret(args.password_file)
     settings = CollectorSettings(
@@ -99,7 +97,7 @@ def _print_prediction(kind: str, device: str, body: dict[str, Any]) -> None:
 def _dashboard(
     args: argparse.Namespace, view: FleetView, counters: Callable[[], dict[str, int]]
 ) -> Dashboard | None:
-    from edgefleet.fleet.dashboard import Dashboard
+    from edgefleet.dashboard import Dashboard
 
     if args.http is None:
         return None
@@ -116,7 +114,7 @@ def _dashboard(
 
 
 def _alerter(args: argparse.Namespace, view: FleetView) -> Alerter | None:
-    from edgefleet.fleet.alerts import Alerter, webhook_poster
+    from edgefleet.dashboard import Alerter, webhook_poster
 
     if args.alert_webhook is None:
         return None
@@ -129,7 +127,7 @@ def _alerter(args: argparse.Namespace, view: FleetView) -> Alerter | None:
 
 
 def cmd_add_device(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.brokeradmin import add_device
+    from edgefleet.operator import add_device
 
     password = read_secret(args.password_file)
     groups = [g for g in (args.groups or "").split(",") if g]
@@ -152,7 +150,7 @@ def cmd_add_device(args: argparse.Namespace) -> int:
 
 
 def cmd_add_service(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.brokeradmin import add_service
+    from edgefleet.operator import add_service
 
     written = add_service(
         args.name,
@@ -169,7 +167,7 @@ def cmd_add_service(args: argparse.Namespace) -> int:
 
 
 def cmd_remove_device(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.brokeradmin import remove_device
+    from edgefleet.operator import remove_device
 
     done = remove_device(
         args.device,
@@ -187,7 +185,7 @@ def cmd_remove_device(args: argparse.Namespace) -> int:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.brokeradmin import init_broker
+    from edgefleet.operator import init_broker
 
     for key, value in init_broker(args.out, args.server_name).items():
         print(f"{key}: {value}")
@@ -195,7 +193,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.brokeradmin import revoke
+    from edgefleet.operator import revoke
 
     count = revoke(args.ca_cert, args.ca_key, args.crl)
     print(f"{args.crl}: {count} revoked certificates")

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.cli import args as argtypes
+import edgefleet.cli.args as argtypes
 from edgefleet.protocol import ID_PATTERN
 
 if TYPE_CHECKING:

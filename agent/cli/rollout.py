@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.cli import args as argtypes
+import edgefleet.cli.args as argtypes
 from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX, KIND_PATTERN, Rollout
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
-    from edgefleet.fleet.publish import Broker
+    from edgefleet.operator import Broker
     from edgefleet.protocol import Manifest, ShadowSpec
 
 DEFAULT_BROKER = "mqtt://127.0.0.1:1883"
@@ -42,7 +42,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 # -- the operator's connection ----------------------------------------------------------------
 def _operator(args: argparse.Namespace) -> Broker:
-    from edgefleet.fleet.publish import Broker
+    from edgefleet.operator import Broker
 
     url = args.broker
     if url is None:
@@ -68,7 +68,7 @@ def cmd_rollout_publish(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import Progress
 
-    from edgefleet.fleet.publish import build_release, check_unpublished, publish_release
+    from edgefleet.operator import build_release, check_unpublished, publish_release
 
     manifest, blobs = build_release(
         _models(args),
@@ -151,7 +151,7 @@ def _shadow_spec(args: argparse.Namespace) -> ShadowSpec | None:
 
 
 def cmd_rollout_decide(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.publish import publish_decision
+    from edgefleet.operator import publish_decision
 
     broker = _operator(args)
     try:
@@ -172,7 +172,7 @@ def cmd_rollout_decide(args: argparse.Namespace) -> int:
 
 def _fan_out(broker: Broker, manifest: Manifest, args: argparse.Namespace) -> list[str]:
     """The devices to watch; ``fleet`` also gives each known device its desired state."""
-    from edgefleet.fleet.publish import desired_topic, target_devices
+    from edgefleet.operator import desired_topic, target_devices
 
     devices = target_devices(broker, args.target, args.prefix)
     if "fleet" in args.target:
@@ -191,7 +191,7 @@ def _watch(
 ) -> dict[str, dict[str, Any]]:
     from rich.live import Live
 
-    from edgefleet.fleet.publish import watch_devices
+    from edgefleet.operator import watch_devices
 
     if not devices:
         console.print("no target device is known yet (from its status); not waiting")
@@ -214,7 +214,7 @@ def _progress_table(devices: list[str], states: dict[str, dict[str, Any]]) -> Re
     table = Table(title=", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
     for column in ("device", "state", "progress"):
         table.add_column(column)
-    from edgefleet.fleet.publish import shadow_text
+    from edgefleet.operator import shadow_text
 
     for device in devices[:40]:
         state = states.get(device, {})
@@ -252,7 +252,7 @@ def _publish_waves(
 ) -> int:
     from rich.live import Live
 
-    from edgefleet.fleet.publish import run_waves
+    from edgefleet.operator import run_waves
 
     group = None
     for target in args.target:
@@ -309,7 +309,7 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.live import Live
 
-    from edgefleet.fleet.publish import fleet_view
+    from edgefleet.operator import fleet_view
 
     broker = _operator(args)
     console = Console()
@@ -326,7 +326,7 @@ def cmd_rollout_status(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout_clear(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.publish import clear_release
+    from edgefleet.operator import clear_release
 
     broker = _operator(args)
     try:

@@ -8,13 +8,13 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from edgefleet.cli import args as argtypes
+import edgefleet.cli.args as argtypes
 from edgefleet.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
     from argparse import _SubParsersAction as Subparsers
 
-    from edgefleet.fleet.simulate import Simulator
+    from edgefleet.simulator import Simulator
 
 
 def _line(sim: Simulator) -> None:
@@ -31,7 +31,7 @@ def _line(sim: Simulator) -> None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from edgefleet.fleet.simulate import Simulator, settings_from
+    from edgefleet.simulator import Simulator, settings_from
 
     settings = settings_from(
         args.broker,

@@ -130,8 +130,8 @@ def cmd_top(args: argparse.Namespace) -> int:
         fetch = source.fleet
         stop: Callable[[], None] = lambda: None  # noqa: E731
     else:
-        from edgefleet.fleet.view import FleetView
-        from edgefleet.fleet.watch import FleetWatcher
+        from edgefleet.dashboard import FleetView
+        from edgefleet.operator import FleetWatcher
 
         view = FleetView()
         watcher = FleetWatcher(

@@ -23,13 +23,11 @@ from edgefleet.delegation.policies import POLICY_MODELS, DelegatePolicy
 from edgefleet.errors import ConfigError
 from edgefleet.mqtt.settings import FleetConfig
 from edgefleet.plugin.registry import NESTED_SECTION, PluginConfig, Registries, Registry
-from edgefleet.protocol import ID_PATTERN
+from edgefleet.protocol import FPS_CAP_MAX, FPS_CAP_MIN, ID_PATTERN
 from edgefleet.rollout.settings import RolloutSettings
 
 ENV_PREFIX = "EDGEFLEET_"
 _ID_PATTERN = ID_PATTERN
-FPS_CAP_MIN = 0.001  # one frame in about 17 minutes
-FPS_CAP_MAX = 1000.0
 MOVED_SINKS = {
     "mqtt": "the mqtt sink became the top-level `fleet:` section, and its `rollout:` key moved "
     "to the top level beside it (see configs/agent.example.yaml)",

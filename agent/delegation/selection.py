@@ -29,18 +29,18 @@ from typing import Any
 import numpy as np
 import structlog
 
-from edgefleet.delegation.delegate import Delegate
 from edgefleet.delegation.policies import DelegatePolicy
 from edgefleet.errors import ModelError, UserError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.classifier import (
     Classifier,
     ModelInfo,
-    Preprocessor,
     load_checked,
     read_model_info,
 )
+from edgefleet.inference.delegate import Delegate
 from edgefleet.inference.litert import available_runtimes
+from edgefleet.inference.preprocess import Preprocessor
 from edgefleet.plugin.registry import PluginConfig, Registry
 from edgefleet.protocol import loads
 

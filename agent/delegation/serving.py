@@ -25,9 +25,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from edgefleet.delegation.delegate import Delegate
 from edgefleet.delegation.selection import Choice, Measurement
 from edgefleet.inference.classifier import Classifier, ModelInfo, load_checked
+from edgefleet.inference.delegate import Delegate
 from edgefleet.inference.litert import yielding_to
 
 log = structlog.get_logger(__name__)

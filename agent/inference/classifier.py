@@ -12,114 +12,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from edgefleet.delegation.delegate import Delegate, Interpreter
 from edgefleet.errors import ModelError
-from edgefleet.inference.litert import quiet_moment
+from edgefleet.inference.labels import Label
+from edgefleet.inference.litert import Interpreter, InterpreterMaker, quiet_moment
 from edgefleet.inference.modelfile import ModelMetadata, is_tflite, read_packed
-from edgefleet.runtime.results import Label
+from edgefleet.inference.preprocess import (
+    DEFAULT_CROP,
+    DEFAULT_MEAN,
+    DEFAULT_STD,
+    InputPlan,
+    Preprocessor,
+)
 
-# Resizing one frame is too small to split across cores; OpenCV's own thread pool would
-# only compete with the interpreter's threads (XNNPACK's workers wait for the slowest).
-cv2.setNumThreads(1)
-
-# Bit-exact bilinear (fixed point, the same bytes on x86, arm64 and armhf); see _shrink.
-RESIZE = cv2.INTER_LINEAR_EXACT
-# Names the way a frame becomes an input tensor: what caches of inputs or features key on.
-PREPROCESSING = "box+bilinear-exact"
-DEFAULT_MEAN = 127.0
-DEFAULT_STD = 128.0
-DEFAULT_CROP = 0.875
-_SUPPORTED_INPUTS = (np.float32, np.uint8, np.int8)
-
-
-@dataclass(frozen=True)
-class InputPlan:
-    """How one frame becomes one input tensor."""
-
-    height: int
-    width: int
-    dtype: np.dtype[Any]
-    mean: float
-    std: float
-    scale: float  # input quantization (1.0 / 0 for float inputs)
-    zero_point: int
-    crop_fraction: float | None  # None: resize the whole frame
-
-
-class Preprocessor:
-    """Crop, resize and convert RGB frames into a preallocated input buffer.
-
-    Integer inputs go through a 256-entry lookup table (or nothing at all when the
-    model's quantization already matches raw pixels, as the exported int8 models do);
-    float inputs get two in-place scalar operations - no per-channel broadcasting.
-    """
-
-    def __init__(self, plan: InputPlan) -> None:
-        self.plan = plan
-        self._scratch = np.empty((plan.height, plan.width, 3), dtype=np.uint8)
-        self._lut: np.ndarray | None = None
-        self._identity = False
-        if plan.dtype != np.float32:
-            pixels = np.arange(256, dtype=np.float64)
-            q = np.round((pixels - plan.mean) / (plan.std * plan.scale) + plan.zero_point)
-            info = np.iinfo(plan.dtype)
-            q = np.clip(q, info.min, info.max).astype(plan.dtype)
-            self._identity = plan.dtype == np.uint8 and np.array_equal(q, pixels)
-            self._lut = q.view(np.uint8).reshape(1, 256)
-
-    def new_buffer(self) -> np.ndarray:
-        return np.empty((1, self.plan.height, self.plan.width, 3), dtype=self.plan.dtype)
-
-    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(y0, y1, x0, x1) of the region that is resized into the input."""
-        fraction = self.plan.crop_fraction
-        if fraction is None:
-            return 0, height, 0, width
-        # Square crop of the short side's centre: the EfficientNet eval transform.
-        side = max(1, round(min(height, width) * fraction))
-        y0 = (height - side) // 2
-        x0 = (width - side) // 2
-        return y0, y0 + side, x0, x0 + side
-
-    def _shrink(self, region: np.ndarray) -> np.ndarray:
-        """Box-filter by the largest whole factor first: anti-aliased and cheap.
-
-        OpenCV's INTER_AREA is fast only for whole factors (1.9 ms for 420->224 here, 0.1 ms
-        for 420->210); the remaining factor below 2 is left to bilinear resizing. Both steps
-        give the same bytes on every machine: the whole-factor box filter, and bilinear in
-        OpenCV's fixed-point ``INTER_LINEAR_EXACT`` (its SIMD ``INTER_LINEAR`` rounds
-        differently on ARM: 12-22% of an input tensor's values off by one on aarch64), so
-        a photo's input tensor on a Pi is the one the operator's machine computed.
-        """
-        factor = min(region.shape[0] // self.plan.height, region.shape[1] // self.plan.width)
-        if factor < 2:
-            return region
-        h = region.shape[0] // factor * factor
-        w = region.shape[1] // factor * factor
-        small: np.ndarray = cv2.resize(
-            region[:h, :w], (w // factor, h // factor), interpolation=cv2.INTER_AREA
-        )
-        return small
-
-    def __call__(self, image: np.ndarray, out: np.ndarray) -> None:
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"expected an HxWx3 uint8 RGB frame, got {image.shape} {image.dtype}")
-        y0, y1, x0, x1 = self.crop_box(image.shape[0], image.shape[1])
-        region = self._shrink(image[y0:y1, x0:x1])
-        size = (self.plan.width, self.plan.height)
-        target = out[0]
-        if self._identity:
-            cv2.resize(region, size, dst=target, interpolation=RESIZE)
-            return
-        cv2.resize(region, size, dst=self._scratch, interpolation=RESIZE)
-        if self._lut is not None:
-            cv2.LUT(self._scratch, self._lut, dst=target.view(np.uint8))
-            return
-        np.multiply(self._scratch, np.float32(1.0 / self.plan.std), out=target, dtype=np.float32)
-        np.subtract(target, np.float32(self.plan.mean / self.plan.std), out=target)
+SUPPORTED_INPUTS = (np.float32, np.uint8, np.int8)
 
 
 @dataclass(frozen=True)
@@ -223,7 +130,7 @@ class Classifier:
                 f"{self.info.path}: unsupported input {list(shape)} {dtype}: "
                 "expected [1, height, width, 3] (RGB)"
             )
-        if dtype not in _SUPPORTED_INPUTS:
+        if dtype not in SUPPORTED_INPUTS:
             raise ModelError(f"{self.info.path}: unsupported input type {dtype}")
         scale, zero_point = self._in.get("quantization", (0.0, 0))
         if dtype != np.float32 and not scale:
@@ -320,7 +227,7 @@ def _top_indices(scores: np.ndarray, k: int) -> list[int]:
 
 def load_classifier(
     path: Path,
-    delegate: Delegate,
+    delegate: InterpreterMaker,
     labels_file: Path | None = None,
     crop: bool = True,
     info: ModelInfo | None = None,
@@ -341,7 +248,7 @@ def load_classifier(
 
 def load_checked(
     path: Path,
-    delegate: Delegate,
+    delegate: InterpreterMaker,
     labels_file: Path | None = None,
     crop: bool = True,
     info: ModelInfo | None = None,

@@ -14,13 +14,9 @@ from typing import Any
 import numpy as np
 
 from edgefleet.errors import ModelError
-from edgefleet.inference.classifier import (
-    DEFAULT_CROP,
-    DEFAULT_MEAN,
-    DEFAULT_STD,
-    read_model_info,
-)
+from edgefleet.inference.classifier import read_model_info
 from edgefleet.inference.litert import get_runtime, native_info_dropped
+from edgefleet.inference.preprocess import DEFAULT_CROP, DEFAULT_MEAN, DEFAULT_STD
 
 EDGETPU_OP = "edgetpu-custom-op"
 

@@ -17,12 +17,40 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edgefleet.errors import UserError
 
 if TYPE_CHECKING:
-    from edgefleet.delegation.delegate import Interpreter
+    from pathlib import Path
+
+    import numpy as np
+
+
+class Interpreter(Protocol):
+    """The part of a TFLite ``Interpreter`` (LiteRT or tflite-runtime) the agent uses; a
+    delegate plugin's ``make_interpreter`` returns one."""
+
+    def allocate_tensors(self) -> None: ...
+
+    def invoke(self) -> None: ...
+
+    def get_input_details(self) -> list[dict[str, Any]]: ...
+
+    def get_output_details(self) -> list[dict[str, Any]]: ...
+
+    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None: ...
+
+    def get_tensor(self, tensor_index: int) -> np.ndarray: ...
+
+
+class InterpreterMaker(Protocol):
+    """What a classifier is loaded with: a delegate, as inference sees it."""
+
+    def make_interpreter(self, model_path: Path) -> Interpreter: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
 
 # (import path, distribution) in order of preference.
 RUNTIMES: tuple[tuple[str, str, str], ...] = (

@@ -18,8 +18,8 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgefleet import protocol
-from edgefleet.config.agentconfig import FPS_CAP_MAX, FPS_CAP_MIN
 from edgefleet.errors import UserError
+from edgefleet.protocol import FPS_CAP_MAX, FPS_CAP_MIN
 from edgefleet.runtime.frames import Frame
 from edgefleet.runtime.pipeline import LoopSettings
 from edgefleet.runtime.results import Result

@@ -25,7 +25,6 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -35,6 +34,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.mqtt.brokers import Rotation, device_client, no_delay
+from edgefleet.mqtt.handoff import Incoming, Send
 from edgefleet.mqtt.liveness import silence, unreachable_reason
 from edgefleet.mqtt.settings import LinkSettings
 from edgefleet.mqtt.subscriptions import Subscriptions
@@ -48,26 +48,6 @@ PUBLISH_REFUSED_LOG_EVERY = 100
 # The network thread sleeps in select() at most this long when nothing happens (paho's
 # keepalive is checked on each turn); work from other threads wakes it at once.
 NET_IDLE_S = 0.5
-
-
-@dataclass
-class Send:
-    """A publish handed from another thread to the network thread."""
-
-    row: int | None  # spool row id; None for status and replies
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    properties: Properties | None
-
-
-@dataclass
-class Incoming:
-    topic: str
-    payload: bytes
-    response_topic: str | None
-    correlation: bytes | None
 
 
 def _wake_pair() -> tuple[socket.socket, socket.socket]:
@@ -131,6 +111,7 @@ class Connection:
         self.commands_dropped = 0
         self.publish_refused = 0
         self.client: mqtt.Client | None = None
+        self._heard_at = 0.0  # monotonic: the last time the broker's socket had bytes
 
     @property
     def v5(self) -> bool:
@@ -399,7 +380,7 @@ class Connection:
     def _serve(self, client: mqtt.Client) -> bool:
         """Run one connection until it drops or the link closes; True if it got online."""
         was_online = False
-        started = time.monotonic()
+        started = self._heard_at = time.monotonic()
         while True:
             if self.closing.is_set():
                 self._say_stopped(client)
@@ -407,19 +388,28 @@ class Connection:
             self._publish_sends(client)
             rc = self._turn(client)
             was_online = was_online or self.online.is_set()
-            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._silent_too_long(client, started):
-                return was_online
+            if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                # Before paho's own keepalive check, which would drop the link later and
+                # with a vaguer reason.
+                if self._silent_too_long(client, started):
+                    return was_online
+                rc = client.loop_misc()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 if self.state != "refused":  # keep the CONNACK's reason, it says more
                     self.last_error = f"network loop: {rc.name}"
                 return was_online
 
     def _silent_too_long(self, client: mqtt.Client, started: float) -> bool:
-        """Give up a connection nobody answers: silent once online, or never acknowledged
-        (no CONNACK or SUBACK within a keepalive interval, e.g. behind a dead access point)."""
+        """Give up a connection nobody answers: silent once online, or no CONNACK within a
+        keepalive interval (behind a dead access point). A broker that answered the CONNECT
+        and is slow to grant the subscriptions is busy, not gone (a clustered NATS makes a
+        JetStream consumer per filter, 4-8 s after losing a node): giving up would start it
+        over, so paho's keepalive alone applies until the SUBACK."""
         keepalive = float(self.s.keepalive_s)
         if self.online.is_set():
-            why = silence(client, keepalive)
+            why = silence(client, self._heard_at, keepalive)
+        elif self.state == "subscribing":
+            return False
         elif time.monotonic() - started > keepalive:
             why = f"the broker did not answer the connection within {keepalive:g} s"
         else:
@@ -433,9 +423,10 @@ class Connection:
         return True
 
     def _turn(self, client: mqtt.Client) -> MQTTErrorCode:
-        """One turn of paho's external-loop API under our own select(): the broker's socket
-        and the wake-up pair, so that work another thread queued goes out at once and an
-        idle link sleeps up to NET_IDLE_S instead of polling every 10 ms."""
+        """One turn of paho's external-loop API under our own select() (reads and writes;
+        ``loop_misc`` is the caller's): the broker's socket and the wake-up pair, so that
+        work another thread queued goes out at once and an idle link sleeps up to
+        NET_IDLE_S instead of polling every 10 ms."""
         sock, wake = client.socket(), self._net_wake
         if not isinstance(sock, socket.socket) or wake is None:
             return MQTTErrorCode.MQTT_ERR_NO_CONN
@@ -455,11 +446,10 @@ class Connection:
             rc = client.loop_read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
+            self._heard_at = time.monotonic()  # bytes came (an end of stream is an error)
         if client.want_write():  # also what paho's callbacks queued during the read
-            rc = client.loop_write()
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                return rc
-        return client.loop_misc()
+            return client.loop_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _say_stopped(self, client: mqtt.Client) -> None:
         if not self.online.is_set():

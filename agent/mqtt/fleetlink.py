@@ -16,7 +16,6 @@ from typing import Any, Protocol
 import structlog
 
 from edgefleet import __version__
-from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.mqtt.brokers import parse_url
 from edgefleet.mqtt.commands import CommandHandler
 from edgefleet.mqtt.homeassistant import Discovery
@@ -130,9 +129,9 @@ class FleetLink:
         self.reporter.flush()
         self.link.stop()
 
-    def apply_config(self, fresh: AgentConfig) -> dict[str, Any]:
+    def apply_config(self, fresh: FleetConfig | None) -> dict[str, Any]:
         """On reload: the report policy may change; the connection settings need a restart."""
-        policy = fresh.fleet.report if fresh.fleet is not None else None
+        policy = fresh.report if fresh is not None else None
         if policy is None or policy == self.reporter.report.policy:
             return {}
         return {"report": self.reporter.report.update(policy.model_dump())}

@@ -26,7 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edgefleet.mqtt.brokers import next_broker, no_delay, parse_url, parse_urls
-from edgefleet.mqtt.connection import Connection, Incoming, Send
+from edgefleet.mqtt.connection import Connection
+from edgefleet.mqtt.handoff import Incoming, Send
 from edgefleet.mqtt.outbox import DiskState, Outbox
 from edgefleet.mqtt.settings import LinkSettings
 from edgefleet.mqtt.spool import Spool, Spooled

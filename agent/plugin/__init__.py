@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 from edgefleet.plugin.hookspecs import ENTRY_POINT_GROUP, hookimpl
 
 if TYPE_CHECKING:
-    from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
     from edgefleet.errors import ModelError, SourceError, UserError
+    from edgefleet.inference.delegate import Availability, Delegate, Interpreter
     from edgefleet.inference.images import decode_image, list_images
     from edgefleet.inference.litert import get_runtime
     from edgefleet.plugin.offers import SourceOffer
@@ -52,9 +52,9 @@ _HOMES = {
     "Result": "edgefleet.runtime.results",
     "Label": "edgefleet.runtime.results",
     "ResultFilter": "edgefleet.runtime.results",
-    "Delegate": "edgefleet.delegation.delegate",
-    "Availability": "edgefleet.delegation.delegate",
-    "Interpreter": "edgefleet.delegation.delegate",
+    "Delegate": "edgefleet.inference.delegate",
+    "Availability": "edgefleet.inference.delegate",
+    "Interpreter": "edgefleet.inference.delegate",
     "get_runtime": "edgefleet.inference.litert",
     "decode_image": "edgefleet.inference.images",
     "list_images": "edgefleet.inference.images",

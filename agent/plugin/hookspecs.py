@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from edgefleet.app.agent import Agent
-    from edgefleet.config.agentconfig import AgentConfig
-    from edgefleet.delegation.delegate import Delegate
+    from edgefleet.inference.delegate import Delegate
     from edgefleet.plugin.offers import SourceOffer
+    from edgefleet.plugin.ports import AgentSettings, RunningAgent
     from edgefleet.plugin.registry import PluginConfig, Registry
     from edgefleet.runtime.results import ResultFilter
     from edgefleet.runtime.sinks import Sink
@@ -43,7 +42,7 @@ def edgefleet_register_sources(registry: Registry[Source]) -> None:
 
 @hookspec
 def edgefleet_register_delegates(registry: Registry[Delegate]) -> None:
-    """Add delegate types; the factory returns an ``edgefleet.delegation.delegate.Delegate``.
+    """Add delegate types; the factory returns an ``edgefleet.inference.delegate.Delegate``.
 
     Fires once, when the plugin manager is built. Returns nothing.
     """
@@ -80,7 +79,7 @@ def edgefleet_choose_source(
 
 
 @hookspec
-def edgefleet_configure(config: AgentConfig) -> None:
+def edgefleet_configure(config: AgentSettings) -> None:
     """The validated configuration, before anything starts. Returns nothing.
 
     Raise ``edgefleet.errors.UserError`` to refuse a configuration with a clear message.
@@ -88,7 +87,7 @@ def edgefleet_configure(config: AgentConfig) -> None:
 
 
 @hookspec
-def edgefleet_result_filters(config: AgentConfig) -> ResultFilter | None:
+def edgefleet_result_filters(config: AgentSettings) -> ResultFilter | None:
     """Offer a filter that may enrich or veto each result before it leaves the device.
 
     Fires once when the loop starts. Returns a callable ``filter(result) -> result | None``
@@ -97,7 +96,7 @@ def edgefleet_result_filters(config: AgentConfig) -> ResultFilter | None:
 
 
 @hookspec
-def edgefleet_start(agent: Agent) -> None:
+def edgefleet_start(agent: RunningAgent) -> None:
     """The agent is running: model loaded, first inference done, loop started.
 
     Receives the ``edgefleet.app.agent.Agent`` (its ``serving`` says what serves, its
@@ -106,7 +105,7 @@ def edgefleet_start(agent: Agent) -> None:
 
 
 @hookspec
-def edgefleet_stop(agent: Agent) -> None:
+def edgefleet_stop(agent: RunningAgent) -> None:
     """The agent is stopping (SIGTERM, SIGINT, end of input). Returns nothing.
 
     Fires after the loop stopped and before sinks are closed; stop background work here.

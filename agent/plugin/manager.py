@@ -11,20 +11,17 @@ import importlib.metadata
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pluggy
 import structlog
 
-from edgefleet.config.agentconfig import AgentConfig
 from edgefleet.errors import UserError
 from edgefleet.plugin import hookspecs
 from edgefleet.plugin.offers import SourceOffer
+from edgefleet.plugin.ports import AgentSettings, RunningAgent
 from edgefleet.plugin.registry import PluginConfig, Registries, Registry
 from edgefleet.runtime.results import ResultFilter
-
-if TYPE_CHECKING:
-    from edgefleet.app.agent import Agent
 
 log = structlog.get_logger(__name__)
 BUILTIN_DIST = "edgefleet"
@@ -117,7 +114,7 @@ class Plugins:
         )
         return chosen
 
-    def configure(self, config: AgentConfig) -> None:
+    def configure(self, config: AgentSettings) -> None:
         for plugin_name, func in self._each("edgefleet_configure"):
             try:
                 func(config=config)
@@ -126,7 +123,7 @@ class Plugins:
             except Exception as exc:  # noqa: BLE001
                 self._fail(plugin_name, "edgefleet_configure", exc)
 
-    def result_filters(self, config: AgentConfig) -> list[ResultFilter]:
+    def result_filters(self, config: AgentSettings) -> list[ResultFilter]:
         filters: list[ResultFilter] = []
         for plugin_name, func in self._each("edgefleet_result_filters"):
             try:
@@ -138,7 +135,7 @@ class Plugins:
                 filters.append(made)
         return filters
 
-    def lifecycle(self, hook_name: str, agent: Agent) -> None:
+    def lifecycle(self, hook_name: str, agent: RunningAgent) -> None:
         """Call ``edgefleet_start`` or ``edgefleet_stop`` on every plugin, each isolated."""
         for plugin_name, func in self._each(hook_name):
             try:

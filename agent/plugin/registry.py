@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.config import JsonDict
 
 if TYPE_CHECKING:
-    from edgefleet.delegation.delegate import Delegate
+    from edgefleet.inference.delegate import Delegate
     from edgefleet.runtime.sinks import Sink
     from edgefleet.runtime.sources import Source
 

@@ -8,49 +8,39 @@ arrives retained on ``{prefix}/devices/{id}/model/desired`` or
 chunks arrive retained on ``{prefix}/models/{name}/{version}/{variant}/{index}``.
 
 Every check that needs no download (signature, expiry, version, size, variant) runs first;
-each chunk is verified against its hash as it arrives and written at its place in one
-partial file, so an interrupted download resumes with what it has (checked by hash again);
+chunks are verified as they arrive (``rollout.download``: an interrupted download resumes);
 the whole file is verified again, stored by content hash, loaded and self-tested with the
 running delegate, then swapped in between two frames. A release may first ask for a shadow
-phase (``edgefleet.rollout.shadow``): the candidate runs beside the active model on sampled
-frames until its rules, or a signed operator decision, promote or reject it. A health window
-follows activation; failing it swaps the previous model back.
+phase; a health window follows activation (``rollout.phases``).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
-import errno
 import hashlib
 import json
-import os
 import queue
-import shutil
 import threading
 import time
-from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any
 
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edgefleet import __version__
-from edgefleet.delegation.serving import ServedModel, ServingState
+from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import UserError
-from edgefleet.inference.classifier import Classifier
 from edgefleet.mqtt.link import Incoming
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, ShadowSpec, Topics, VariantSpec
+from edgefleet.rollout.download import Download, disk_reason
+from edgefleet.rollout.phases import Candidate, HealthWindow, ShadowPhase
+from edgefleet.rollout.ports import BoundedMemo, LinkPort, ServingPort
 from edgefleet.rollout.preflight import preflight
 from edgefleet.rollout.release import (
-    PARTIAL,
     ReleaseError,
     check_manifest,
-    chunks_on_disk,
     load_public_key,
-    parse_decision,
     parse_manifest,
     verify_signature,
 )
@@ -60,106 +50,6 @@ from edgefleet.rollout.store import ActiveModel, ModelStore
 from edgefleet.runtime.stats import LoopStats
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
-SHADOW_REPORT_EVERY = 10  # samples between two retained shadow progress reports
-
-
-class ServingPort(Protocol):
-    """What rollouts need from ``Serving``: load on the serving delegate, test-run in the
-    loop's quiet moments, swap, swap back."""
-
-    def kinds(self) -> list[str]: ...
-
-    def load(self, path: Path) -> Classifier: ...
-
-    def quiet(self) -> AbstractContextManager[None]: ...
-
-    def activate(self, model: ServedModel, classifier: Classifier) -> ServingState: ...
-
-    def restore(self, state: ServingState) -> None: ...
-
-
-class LinkPort(Protocol):
-    """What rollouts need from the MQTT link."""
-
-    def publish_now(
-        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
-    ) -> None: ...
-
-    def subscribe(self, topic: str) -> None: ...
-
-    def unsubscribe(self, topic: str) -> None: ...
-
-
-def _disk_reason(exc: OSError) -> str:
-    """Why a download stopped, for the rollout state an operator reads."""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"state directory full ({exc.strerror}): the download resumes when space returns"
-    return f"state directory refuses writes ({exc.strerror}): the download is tried again"
-
-
-class BoundedMemo(collections.OrderedDict[str, T]):
-    """A dict that forgets its oldest entries beyond ``limit`` (no unbounded growth)."""
-
-    def __init__(self, limit: int = 256) -> None:
-        super().__init__()
-        self.limit = limit
-
-    def __setitem__(self, key: str, value: T) -> None:
-        super().__setitem__(key, value)
-        self.move_to_end(key)
-        while len(self) > self.limit:
-            self.popitem(last=False)
-
-
-@dataclasses.dataclass
-class _Download:
-    digest: str  # sha256 of the desired payload it serves
-    manifest: Manifest
-    variant: VariantSpec
-    folder: Path
-    topic: str
-    have: set[int]
-    started: float
-    last_chunk: float
-    fd: int  # the partial file, every chunk written at its offset as it arrives
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
-@dataclasses.dataclass
-class _Candidate:
-    """A release that passed preflight: what activating it needs."""
-
-    manifest: Manifest
-    variant: VariantSpec
-    path: Path
-    classifier: Classifier
-    latency: float  # preflight's median, reported when it activates
-
-
-@dataclasses.dataclass
-class _Shadow:
-    candidate: _Candidate
-    run: ShadowRun
-    awaiting: bool = False  # manual mode: finished, waiting for the operator
-
-    def report(self) -> dict[str, Any]:
-        """The figures so far, with the phase's target and mode."""
-        spec = self.run.spec
-        return {**self.run.figures.report(), "target": spec.samples, "mode": spec.mode}
-
-
-@dataclasses.dataclass
-class _Health:
-    manifest: Manifest
-    previous: ServingState
-    previous_record: ActiveModel | None
-    inferences_at_start: int
-    errors_at_start: int
-    started: float
 
 
 class RolloutManager:
@@ -195,9 +85,9 @@ class RolloutManager:
         self.state_topic = topics.rollout
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
         self._desired: dict[str, bytes] = {}
-        self._download: _Download | None = None
-        self._health: _Health | None = None
-        self._shadow: _Shadow | None = None
+        self._download: Download | None = None
+        self._health: HealthWindow | None = None
+        self._shadow: ShadowPhase | None = None
         self._decisions: dict[str, bytes] = {}
         # Only authenticated releases are remembered by rollout_id; payloads that did not
         # parse or verify are remembered by their own hash, so they can never shadow a
@@ -359,7 +249,7 @@ class RolloutManager:
             return None
         return manifest
 
-    def _supersede(self, download: _Download, manifest: Manifest, digest: str) -> bool:
+    def _supersede(self, download: Download, manifest: Manifest, digest: str) -> bool:
         """True when ``manifest`` replaces the download in progress (now abandoned)."""
         if download.manifest.rollout_id == manifest.rollout_id:
             download.digest = digest  # the same release published again: carry on
@@ -367,71 +257,50 @@ class RolloutManager:
         self._abandon(download, f"superseded by {manifest.name} v{manifest.version}")
         return True
 
-    def _end_download(self, download: _Download) -> None:
+    def _end_download(self, download: Download) -> None:
         """No more chunks for ``download``: unsubscribed, its partial file closed."""
         self.link.unsubscribe(download.topic)
         download.close()
         self._download = None
 
-    def _abandon(self, download: _Download, reason: str) -> None:
+    def _abandon(self, download: Download, reason: str) -> None:
         """Stop a download the desired state no longer asks for; its verified parts stay."""
         self._end_download(download)
         log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
 
     def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
-        folder = self.downloads / variant.sha256
-        self._clean_downloads(keep=folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(folder / PARTIAL, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            self._fail(manifest, _disk_reason(exc), retry=True, backoff=False)
-            return
-        have = chunks_on_disk(fd, variant)  # kept from an interrupted download
         topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
-        now = time.monotonic()
-        self._download = _Download(digest, manifest, variant, folder, topic, have, now, now, fd)
-        if len(have) == len(variant.chunks):
+        try:
+            download = Download.open(self.downloads, digest, manifest, variant, topic)
+        except OSError as exc:
+            self._fail(manifest, disk_reason(exc), retry=True, backoff=False)
+            return
+        self._download = download
+        if download.complete:
             self._finish_download()
             return
-        self._publish(Rollout.DOWNLOADING, manifest, progress=self._percent(), resumed=len(have))
+        resumed = len(download.have)
+        self._publish(Rollout.DOWNLOADING, manifest, progress=download.percent(), resumed=resumed)
         self.link.subscribe(topic)
-
-    def _percent(self) -> float:
-        download = self._download
-        if download is None:
-            return 0.0
-        return round(100.0 * len(download.have) / len(download.variant.chunks), 1)
 
     def _take_chunk(self, incoming: Incoming) -> None:
         download = self._download
         if download is None:
             return
         try:
-            index = int(incoming.topic.rsplit("/", 1)[1])
-        except ValueError:
-            return
-        if not 0 <= index < len(download.variant.chunks) or index in download.have:
-            return
-        if hashlib.sha256(incoming.payload).hexdigest() != download.variant.chunks[index]:
-            # Never stored; fetched again on the retry (the publisher may have fixed it).
-            self._abort(f"chunk {index} does not match its hash", retry=True)
-            return
-        # Chunks are verified by hash again on resume: no fsync per chunk; the whole model is
-        # fsynced when it enters the store.
-        try:
-            os.pwrite(download.fd, incoming.payload, index * download.variant.chunk_size)
+            taken, index = download.take(incoming.topic, incoming.payload)
         except OSError as exc:
             # A full state directory: stop, keep the verified chunks, try again (at the
             # first retry delay, not a growing one) until space returns.
-            self._abort(_disk_reason(exc), retry=True, backoff=False)
+            self._abort(disk_reason(exc), retry=True, backoff=False)
             return
-        download.have.add(index)
-        download.last_chunk = time.monotonic()
-        if len(download.have) == len(download.variant.chunks):
+        if taken == "bad":
+            # Never stored; fetched again on the retry (the publisher may have fixed it).
+            self._abort(f"chunk {index} does not match its hash", retry=True)
+        elif taken == "complete":
             self._finish_download()
-        elif len(download.have) % 8 == 0:
-            self._publish(Rollout.DOWNLOADING, download.manifest, progress=self._percent())
+        elif taken == "kept" and len(download.have) % 8 == 0:
+            self._publish(Rollout.DOWNLOADING, download.manifest, progress=download.percent())
 
     def _abort(self, reason: str, retry: bool = False, backoff: bool = True) -> None:
         download = self._download
@@ -439,16 +308,8 @@ class RolloutManager:
             return
         self._end_download(download)
         if not retry:
-            shutil.rmtree(download.folder, ignore_errors=True)
+            download.discard()
         self._fail(download.manifest, reason, retry=retry, backoff=backoff)
-
-    def _clean_downloads(self, keep: Path | None = None) -> None:
-        """Partial downloads other than ``keep`` (abandoned or failed releases) go."""
-        if not self.downloads.is_dir():
-            return
-        for folder in self.downloads.iterdir():
-            if folder != keep:
-                shutil.rmtree(folder, ignore_errors=True)
 
     def _fail(self, manifest: Manifest, reason: str, retry: bool, backoff: bool = True) -> None:
         delay = float("inf")
@@ -472,28 +333,18 @@ class RolloutManager:
         self._publish(
             Rollout.VERIFYING, manifest, download_s=round(time.monotonic() - download.started, 2)
         )
-        data = os.pread(download.fd, variant.size + 1, 0)  # one byte more shows a longer file
+        data = download.assembled()
         self._end_download(download)
         try:
-            path = self._stored(data, variant)
+            path = self.store.put_checked(data, variant.size, variant.sha256)
         except OSError as exc:  # the verified chunks stay for the retry
-            self._fail(manifest, _disk_reason(exc), retry=True, backoff=False)
+            self._fail(manifest, disk_reason(exc), retry=True, backoff=False)
             return
-        shutil.rmtree(download.folder, ignore_errors=True)  # in the store now, or worthless
+        download.discard()  # in the store now, or worthless
         if path is None:
             self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
             return
         self._preflight_and_activate(manifest, variant, path)
-
-    def _stored(self, data: bytes, variant: VariantSpec) -> Path | None:
-        """``data`` in the model store, if it has the variant's size and sha256 (the store
-        hashes what it takes: the model is not hashed twice)."""
-        if len(data) != variant.size:
-            return None
-        try:
-            return self.store.put(data, variant.sha256)
-        except ValueError:
-            return None
 
     def _preflight_and_activate(self, manifest: Manifest, variant: VariantSpec, path: Path) -> None:
         self._publish(Rollout.PREFLIGHT, manifest)
@@ -502,13 +353,13 @@ class RolloutManager:
         except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
             self._fail(manifest, f"preflight: {exc}", retry=False)
             return
-        candidate = _Candidate(manifest, variant, path, classifier, latency)
+        candidate = Candidate(manifest, variant, path, classifier, latency)
         if manifest.shadow is not None:
             self._begin_shadow(candidate, manifest.shadow)
             return
         self._activate(candidate)
 
-    def _activate(self, candidate: _Candidate, **fields: Any) -> None:
+    def _activate(self, candidate: Candidate, **fields: Any) -> None:
         manifest, variant, classifier = candidate.manifest, candidate.variant, candidate.classifier
         info = dataclasses.replace(classifier.info, name=manifest.name, version=manifest.version)
         latency_ms = round(candidate.latency, 2)
@@ -525,7 +376,7 @@ class RolloutManager:
                 previous=previous_record,
             )
         )
-        self._health = _Health(
+        self._health = HealthWindow(
             manifest,
             previous,
             previous_record,
@@ -535,7 +386,7 @@ class RolloutManager:
         )
 
     # -- shadow phase ---------------------------------------------------------------------------
-    def _begin_shadow(self, candidate: _Candidate, spec: ShadowSpec) -> None:
+    def _begin_shadow(self, candidate: Candidate, spec: ShadowSpec) -> None:
         manifest = candidate.manifest
         if self.sampler is None:
             self._fail(manifest, "shadow phase asked for, but this agent cannot sample", False)
@@ -544,7 +395,7 @@ class RolloutManager:
             # Two models on one EdgeTPU evict each other's parameters from its memory.
             self._fail(manifest, "shadow phases are not supported on an EdgeTPU yet", False)
             return
-        shadow = self._shadow = _Shadow(
+        shadow = self._shadow = ShadowPhase(
             candidate, ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
         )
         self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
@@ -557,34 +408,27 @@ class RolloutManager:
             return None
         return {"rollout_id": shadow.candidate.manifest.rollout_id, **shadow.report()}
 
-    def _shadow_step(self, shadow: _Shadow) -> None:
-        run, manifest = shadow.run, shadow.candidate.manifest
-        if run.due() and run.step() and run.figures.samples % SHADOW_REPORT_EVERY == 0:
+    def _shadow_step(self, shadow: ShadowPhase) -> None:
+        step, why = shadow.advance()
+        manifest = shadow.candidate.manifest
+        if step == "progress":
             self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
-        if not run.finished():
-            return
-        if run.spec.mode == "manual":
-            if not shadow.awaiting:
-                shadow.awaiting = True
-                self._publish(
-                    Rollout.SHADOW,
-                    manifest,
-                    shadow=shadow.report(),
-                    awaiting_decision=True,
-                    rules_met=not run.verdict(),
-                )
-            return
-        problems = run.verdict()
-        if problems:
-            self._reject(shadow, "; ".join(problems))
-        else:
-            self._promote(shadow, "the release's rules are met")
+        elif step == "awaiting":
+            rules_met = not shadow.run.verdict()
+            report = shadow.report()
+            self._publish(
+                Rollout.SHADOW, manifest, shadow=report, awaiting_decision=True, rules_met=rules_met
+            )
+        elif step == "reject":
+            self._reject(shadow, why)
+        elif step == "promote":
+            self._promote(shadow, why)
 
-    def _promote(self, shadow: _Shadow, why: str) -> None:
+    def _promote(self, shadow: ShadowPhase, why: str) -> None:
         self._shadow = None
         self._activate(shadow.candidate, shadow=shadow.run.figures.report(), promoted=why)
 
-    def _reject(self, shadow: _Shadow, reason: str) -> None:
+    def _reject(self, shadow: ShadowPhase, reason: str) -> None:
         self._shadow = None
         manifest = shadow.candidate.manifest
         self._failed[manifest.rollout_id] = float("inf")
@@ -597,23 +441,12 @@ class RolloutManager:
         shadow = self._shadow
         if shadow is None:
             return
-        for topic in self.decision_topics:
-            payload = self._decisions.get(topic)
-            if not payload:
-                continue
-            try:
-                decision = parse_decision(payload)
-                verify_signature(decision, self.trusted)
-            except ReleaseError as exc:
-                log.warning("decision refused", topic=topic, reason=str(exc))
-                continue
-            if decision.rollout_id != shadow.candidate.manifest.rollout_id:
-                continue
-            if decision.action == "promote":
-                self._promote(shadow, f"promoted by the operator (key {decision.key_id})")
-            else:
-                self._reject(shadow, f"rejected by the operator (key {decision.key_id})")
-            return
+        payloads = [(t, self._decisions.get(t, b"")) for t in self.decision_topics]
+        step, why = shadow.decision(payloads, self.trusted)
+        if step == "promote":
+            self._promote(shadow, why)
+        elif step == "reject":
+            self._reject(shadow, why)
 
     def _tick(self) -> None:
         download = self._download
@@ -643,33 +476,23 @@ class RolloutManager:
             del self._failed[key]
         return bool(due)
 
-    def _check_health(self, health: _Health) -> None:
-        stats = self.stats
-        done = stats.inferences - health.inferences_at_start
-        errors = stats.errors - health.errors_at_start
-        if errors > 0:
+    def _check_health(self, health: HealthWindow) -> None:
+        outcome, count = health.verdict(self.stats, self.settings, time.monotonic())
+        if outcome == "open":
+            return
+        self._health = None
+        if outcome == "rolled_back":
             self.serving.restore(health.previous)
             if health.previous_record is not None:
                 self.store.activate(health.previous_record)
             else:
                 self.store.pointer.unlink(missing_ok=True)
-            self._health = None
             self._failed[health.manifest.rollout_id] = float("inf")
-            self._publish(
-                Rollout.ROLLED_BACK,
-                health.manifest,
-                reason=f"{errors} inference errors in the health window",
-            )
+            reason = f"{count} inference errors in the health window"
+            self._publish(Rollout.ROLLED_BACK, health.manifest, reason=reason)
             self.store.gc()
-            self._consider_desired()  # a change that came during the window
-            return
-        if (
-            done >= self.settings.health_frames
-            or time.monotonic() - health.started > self.settings.health_timeout_s
-        ):
-            self._health = None
+        else:
             removed = self.store.gc()
-            self._publish(
-                Rollout.ACTIVE, health.manifest, frames_checked=done, gc=[p.name for p in removed]
-            )
-            self._consider_desired()  # a change that came during the window
+            gc = [p.name for p in removed]
+            self._publish(Rollout.ACTIVE, health.manifest, frames_checked=count, gc=gc)
+        self._consider_desired()  # a change that came during the window

@@ -55,6 +55,15 @@ class ModelStore:
             self._verified[sha256] = _identity(path)  # written from verified bytes
         return path
 
+    def put_checked(self, data: bytes, size: int, sha256: str) -> Path | None:
+        """``data`` stored if it has this size and sha256, else None (hashed once, here)."""
+        if len(data) != size:
+            return None
+        try:
+            return self.put(data, sha256)
+        except ValueError:
+            return None
+
     def _valid(self, record: ActiveModel | None) -> bool:
         if record is None:
             return False

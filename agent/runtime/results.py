@@ -6,14 +6,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from edgefleet.inference.labels import Label
 
-@dataclass(slots=True)
-class Label:
-    """One of the top-k classes."""
-
-    label: str
-    index: int
-    score: float
+__all__ = ["Label", "Result", "ResultFilter"]
 
 
 @dataclass(slots=True)

@@ -22,9 +22,9 @@ import numpy as np
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
-from edgefleet.inference.classifier import PREPROCESSING, InputPlan, Preprocessor
 from edgefleet.inference.images import decode_image
 from edgefleet.inference.litert import get_runtime
+from edgefleet.inference.preprocess import PREPROCESSING, InputPlan, Preprocessor
 from edgefleet.training.convert import (
     CROP_FRACTION,
     FEATURES,

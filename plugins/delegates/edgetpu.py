@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from edgefleet.delegation.delegate import Availability, Delegate, Interpreter
+from edgefleet.inference.delegate import Availability, Delegate, Interpreter
 from edgefleet.inference.litert import get_runtime
 from edgefleet.plugin import hookimpl
 from edgefleet.plugin.registry import PluginConfig, Registry

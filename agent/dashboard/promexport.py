@@ -5,7 +5,7 @@ has no series, and an offline or stale device keeps only ``up``, ``last_seen``, 
 ``info`` (its last fps or temperature would be a figure that is no longer true).
 
 Latency: ``edgefleet_latency_seconds{model,model_version,delegate,stage}`` is a histogram of
-the whole fleet built from the devices' bucket counts (``edgefleet.fleet.latency``), so
+the whole fleet built from the devices' bucket counts (``edgefleet.dashboard.latency``), so
 ``histogram_quantile(0.99, sum by (le) (rate(edgefleet_latency_seconds_bucket[5m])))`` is a
 fleet-wide p99 whatever the fleet's size. Per-device histograms (``device_histograms``) cost
 20 series per device and stage: fine for tens of devices, too many for thousands.
@@ -25,8 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from edgefleet.fleet.latency import valid_counts
-from edgefleet.fleet.view import FleetView
+from edgefleet.dashboard.latency import valid_counts
+from edgefleet.dashboard.view import FleetView
 from edgefleet.protocol import ONLINE, RolloutState
 
 # Every state the protocol names (a device's own text is never a label value).

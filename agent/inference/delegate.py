@@ -5,25 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
+from edgefleet.inference.litert import Interpreter
 
-
-class Interpreter(Protocol):
-    """The part of a TFLite ``Interpreter`` (LiteRT or tflite-runtime) the agent uses."""
-
-    def allocate_tensors(self) -> None: ...
-
-    def invoke(self) -> None: ...
-
-    def get_input_details(self) -> list[dict[str, Any]]: ...
-
-    def get_output_details(self) -> list[dict[str, Any]]: ...
-
-    def set_tensor(self, tensor_index: int, value: np.ndarray) -> None: ...
-
-    def get_tensor(self, tensor_index: int) -> np.ndarray: ...
+__all__ = ["Availability", "Delegate", "Interpreter"]
 
 
 @dataclass(frozen=True)

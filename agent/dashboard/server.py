@@ -29,9 +29,9 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from edgefleet.dashboard.promexport import exposition
+from edgefleet.dashboard.view import FleetView
 from edgefleet.errors import UserError
-from edgefleet.fleet.promexport import exposition
-from edgefleet.fleet.view import FleetView
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +69,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("edgefleet.fleet").joinpath("web").joinpath(name).read_bytes()
+    return resources.files("edgefleet.dashboard").joinpath("web").joinpath(name).read_bytes()
 
 
 class Broadcaster:

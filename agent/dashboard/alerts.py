@@ -26,8 +26,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from edgefleet.dashboard.rows import STALE
+from edgefleet.dashboard.view import FleetView
 from edgefleet.errors import UserError
-from edgefleet.fleet.view import STALE, FleetView
 from edgefleet.protocol import OFFLINE, ONLINE, Rollout
 
 log = structlog.get_logger(__name__)

@@ -1,1 +1,0 @@
-"""The operator side: collector, release publishing and waves, broker administration."""
