@@ -13,6 +13,11 @@ in its own process so that its peak memory is its own (four runs):
 
 Each run prints its stages' seconds, peak RSS, test top-1 of the fp32 and int8 files (run as
 the agent runs them), int8-vs-fp32 top-1 agreement and the int8/fp32 file size ratio.
+
+    .venv/bin/python bench/train.py --domains [--per-class 40]
+
+trains on five domains unlike ImageNet instead, each beside a logistic-regression reference
+on the same features (bench/train_domains.py).
 """
 
 from __future__ import annotations
@@ -31,6 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import sample_datasets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_domains
 
 TARGET_SECONDS = 180.0
 
@@ -98,12 +106,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=Path, default=sample_datasets.IMAGENET_SAMPLES)
     parser.add_argument("--base", default="lite0", choices=["lite0", "lite1", "lite2"])
     parser.add_argument("--test-split", default="0.2", help="share held out for the test figures")
+    parser.add_argument("--domains", action="store_true", help="the domains unlike ImageNet")
+    parser.add_argument("--per-class", type=int, default=40, help="--domains: images per class")
     args = parser.parse_args(argv)
     cpu = platform.processor() or platform.machine()
     print(
         f"machine: {platform.node()} {os.cpu_count()} cores, {cpu}, "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d')}"
     )
+    if args.domains:
+        with tempfile.TemporaryDirectory(prefix="edgefleet-bench-domains-") as tmp:
+            rows = train_domains.run_domains(
+                Path(tmp), args.per_class, args.base, args.test_split, run
+            )
+        train_domains.summary(rows)
+        return 0
     with tempfile.TemporaryDirectory(prefix="edgefleet-bench-train-") as tmp:
         root = Path(tmp)
         data = sample_datasets.imagenet_groups(root / "groups", samples=args.samples)

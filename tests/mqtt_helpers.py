@@ -321,7 +321,9 @@ class AgentProcess:
         path = self.config.parent / "truth.jsonl"
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        # The sink may be mid-line (its buffer flushed part of one): complete lines only.
+        lines = path.read_text().split("\n")[:-1]
+        return [json.loads(line) for line in lines if line.strip()]
 
 
 @contextlib.contextmanager

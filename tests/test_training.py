@@ -43,7 +43,8 @@ def _folder(root: Path, counts: dict[str, int]) -> Path:
     for label, n in counts.items():
         (root / label).mkdir(parents=True)
         for i in range(n):
-            (root / label / f"{i:02d}.jpg").write_bytes(b"not decoded when listing")
+            # Not decoded when listing or splitting; distinct, since copies split together.
+            (root / label / f"{i:02d}.jpg").write_bytes(f"{label} {i}".encode())
     return root
 
 
@@ -443,7 +444,7 @@ def test_unreadable_photos_are_skipped_and_counted(
         for photo in sorted((faces / folder).iterdir())[:12]:
             (data / folder / photo.name).symlink_to(photo)
     (data / "face" / "broken.png").write_text("not an image")
-    model = train(ImageFolder(data), cache=cache, epochs=3)
+    model = train(ImageFolder(data), cache=cache)
     assert [(p.name, r) for p, r in model.skipped] == [
         ("broken.png", "not a decodable image (text)")
     ]
@@ -454,7 +455,7 @@ def test_unreadable_photos_are_skipped_and_counted(
     (only_broken / "a" / "x.png").write_text("not an image")
     (only_broken / "b" / "y.png").symlink_to(min((faces / "face").iterdir()))
     with pytest.raises(UserError, match=r"no readable training image left for class.*'a'"):
-        train(ImageFolder(only_broken), cache=cache, epochs=1)
+        train(ImageFolder(only_broken), cache=cache)
 
 
 @pytest.mark.export
@@ -502,9 +503,14 @@ def test_fine_tune_moves_only_the_last_block_and_exports_what_it_learned(
     from edgefleet.training.convert import efficientnet
 
     head_only, train_data, test_data = grouped_model
-    model = train(train_data, base="lite0", cache=cache, epochs=20, fine_tune_epochs=2)
+    from edgefleet.training.head import L2_GRID
+
+    model = train(train_data, base="lite0", cache=cache, fine_tune_epochs=2)
     assert model.tuned is not None
-    assert [r.get("fine_tune", 0.0) for r in model.head.history] == [0.0] * 20 + [1.0, 1.0]
+    assert [r.get("fine_tune", 0.0) for r in model.head.history] == [0.0] * len(L2_GRID) + [
+        1.0,
+        1.0,
+    ]
     tuned = model.network().state_dict()
     pretrained = efficientnet(0, pretrained=True).state_dict()
     last = f"_blocks.{len(efficientnet(0, pretrained=True)._blocks) - 1}."

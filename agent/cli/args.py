@@ -120,6 +120,14 @@ def read_secret(path: str | None, flag: str = "--password-file") -> str | None:
         raise UserError(f"{flag} {path}: {exc.strerror}") from None
 
 
+def unit_fraction(text: str) -> float:
+    """A share from 0 to 1, both included (e.g. a least accuracy)."""
+    value = _number(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 1")
+    return value
+
+
 def split_fraction(text: str) -> float:
     """A share of a folder held out: at least 0, below 1."""
     value = _number(text)

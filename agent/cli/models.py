@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import edgefleet.cli.args as argtypes
 from edgefleet.protocol import ID_PATTERN
+
+GATES_REFUSED = 3  # `models train`: written and reported, but not offered for deployment
 
 if TYPE_CHECKING:
     from argparse import _SubParsersAction as Subparsers
@@ -71,20 +74,32 @@ def cmd_train(args: argparse.Namespace) -> int:
         name=args.name or _default_name(data),
         base=args.base,
         version=args.version,
-        epochs=args.epochs,
         validation_split=args.validation_split,
         test_split=args.test_split,
         augment=args.augment,
         fine_tune=args.fine_tune,
         seed=args.seed,
         cache=Path(args.cache) if args.cache else None,
+        min_accuracy=args.min_accuracy,
+        force=args.force,
     )
+    if args.epochs is not None:
+        console.print("note: --epochs is not used any more: the head trains until it converges")
     with _progress(console) as stage:
         report = run(plan, stage)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_training(report, Console())
+    if report["deploy"] is None:
+        # One line, never wrapped: scripts read it.
+        print(
+            "models train: not offered for deployment: "
+            + "; ".join(report["gates"]["refused"])
+            + " (--force to offer it anyway)",
+            file=sys.stderr,
+        )
+        return GATES_REFUSED
     return 0
 
 
@@ -112,6 +127,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         console = Console()
         console.print(_scores_table("test", result))
         console.print(_confusion_table(list(data.labels), result["confusion"]))
+        _print_confused(console, result["confused"])
         _print_skipped(console, result["skipped"])
     return 0
 
@@ -191,6 +207,52 @@ def _confusion_table(labels: list[str], confusion: list[list[int]]) -> Any:
     return table
 
 
+def _print_confused(console: Console, confused: list[dict[str, Any]]) -> None:
+    if confused:
+        pairs = ", ".join(f"{p['true']} as {p['predicted']} ({p['images']})" for p in confused)
+        console.print(f"most confused (true as predicted): {pairs}", markup=False)
+
+
+def _print_head(console: Console, head: dict[str, Any]) -> None:
+    weights = head["class_weights"]
+    spread = f"{min(weights.values()):.2f}-{max(weights.values()):.2f}"
+    console.print(
+        f"head: L2 {head['l2']:g} chosen on {head['chosen_on']}, fitted on "
+        f"{head['fitted_on']} photos in {head['iterations']} iterations, {head['stopped']}; "
+        f"class weights {spread} (1.00 when balanced)",
+        markup=False,
+    )
+
+
+def _print_duplicates(console: Console, duplicates: dict[str, Any]) -> None:
+    if not duplicates["groups"]:
+        return
+    console.print(
+        f"{duplicates['files']} photos are copies of each other (in {duplicates['groups']} "
+        f"group{'s' if duplicates['groups'] != 1 else ''}): each group kept in one split, "
+        "so none is both learned from and tested on",
+        markup=False,
+    )
+    for group in duplicates["across_classes"][:5]:
+        where = ", ".join(f"{item['path']} ({item['class']})" for item in group)
+        console.print(f"  the same photo in two classes: {where}", markup=False)
+
+
+def _print_gates(console: Console, report: dict[str, Any]) -> None:
+    gates = report["gates"]
+    for check in gates["checks"]:
+        console.print(f"gate {'passed' if check['passed'] else 'FAILED'}: {check['says']}")
+    if not gates["checks"]:
+        console.print(f"gate FAILED: {gates['refused'][0]}")
+    if gates.get("fp32_instead"):
+        test = report["test"]["fp32"]
+        console.print(
+            f"the fp32 file ({report['files']['fp32']['path']}) scored {test['accuracy']:.1%} on "
+            "the same photos: it runs on CPU and GPU delegates (an EdgeTPU needs int8)",
+            markup=False,
+        )
+
+
 def _print_skipped(console: Console, skipped: list[dict[str, str]]) -> None:
     if skipped:
         console.print(f"skipped {len(skipped)} unreadable image(s):")
@@ -214,17 +276,18 @@ def _print_training(report: dict[str, Any], console: Console) -> None:
             *(str(report["splits"][p].get(label, 0)) for p in ("train", "validation", "test")),
         )
     console.print(splits)
-    history = report["history"]
-    if history and "val_accuracy" in history[-1]:
-        console.print(f"validation top-1 (head, last epoch): {history[-1]['val_accuracy']:.1%}")
+    _print_head(console, report["head"])
+    _print_duplicates(console, report["duplicates"])
     test = report.get("test")
     if test:
         console.print(_scores_table("test, int8", test["int8"]))
         console.print(_confusion_table(report["labels"], test["int8"]["confusion"]))
+        _print_confused(console, test["int8"]["confused"])
         console.print(
             f"test top-1: fp32 {test['fp32']['accuracy']:.1%}, int8 {test['int8']['accuracy']:.1%};"
             f" int8 agrees with fp32 on {test['int8_agreement']:.1%}"
         )
+    _print_gates(console, report)
     _print_skipped(console, report["skipped"])
     files = report["files"]
     for kind in ("int8", "fp32"):
@@ -233,7 +296,9 @@ def _print_training(report: dict[str, Any], console: Console) -> None:
         )
     seconds = report["seconds"]
     console.print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()))
-    console.print("deploy with:")
+    if report["deploy"] is None:
+        return
+    console.print("deploy with:" if not report["forced"] else "deploy (forced past its gates):")
     console.print(f"  {report['deploy']}", markup=False, soft_wrap=True)
 
 
@@ -252,7 +317,19 @@ def add_models_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     train.add_argument("--base", default="lite0", choices=["lite0", "lite1", "lite2"])
     train.add_argument("--name", type=argtypes.name, help="model name (default: DATA_DIR's name)")
     train.add_argument("--version", type=argtypes.version, default=1, help="model version")
-    train.add_argument("--epochs", type=argtypes.int_between(1, 1000), default=20)
+    # The head now trains until it converges; an old command line with --epochs still runs.
+    train.add_argument("--epochs", type=argtypes.int_between(1, 1000), help=argparse.SUPPRESS)
+    train.add_argument(
+        "--min-accuracy",
+        type=argtypes.unit_fraction,
+        default=None,
+        help="least test top-1 of the int8 model (0-1) to offer it for deployment",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="offer the model for deployment even when a gate refused it",
+    )
     train.add_argument("--validation-split", type=argtypes.split_fraction, default=0.1)
     train.add_argument("--test-split", type=argtypes.split_fraction, default=0.1)
     train.add_argument(

@@ -2,11 +2,15 @@
 
 The folder is read once (names only); images are decoded later, when features are extracted,
 so an unreadable file is skipped and counted there rather than failing the whole listing.
+Splitting reads each file's bytes once: photos with the same bytes (a copy under another
+name, in the same class or another) always land in the same part, so no photo is both
+learned from and tested on, and ``duplicates`` lists them for the report.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import hashlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,16 +58,29 @@ class Dataset:
         second: list[tuple[Path, int]] = []
         for index, label in enumerate(self.labels):
             members = sorted(p for p, t in self.items if t == index)
-            order = rng.permutation(len(members))
+            groups = _same_bytes(members)
+            order = rng.permutation(len(groups))
             take = round(len(members) * fraction)
-            if take == 0 or take == len(members):
+            taken = 0
+            for n in order:
+                part = first if taken < take else second
+                part += [(p, index) for p in groups[n]]
+                taken += len(groups[n]) if part is first else 0
+            if not any(t == index for _, t in first) or not any(t == index for _, t in second):
                 raise UserError(
-                    f"class {label!r} has {len(members)} image(s): too few to split "
-                    f"{fraction:.0%} / {1 - fraction:.0%} (each part needs at least one)"
+                    f"class {label!r} has {len(members)} image(s)"
+                    f"{f' ({len(groups)} different)' if len(groups) < len(members) else ''}: "
+                    f"too few to split {fraction:.0%} / {1 - fraction:.0%} "
+                    "(each part needs at least one)"
                 )
-            first += [(members[i], index) for i in order[:take]]
-            second += [(members[i], index) for i in order[take:]]
         return self._with(first), self._with(second)
+
+    def duplicates(self) -> list[list[tuple[Path, str]]]:
+        """Groups of two or more photos with the same bytes, each as (path, class)."""
+        by_hash: dict[str, list[tuple[Path, str]]] = defaultdict(list)
+        for path, target in self.items:
+            by_hash[_digest(path)].append((path, self.labels[target]))
+        return [group for group in by_hash.values() if len(group) > 1]
 
     def _with(self, items: list[tuple[Path, int]]) -> Dataset:
         return Dataset(labels=self.labels, items=tuple(sorted(items)), root=self.root)
@@ -90,6 +107,26 @@ def image_folder(root: Path | str) -> Dataset:
             raise UserError(f"{folder}: class folder holds no images ({_suffixes()})")
         items += [(p, index) for p in photos]
     return Dataset(labels=tuple(c.name for c in classes), items=tuple(items), root=root)
+
+
+def _digest(path: Path) -> str:
+    """The file's sha256 (a key of its own for one that cannot be read: decoding says why)."""
+    digest = hashlib.sha256()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return f"unreadable:{path}"
+    return digest.hexdigest()
+
+
+def _same_bytes(members: list[Path]) -> list[list[Path]]:
+    """``members`` grouped by content, in order of each group's first path."""
+    groups: dict[str, list[Path]] = {}
+    for path in members:
+        groups.setdefault(_digest(path), []).append(path)
+    return list(groups.values())
 
 
 def _suffixes() -> str:

@@ -57,12 +57,28 @@ class Scores:
             )
         return rows
 
+    def confused(self, most: int = 10) -> list[dict[str, Any]]:
+        """The most frequent mistakes, (true class, predicted class, photos), most first."""
+        n = len(self.labels)
+        counts = [
+            (int(self.confusion[i, j]), i, j)
+            for i in range(n)
+            for j in range(n)
+            if i != j and self.confusion[i, j]
+        ]
+        counts.sort(key=lambda c: -c[0])
+        return [
+            {"true": self.labels[i], "predicted": self.labels[j], "images": k}
+            for k, i, j in counts[:most]
+        ]
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "accuracy": self.accuracy,
             "images": self.total,
             "per_class": self.per_class(),
             "confusion": self.confusion.tolist(),
+            "confused": self.confused(),
         }
 
 

@@ -40,7 +40,6 @@ from edgefleet.training.features import CENTRE, Extractor, View, model_sized, pa
 from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
 
-DEFAULT_EPOCHS = 20
 AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
 CALIBRATION_IMAGES = 200
 Stage = Callable[[str, int, int], None]  # (stage name, done, total)
@@ -155,7 +154,6 @@ class TrainedModel:
 def train(
     data: Dataset,
     base: str = "lite0",
-    epochs: int = DEFAULT_EPOCHS,
     augment: bool = False,
     seed: int = 0,
     validation: Dataset | None = None,
@@ -166,8 +164,6 @@ def train(
     """Extract (or reuse) backbone features, then fit the head on them; with
     ``fine_tune_epochs``, then train the last block and head conv too (``finetune``)."""
     level = parse_base(base)
-    if epochs < 1:
-        raise UserError(f"epochs must be at least 1, got {epochs}")
     seconds = {}
     started = time.perf_counter()
     _report(stage, "backbone", 0, 1)
@@ -196,10 +192,8 @@ def train(
         found.features,
         found.targets,
         len(data.labels),
-        epochs,
-        seed,
         held_out,
-        lambda e, t, _loss: _report(stage, "train head", e, t),
+        lambda d, t: _report(stage, "train head", d, t),
     )
     seconds["train_head"] = time.perf_counter() - started
     model = TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
@@ -208,7 +202,11 @@ def train(
         model.tuned = _fine_tune(model, views, validation, fine_tune_epochs, seed, stage)
         tuned = model.tuned.state
         model.head = Head(
-            tuned["_fc.weight"], tuned["_fc.bias"], head.history + model.tuned.history
+            tuned["_fc.weight"],
+            tuned["_fc.bias"],
+            head.history + model.tuned.history,
+            head.fit,
+            head.class_weights,
         )
         seconds["fine_tune"] = time.perf_counter() - started
     return model

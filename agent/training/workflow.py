@@ -1,8 +1,10 @@
 """``edgefleet models train``: a folder in, two models and a report out.
 
-Split (test, then validation, both stratified and seeded) -> features and head (``train``)
--> export (fp32 + int8) -> both files scored on the test split exactly as the agent runs
-them -> ``report.json``. The report is what the CLI prints; nothing is scored twice.
+Split (test, then validation, both stratified and seeded; photos with the same bytes kept
+together) -> features and head (``train``) -> export (fp32 + int8) -> both files scored on
+the test split exactly as the agent runs them -> the gates (``gates``) -> ``report.json``.
+The report is what the CLI prints; nothing is scored twice. The deploy line is in it only
+when the gates passed, or when ``force`` is set (and then it says so).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.inference.classifier import sha256_file
 from edgefleet.training.dataset import Dataset, image_folder
 from edgefleet.training.evaluate import predict_file, score
+from edgefleet.training.gates import judge
 from edgefleet.training.model import Stage, train
 
 REPORT_NAME = "report.json"
@@ -35,13 +38,14 @@ class Plan:
     name: str
     base: str = "lite0"
     version: int = 1
-    epochs: int = 20
     validation_split: float = 0.1
     test_split: float = 0.1
     augment: bool = False
     fine_tune: int = 0  # epochs of training the last block too; 0: head only
     seed: int = 0
     cache: Path | None = None
+    min_accuracy: float | None = None  # the int8 file's least test top-1, when set
+    force: bool = False  # offer the deploy line even when a gate refused the model
 
 
 def split(data: Dataset, plan: Plan) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -65,10 +69,10 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     data = image_folder(plan.data)
     train_data, validation, test = split(data, plan)
+    duplicates = data.duplicates()
     model = train(
         train_data,
         base=plan.base,
-        epochs=plan.epochs,
         augment=plan.augment,
         seed=plan.seed,
         validation=validation,
@@ -85,7 +89,8 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         "labels": list(data.labels),
         "data": str(plan.data),
         "seed": plan.seed,
-        "epochs": plan.epochs,
+        "validation_split": plan.validation_split,
+        "test_split": plan.test_split,
         "augment": plan.augment,
         "fine_tune": plan.fine_tune,
         "splits": {
@@ -94,6 +99,11 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
             "test": test.counts() if test else {},
         },
         "skipped": [{"path": str(p), "reason": r} for p, r in model.skipped],
+        "duplicates": _duplicates(duplicates),
+        "head": {
+            **model.head.fit,
+            "class_weights": dict(zip(data.labels, model.head.class_weights, strict=True)),
+        },
         "history": model.head.history,
         "files": {
             kind: {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -106,7 +116,10 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         seconds["evaluate"] = time.perf_counter() - evaluated
     seconds["total"] = time.perf_counter() - started
     report["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
-    report["deploy"] = deploy_command(exported.int8, plan.name, plan.version)
+    report["gates"] = judge(report.get("test"), plan.min_accuracy)
+    offered = report["gates"]["passed"] or plan.force
+    report["forced"] = plan.force and not report["gates"]["passed"]
+    report["deploy"] = deploy_command(exported.int8, plan.name, plan.version) if offered else None
     atomic_write_bytes(plan.out / REPORT_NAME, (json.dumps(report, indent=2) + "\n").encode())
     return report
 
@@ -122,6 +135,16 @@ def _scores(fp32: Path, int8: Path, test: Dataset, stage: Stage | None) -> dict[
         "int8": score(test.labels, runs["int8"].truth, runs["int8"].predicted).as_dict(),
         "int8_agreement": float(np.mean(both[0] == both[1])) if len(both[0]) else 0.0,
         "skipped": len(runs["fp32"].skipped),
+    }
+
+
+def _duplicates(groups: list[list[tuple[Path, str]]]) -> dict[str, Any]:
+    """Photos with the same bytes: how many, and those filed under more than one class."""
+    conflicts = [g for g in groups if len({label for _, label in g}) > 1]
+    return {
+        "groups": len(groups),
+        "files": sum(len(g) for g in groups),
+        "across_classes": [[{"path": str(p), "class": c} for p, c in g] for g in conflicts],
     }
 
 
