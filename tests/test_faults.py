@@ -352,3 +352,18 @@ def test_the_paho_internals_the_silence_check_reads_are_there() -> None:
     assert client._ping_t == 0
     assert callable(client._send_pingreq)
     assert callable(client._sock_close)
+
+
+def test_a_reason_that_only_changed_its_numbers_is_not_logged_again() -> None:
+    """The not-yet-valid certificate's reason carries the clock's minute: when the minute
+    turned during the retries it was logged a second time (seen 2026-12-07)."""
+    from edgefleet.mqtt.liveness import same_reason, unreachable_reason
+
+    class NotYetValidError(OSError):
+        verify_code = 9
+
+    first = unreachable_reason(NotYetValidError())
+    later = first.replace(first.split("(")[1][:16], "2025-11-02 03:13")
+    assert later != first
+    assert same_reason(later, first)
+    assert not same_reason("broker unreachable: [Errno 111] Connection refused", first)

@@ -35,7 +35,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from edgefleet.mqtt.brokers import Rotation, device_client, no_delay
 from edgefleet.mqtt.handoff import Incoming, Send
-from edgefleet.mqtt.liveness import silence, unreachable_reason
+from edgefleet.mqtt.liveness import same_reason, silence, unreachable_reason
 from edgefleet.mqtt.settings import LinkSettings
 from edgefleet.mqtt.subscriptions import Subscriptions
 from edgefleet.mqtt.topicfilter import TopicFilter
@@ -346,7 +346,7 @@ class Connection:
                 )
             except (OSError, ssl.SSLError, ValueError) as exc:
                 reason = unreachable_reason(exc)
-                quiet = reason == self.last_error  # said already: no line per retry
+                quiet = same_reason(reason, self.last_error)  # said already: no line per retry
                 self.state, self.last_error = "unreachable", reason
                 if isinstance(exc, ssl.SSLCertVerificationError):
                     if not quiet:

@@ -16,6 +16,7 @@ applies, as giving up a quiet link that was never asked to answer would be wrong
 
 from __future__ import annotations
 
+import re
 import time
 
 import paho.mqtt.client as mqtt
@@ -35,6 +36,12 @@ def unreachable_reason(exc: BaseException) -> str:
             "clock set? A Pi has no RTC and needs NTP first; retrying"
         )
     return f"broker unreachable: {exc}"
+
+
+def same_reason(reason: str, before: str) -> bool:
+    """The same failure as ``before``, whatever its numbers say: a reason that carries the
+    clock's minute (a certificate not valid yet) is still the one already logged."""
+    return re.sub(r"\d+", "#", reason) == re.sub(r"\d+", "#", before)
 
 
 def silence(client: mqtt.Client, heard_at: float, keepalive_s: float) -> str | None:
