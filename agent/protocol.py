@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 DEFAULT_PREFIX = "edgefleet/v1"
 ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
@@ -173,6 +173,9 @@ class Topics:
         return parts[-1]
 
 
+SHARED_CHUNKS: Final = "_chunks"
+
+
 @dataclass(frozen=True)
 class FleetTopics:
     """Topics seen from the fleet side: every device at once, releases, targets."""
@@ -203,6 +206,23 @@ class FleetTopics:
         """Every chunk of one variant (a wildcard filter)."""
         return f"{self.prefix}/models/{name}/{version}/{kind}/+"
 
+    def shared_chunk(self, sha256: str) -> str:
+        """A content-defined chunk, retained once for every release that has it (model names
+        begin with a letter or digit, so ``_chunks`` is no release's topic)."""
+        return f"{self.prefix}/models/{SHARED_CHUNKS}/{sha256}"
+
+    def shared_chunks(self) -> str:
+        """Every shared chunk (a wildcard filter)."""
+        return f"{self.prefix}/models/{SHARED_CHUNKS}/+"
+
+    @staticmethod
+    def chunk_hash_of(topic: str) -> str | None:
+        """The sha256 a shared chunk's topic names, or None for another topic."""
+        parts = topic.rsplit("/", 2)
+        if len(parts) != 3 or parts[1] != SHARED_CHUNKS or not re.fullmatch(HEX64, parts[2]):
+            return None
+        return parts[2]
+
     def every_group(self, leaf: str) -> str:
         """``{prefix}/groups/+/{leaf}``: one leaf of every group."""
         return f"{self.prefix}/groups/+/{leaf}"
@@ -210,6 +230,10 @@ class FleetTopics:
     def release(self, name: str, version: int) -> str:
         """The retained manifest of a published release (its index: what was published)."""
         return f"{self.prefix}/models/{name}/{version}/manifest"
+
+    def every_release(self) -> str:
+        """Every published release's retained manifest (a wildcard filter)."""
+        return f"{self.prefix}/models/+/+/manifest"
 
     def all_chunks(self) -> str:
         """Every chunk of every release (a wildcard filter)."""
@@ -379,18 +403,37 @@ class Ack(_Input):
     mseq: int = Field(ge=0)
 
 
+MAX_CHUNK_BYTES: Final = 16 * 1024 * 1024
+
+
 class InputSpecRef(_Input):
     height: int = Field(gt=0, le=4096)
     width: int = Field(gt=0, le=4096)
     dtype: Literal["uint8", "int8", "float32"]
 
 
+class Chunking(_Input):
+    """Content-defined chunks (FastCDC 2020, normalized chunking 1, gear seed 0: the output of
+    ``pyfastcdc`` and of the Rust ``fastcdc`` crate's ``v2020``): an insertion or a resized
+    tensor moves the boundaries near it only, so a retrained model shares most chunks with
+    the one a device has. A device cuts its own models with these sizes to find them."""
+
+    algorithm: Literal["fastcdc-2020"]
+    min_size: int = Field(ge=64, le=1024 * 1024)
+    avg_size: int = Field(ge=256, le=4 * 1024 * 1024)
+    max_size: int = Field(ge=1024, le=MAX_CHUNK_BYTES)
+    lengths: list[int] = Field(min_length=1, description="each chunk's length, in order")
+
+
 class VariantSpec(_Input):
     kind: str = Field(pattern=KIND_PATTERN, description="delegate kind, or 'any'")
     size: int = Field(gt=0)
     sha256: str = Field(pattern=HEX64)
-    chunk_size: int = Field(gt=0, le=16 * 1024 * 1024)
+    chunk_size: int = Field(gt=0, le=MAX_CHUNK_BYTES, description="the longest chunk")
     chunks: list[str] = Field(min_length=1)
+    cdc: Chunking | None = Field(
+        default=None, description="content-defined chunks, fetched by hash (absent: fixed size)"
+    )
     input: InputSpecRef
     labels: int | None = Field(default=None, ge=1, description="number of classes")
     expected_top1: str | None = Field(default=None, description="on the bundled probe image")
@@ -413,7 +456,33 @@ class ShadowSpec(_Input):
     max_errors: int = Field(default=0, ge=0)
 
 
-class Manifest(_Input):
+class _Signed(_Input):
+    """A message the fleet signs: what a valid signature may cover."""
+
+    # The message as it was received (``canonical_as_sent``) and this model's canonical
+    # encoding then: a copy with other content (``model_copy(update=...)``) must not pass
+    # for what was sent.
+    _as_sent: tuple[bytes, bytes] | None = PrivateAttr(default=None)
+
+    def canonical(self) -> bytes:
+        raise NotImplementedError
+
+    def received(self, payload: bytes) -> None:
+        """Remember ``payload``, the message this was parsed from, for the signature check."""
+        sent = canonical_as_sent(payload)
+        self._as_sent = None if sent is None else (sent, self.canonical())
+
+    def signed_forms(self) -> list[bytes]:
+        """The fields as they were sent (a signer that leaves out a field with a default, or
+        writes ``120`` for ``120.0``), then this model's own canonical encoding (every
+        manifest ``edgefleet rollout publish`` signed, whatever JSON library sent it)."""
+        own = self.canonical()
+        if self._as_sent is None or self._as_sent[1] != own or self._as_sent[0] == own:
+            return [own]
+        return [self._as_sent[0], own]
+
+
+class Manifest(_Signed):
     """``.../model/desired`` (retained): a signed release (see ``edgefleet.rollout.release``)."""
 
     rollout_id: str = Field(min_length=1, max_length=64)
@@ -428,16 +497,25 @@ class Manifest(_Input):
     key_id: str = Field(min_length=1, max_length=64)
     signature: str = ""
 
-    def canonical(self) -> bytes:
-        """What the signature covers: everything but the signature, sorted, compact, UTF-8.
-
-        A release without a shadow phase leaves the key out, so manifests signed before the
-        key existed still verify.
-        """
+    def body(self) -> dict[str, Any]:
+        """Every field but the signature, as JSON values; the keys added after the first
+        release (``shadow``, a variant's ``cdc``) are left out when unset, so manifests signed
+        before they existed sign the same bytes."""
         body = self.model_dump(mode="json", exclude={"signature"})
         if body.get("shadow") is None:
             body.pop("shadow", None)
-        return _canonical(body)
+        for variant in body["variants"]:
+            if variant.get("cdc") is None:
+                variant.pop("cdc", None)
+        return body
+
+    def canonical(self) -> bytes:
+        """The canonical encoding of ``body()``: what ``edgefleet rollout publish`` signs."""
+        return canonical_json(self.body())
+
+    def wire(self) -> bytes:
+        """The message to publish: ``body()`` and the signature."""
+        return json.dumps({**self.body(), "signature": self.signature}).encode()
 
     def variant_for(self, kinds: list[str]) -> VariantSpec | None:
         """The first variant (in the device's preference order) it can run."""
@@ -448,7 +526,7 @@ class Manifest(_Input):
         return next((v for v in self.variants if v.kind == ANY_KIND), None)
 
 
-class Decision(_Input):
+class Decision(_Signed):
     """``.../model/decision`` (retained): an operator's signed verdict on a manual shadow phase."""
 
     rollout_id: str = Field(min_length=1, max_length=64)
@@ -458,11 +536,45 @@ class Decision(_Input):
     signature: str = ""
 
     def canonical(self) -> bytes:
-        return _canonical(self.model_dump(mode="json", exclude={"signature"}))
+        return canonical_json(self.model_dump(mode="json", exclude={"signature"}))
+
+    def wire(self) -> bytes:
+        return self.model_dump_json().encode()
 
 
-def _canonical(body: dict[str, Any]) -> bytes:
+def canonical_json(body: dict[str, Any]) -> bytes:
+    """Sorted keys, no whitespace, UTF-8 (no ``\\u`` escapes but those JSON requires)."""
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class _Number(str):
+    """A JSON number kept as the text it was sent as."""
+
+
+def _encode_as_sent(value: object) -> str:
+    if isinstance(value, _Number):
+        return str.__str__(value)
+    if isinstance(value, dict):
+        items = sorted(value.items())
+        return "{" + ",".join(f"{_encode_as_sent(k)}:{_encode_as_sent(v)}" for k, v in items) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_encode_as_sent(v) for v in value) + "]"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def canonical_as_sent(payload: bytes) -> bytes | None:
+    """The canonical encoding of a signed message as it was sent, without its
+    ``signature``: keys sorted, no whitespace, numbers exactly as written (``120`` stays
+    ``120``, ``1e3`` stays ``1e3``), fields left out staying out. None when it is no JSON
+    object. The payload must have passed ``loads`` (depth, constants) already."""
+    try:
+        body = json.loads(payload, parse_int=_Number, parse_float=_Number)
+    except ValueError:
+        return None
+    if not isinstance(body, dict):
+        return None
+    body.pop("signature", None)
+    return _encode_as_sent(body).encode()
 
 
 MESSAGE_MODELS: dict[str, type[BaseModel]] = {

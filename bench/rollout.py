@@ -35,7 +35,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from edgefleet.app.demo import find_mosquitto, local_broker
 from edgefleet.factory import factory_model_path
 from edgefleet.operator.releases import Broker, build_release, publish_release
-from edgefleet.rollout.release import chunk, generate_keys
+from edgefleet.rollout.release import DEFAULT_CHUNK, chunk, generate_keys
 
 MODEL = factory_model_path()
 FLOAT_MODEL = Path(__file__).resolve().parents[1] / "models" / "efficientnet-lite0-fp32.tflite"
@@ -127,7 +127,11 @@ def stages(watch: Watch, rollout_id: str, since: float) -> str:
 def roll(
     port: int, key: Path, devices: list[str], version: int, watch: Watch, model: Path = MODEL
 ) -> float:
-    manifest, blobs = build_release({"cpu": model}, "bench", version, key, "bench", 3600)
+    # Fixed chunks: the plain subscriber it is compared with fetches them by release topic
+    # (bench/delta.py measures content-defined ones).
+    manifest, blobs = build_release(
+        {"cpu": model}, "bench", version, key, "bench", 3600, chunk_size=DEFAULT_CHUNK
+    )
     operator = Broker(f"mqtt://127.0.0.1:{port}")
     started = time.monotonic()
     publish_release(operator, manifest, blobs, [f"device:{d}" for d in devices])
@@ -297,15 +301,17 @@ def converge(port: int, key: Path, device: str, watch: Watch, first: int, second
     stuck, stuck_blobs = build_release(
         {"cpu": FLOAT_MODEL}, "stuck", first, key, "bench", 3600, chunk_size=1 << 20
     )
-    latest, latest_blobs = build_release({"cpu": MODEL}, "latest", second, key, "bench", 3600)
+    latest, latest_blobs = build_release(
+        {"cpu": MODEL}, "latest", second, key, "bench", 3600, chunk_size=DEFAULT_CHUNK
+    )
     operator = Broker(f"mqtt://127.0.0.1:{port}")
     pieces = chunk(stuck_blobs["cpu"], 1 << 20)
     for index, piece in enumerate(pieces[: len(pieces) // 2]):
         topic = f"edgefleet/v1/models/stuck/{first}/cpu/{index}"
         operator.publish(topic, piece).wait_for_publish(10)
-    operator.publish(
-        f"edgefleet/v1/devices/{device}/model/desired", stuck.model_dump_json().encode()
-    ).wait_for_publish(10)
+    operator.publish(f"edgefleet/v1/devices/{device}/model/desired", stuck.wire()).wait_for_publish(
+        10
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not any(
         s.get("name") == "stuck" and s["state"] == "downloading" for _, s in _states(watch, device)

@@ -9,7 +9,7 @@ takes those four from Debian (``python3-opencv``, ``python3-numpy``, ``python3-y
 packages, and then installs what this prints: the project's other requirements from
 pyproject.toml, with their environment markers dropped (on a 64-bit kernel a 32-bit Python
 still reports ``platform_machine == 'aarch64'``, which would pick ai-edge-litert), and
-tflite-runtime 2.14 as the runtime.
+tflite-runtime 2.14 as the runtime (and not pyfastcdc: see ``NOT_ON_ARMHF``).
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 FROM_DEBIAN = {"numpy", "opencv-python-headless", "pyyaml", "cffi"}
 RUNTIMES = {"ai-edge-litert", "tflite-runtime"}
 RUNTIME = "tflite-runtime==2.14.*"
+# No armv7l wheel: pip would build it under the installer, and without a compiler get the
+# pure-Python chunker, which the agent does not use (it fetches every chunk instead).
+NOT_ON_ARMHF = {"pyfastcdc"}
 # Bounds that Debian's packages set here: cryptography 46 and later need cffi 2, which has no
 # armv7l wheel (pip would compile it, without a compiler) while Debian 12 ships cffi 1.15.
 WITH_DEBIAN = {"cryptography": ",<46"}
@@ -42,7 +45,7 @@ def system_numerics(dependencies: list[str]) -> list[str]:
     wanted = []
     for requirement in dependencies:
         name = _name(requirement)
-        if name in FROM_DEBIAN or name in RUNTIMES:
+        if name in FROM_DEBIAN or name in RUNTIMES or name in NOT_ON_ARMHF:
             continue
         wanted.append(requirement.split(";", 1)[0].strip() + WITH_DEBIAN.get(name, ""))
     return [*wanted, RUNTIME]

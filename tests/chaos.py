@@ -1,11 +1,12 @@
 """A TCP proxy that misbehaves on request: the flaky Wi-Fi of a device, on loopback.
 
 netem is not available here, so the faults are made in user space between a client and a
-broker: latency (each direction, every byte), a stall (nothing forwarded for a while, then
-all of it), resets (every connection closed with RST), and a half-open cut (both sockets stay
-open and are read, nothing is forwarded: the client's TCP sees its data acknowledged, only
-the application can tell that nobody answers). New connections are accepted during a cut and
-cut as well, as through a dead access point.
+broker: latency (each direction, every byte), a bandwidth cap (each direction of each
+connection), a stall (nothing forwarded for a while, then all of it), resets (every
+connection closed with RST), and a half-open cut (both sockets stay open and are read,
+nothing is forwarded: the client's TCP sees its data acknowledged, only the application can
+tell that nobody answers). New connections are accepted during a cut and cut as well, as
+through a dead access point.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ChaosProxy:
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._server.getsockname()[1])
         self.latency_s = 0.0
+        self.rate_bytes_s = 0.0  # each direction of each connection at most this (0: any)
         self._stalled_until = 0.0
         self._cut = False
         self._lock = threading.Lock()
@@ -135,5 +137,7 @@ class ChaosProxy:
                 pipe.dst.sendall(data)
             except OSError:
                 break
+            if self.rate_bytes_s > 0:  # a slow link: the next bytes wait their turn
+                time.sleep(len(data) / self.rate_bytes_s)
         with contextlib.suppress(OSError):
             pipe.dst.shutdown(socket.SHUT_WR)

@@ -162,10 +162,12 @@ def test_fp32_top5_matches_pytorch(
 @needs_train
 @THIRD_PARTY_WARNINGS
 def test_calibration_images_are_not_imagenet_samples() -> None:
-    crops = list(export_models.calibration_images(224, 12))
+    from edgefleet.training.convert import CALIBRATION_PHOTOS, calibration_images
+
+    crops = list(calibration_images(224, 12))
     assert len(crops) == 12
     assert all(c.shape == (224, 224, 3) and c.dtype == np.uint8 for c in crops)
-    assert not any(name.endswith(".JPEG") for name in export_models.CALIBRATION_PHOTOS)
+    assert not any(name.endswith(".JPEG") for name in CALIBRATION_PHOTOS)
 
 
 @pytest.mark.export

@@ -110,7 +110,7 @@ def test_explicit_rollback_may_go_back(keys: tuple[Path, Path]) -> None:
     [
         (b"{not json", "manifest is not JSON"),
         (b'{"name": "x"}', "malformed manifest"),
-        (b"x" * 70_000, "exceeds 65536"),
+        (b"x" * 1_000_001, "exceeds 1000000"),
     ],
 )
 def test_malformed_manifests(payload: bytes, reason: str) -> None:
@@ -303,7 +303,7 @@ def test_chunks_cut_the_file_in_order() -> None:
 
     assert chunk(b"abcdefgh", 3) == [b"abc", b"def", b"gh"]
     assert [len(c) for c in chunk(b"x" * 300_000)] == [131_072, 131_072, 37_856]
-    assert DEFAULT_CHUNK == 128 * 1024  # what docs/protocol.md's example shows
+    assert DEFAULT_CHUNK == 128 * 1024  # the fixed size docs/protocol.md gives older agents
     import hashlib
 
     variant = describe_variant("cpu", b"abcdefgh", SPEC, 3)
@@ -523,11 +523,11 @@ def test_decision_ids_at_their_limits(field: str) -> None:
 
 def test_a_decision_of_exactly_the_size_cap_is_read() -> None:
     from edgefleet.protocol import Decision
-    from edgefleet.rollout.release import MAX_MANIFEST_BYTES, parse_decision
+    from edgefleet.rollout.release import MAX_DECISION_BYTES, parse_decision
 
     body = Decision(rollout_id="r", action="reject", created=1.0, key_id="k").model_dump_json()
-    padded = body.encode().ljust(MAX_MANIFEST_BYTES, b" ")
-    assert len(padded) == MAX_MANIFEST_BYTES
+    padded = body.encode().ljust(MAX_DECISION_BYTES, b" ")
+    assert len(padded) == MAX_DECISION_BYTES
     assert parse_decision(padded).rollout_id == "r"
 
 
@@ -537,3 +537,108 @@ def test_shadow_defaults_are_the_documented_ones() -> None:
     spec = ShadowSpec(samples=300)
     assert (spec.interval_s, spec.max_duration_s, spec.mode) == (2.0, 3600.0, "auto")
     assert (spec.min_agreement, spec.max_latency_ratio, spec.max_errors) == (None, None, 0)
+
+
+# -- a signer that is not ours ------------------------------------------------------------------
+
+
+def _third_party_signed(fields: dict[str, Any], key_path: Path) -> bytes:
+    """A release signer written from docs/protocol.md ("Signing") alone: canonical JSON of the
+    fields it sends (keys sorted, no whitespace, numbers as it writes them), Ed25519, base64;
+    then it sends the fields pretty-printed, in its own key order."""
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def canonical(value: Any) -> str:
+        if isinstance(value, dict):
+            return (
+                "{"
+                + ",".join(f"{json.dumps(k)}:{canonical(value[k])}" for k in sorted(value))
+                + "}"
+            )
+        if isinstance(value, list):
+            return "[" + ",".join(canonical(v) for v in value) + "]"
+        return json.dumps(value, ensure_ascii=False)
+
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    signature = base64.b64encode(key.sign(canonical(fields).encode())).decode()
+    sent = {"signature": signature, **dict(reversed(list(fields.items())))}
+    return json.dumps(sent, indent=2, ensure_ascii=False).encode()
+
+
+def _minimal_fields() -> dict[str, Any]:
+    """A manifest with only what has no default, whole numbers as integers, a shadow phase
+    without ``max_errors``, ``max_duration_s: 120`` (the agent's dump says ``120.0``)."""
+    data = b"TFL3" * 100
+    variant = describe_variant("cpu", data, SPEC, 128)
+    now = int(time.time())
+    return {
+        "rollout_id": "third-party-é",
+        "name": "lite0",
+        "version": 3,
+        "created": now,
+        "expires": now + 3600,
+        "key_id": "release",
+        "shadow": {"samples": 5, "max_duration_s": 120},
+        "variants": [
+            {
+                "kind": "cpu",
+                "size": variant.size,
+                "sha256": variant.sha256,
+                "chunk_size": 128,
+                "chunks": variant.chunks,
+                "input": SPEC,
+            }
+        ],
+    }
+
+
+def test_a_manifest_signed_by_a_third_party_signer_from_the_docs_verifies(
+    keys: tuple[Path, Path],
+) -> None:
+    payload = _third_party_signed(_minimal_fields(), keys[0])
+    manifest = parse_manifest(payload)
+    _check(manifest, keys)
+    assert manifest.shadow is not None
+    assert manifest.shadow.max_errors == 0
+    # Over our own dump (every default filled in, 120.0) it would not have verified:
+    with pytest.raises(ReleaseError, match="bad signature"):
+        _check(Manifest.model_validate(json.loads(payload)), keys)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version", 4),
+        ("shadow", {"samples": 5, "max_duration_s": 121}),
+        ("min_agent_version", "0.0.0"),
+    ],
+)
+def test_a_third_party_manifest_changed_after_signing_is_refused(
+    keys: tuple[Path, Path], field: str, value: object
+) -> None:
+    """Changing a field, or adding one that had its default (the same meaning), breaks it."""
+    sent = json.loads(_third_party_signed(_minimal_fields(), keys[0]))
+    sent[field] = value
+    with pytest.raises(ReleaseError, match="bad signature"):
+        _check(parse_manifest(json.dumps(sent).encode()), keys)
+
+
+def test_a_copy_with_other_content_does_not_pass_for_what_was_sent(
+    keys: tuple[Path, Path],
+) -> None:
+    manifest = parse_manifest(_third_party_signed(_minimal_fields(), keys[0]))
+    with pytest.raises(ReleaseError, match="bad signature"):
+        _check(manifest.model_copy(update={"version": 9}), keys)
+
+
+def test_our_manifests_verify_as_published_and_as_any_json_library_sends_them(
+    keys: tuple[Path, Path],
+) -> None:
+    manifest = _manifest(keys)
+    for payload in (manifest.wire(), manifest.model_dump_json().encode()):
+        _check(parse_manifest(payload), keys)
+    assert b'"shadow"' not in manifest.wire()  # the keys added later stay out when unset

@@ -13,10 +13,10 @@ import pytest
 from edgefleet.operator.releases import Broker as Operator
 from edgefleet.operator.releases import build_release, publish_release
 from edgefleet.protocol import Manifest, VariantSpec
+from edgefleet.rollout.chunks import held, spans
 from edgefleet.rollout.release import (
     PARTIAL,
     chunk,
-    chunks_on_disk,
     describe_variant,
     generate_keys,
     load_private_key,
@@ -50,7 +50,7 @@ def _on_disk(folder: Path, variant: VariantSpec) -> int:
     except FileNotFoundError:
         return 0
     try:
-        return len(chunks_on_disk(fd, variant))
+        return len(held(fd, spans(variant)))
     finally:
         os.close(fd)
 

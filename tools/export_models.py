@@ -20,12 +20,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
@@ -38,6 +35,7 @@ from edgefleet.training.convert import (
     PRETRAINED,
     SIZES,
     STD,
+    calibration_images,
     channel_last_probabilities,
     check_ops,
     convert_fp32,
@@ -45,23 +43,10 @@ from edgefleet.training.convert import (
     op_histogram,
     output_folder,
     quantize_int8,
-    require,
     weights_package,
 )
 
 SYNSETS_FILE = Path(__file__).resolve().parent / "data" / "imagenet1k_synsets.tsv"
-CALIBRATION_PHOTOS = (
-    "astronaut.png",
-    "chelsea.png",
-    "coffee.png",
-    "rocket.jpg",
-    "hubble_deep_field.jpg",
-    "retina.jpg",
-    "ihc.png",
-    "brick.png",
-    "grass.png",
-    "gravel.png",
-)
 # Re-exported for the tests that check the exported files against them.
 __all__ = ["ALLOWED_OPS", "ALLOWED_OPS_INT8", "main", "op_histogram"]
 VARIANTS = tuple(f"lite{n}-{kind}" for n in SIZES for kind in ("fp32", "int8"))
@@ -104,33 +89,6 @@ def imagenet_labels() -> list[str]:
 def build_torch_model(variant: Variant) -> Any:
     """The PyTorch network, pretrained where weights exist, with NHWC in and softmax out."""
     return channel_last_probabilities(efficientnet(variant.level, variant.trained))
-
-
-def calibration_images(size: int, count: int, seed: int = 0) -> Iterator[np.ndarray]:
-    """Deterministic random crops (scale, aspect, flip) of bundled public-domain photos."""
-    cv2 = require("cv2", "opencv-python-headless")
-    skimage_data = require("skimage.data", "scikit-image")
-    folder = Path(skimage_data.__file__).parent
-    photos = []
-    for name in CALIBRATION_PHOTOS:
-        bgr = cv2.imread(str(folder / name), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise UserError(f"calibration photo {name} missing from scikit-image")
-        photos.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    rng = np.random.default_rng(seed)
-    for i in range(count):
-        img = photos[i % len(photos)]
-        h, w = img.shape[:2]
-        area = rng.uniform(0.3, 1.0) * h * w
-        aspect = rng.uniform(3 / 4, 4 / 3)
-        cw = int(min(w, np.sqrt(area * aspect)))
-        ch = int(min(h, np.sqrt(area / aspect)))
-        x = int(rng.integers(0, w - cw + 1))
-        y = int(rng.integers(0, h - ch + 1))
-        crop = cv2.resize(img[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_AREA)
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        yield np.ascontiguousarray(crop)
 
 
 def metadata_for(variant: Variant) -> ModelMetadata:

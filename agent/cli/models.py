@@ -82,6 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cache=Path(args.cache) if args.cache else None,
         min_accuracy=args.min_accuracy,
         force=args.force,
+        calibration=args.calibration,
     )
     if args.epochs is not None:
         console.print("note: --epochs is not used any more: the head trains until it converges")
@@ -343,6 +344,13 @@ def add_models_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         default=0,
         metavar="EPOCHS",
         help="then train the last block and head conv too, for EPOCHS (5 when not given)",
+    )
+    train.add_argument(
+        "--calibration",
+        choices=("data", "base"),
+        default="data",
+        help="int8 ranges from the training photos, or from the base model's photos "
+        "(retrains then keep equal backbone bytes: small delta rollouts, docs/rollouts.md)",
     )
     train.add_argument("--seed", type=argtypes.int_between(0), default=0)
     train.add_argument("--cache", help="backbone and feature cache (default ~/.cache/edgefleet)")

@@ -176,7 +176,7 @@ def _fan_out(broker: Broker, manifest: Manifest, args: argparse.Namespace) -> li
 
     devices = target_devices(broker, args.target, args.prefix)
     if "fleet" in args.target:
-        body = manifest.model_dump_json().encode()
+        body = manifest.wire()
         for device in devices:
             broker.publish(desired_topic(args.prefix, f"device:{device}"), body)
     return devices
@@ -286,7 +286,8 @@ def _status_table(rows: list[dict[str, Any]]) -> RenderableType:
     from rich.table import Table
 
     table = Table(title=f"fleet: {len(rows)} devices")
-    columns = ("device", "presence", "active", "desired", "state", "progress", "reason", "age")
+    columns = ["device", "presence", "active", "desired", "state", "progress", "sent", "reason"]
+    columns.append("age")
     for column in columns:
         table.add_column(column)
     for row in rows:
@@ -299,6 +300,7 @@ def _status_table(rows: list[dict[str, Any]]) -> RenderableType:
             row["desired"],
             row["state"],
             progress if isinstance(progress, str) else f"{progress}%",
+            row["sent"],
             row["reason"],
             f"{age:.0f} s" if age is not None else "",
         )
@@ -385,7 +387,12 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     pub.add_argument(
         "--expires-in", type=argtypes.positive_float, default=24 * 7, help="validity in hours"
     )
-    pub.add_argument("--chunk-size", type=argtypes.chunk_size, default=128 * 1024, help="bytes")
+    pub.add_argument(
+        "--chunk-size",
+        type=argtypes.chunk_size,
+        help="fixed chunks of this many bytes, for agents before content-defined chunks "
+        "(default: content-defined, shared between releases; docs/rollouts.md)",
+    )
     pub.add_argument("--rollback", action="store_true", help="allow a lower version")
     pub.add_argument("--expected-top1", help="label the probe image must give (self-test)")
     pub.add_argument("--no-wait", action="store_true", help="return once published")

@@ -24,6 +24,7 @@ log = structlog.get_logger(__name__)
 
 SUB_RETRY_MIN_S = 1.0  # a refused subscription is asked for again after this, doubling
 SUB_RETRY_MAX_S = 60.0
+BATCH = 100  # topics per SUBSCRIBE or UNSUBSCRIBE made at run time
 
 
 class Subscriber(Protocol):
@@ -31,7 +32,7 @@ class Subscriber(Protocol):
 
     def subscribe(self, topic: Any) -> tuple[MQTTErrorCode, int | None]: ...
 
-    def unsubscribe(self, topic: str) -> tuple[MQTTErrorCode, int | None]: ...
+    def unsubscribe(self, topic: str | list[str]) -> tuple[MQTTErrorCode, int | None]: ...
 
 
 class Subscriptions:
@@ -96,12 +97,17 @@ class Subscriptions:
     def pump(self, client: Subscriber) -> None:
         """Online: make the queued (un)subscriptions and the retries that are due."""
         while self._requests:
-            topic, wanted = self._requests.popleft()
+            # A download by hash asks for hundreds of topics at once: runs of the same kind
+            # go in one packet each (up to BATCH topics), in the order they were asked for.
+            wanted = self._requests[0][1]
+            batch: list[str] = []
+            while self._requests and self._requests[0][1] == wanted and len(batch) < BATCH:
+                batch.append(self._requests.popleft()[0])
             if wanted:
-                self._subscribe(client, [topic])
+                self._subscribe(client, batch)
             else:
-                self._retry.discard(topic)
-                client.unsubscribe(topic)
+                self._retry.difference_update(batch)
+                client.unsubscribe(batch)
         if self._retry and time.monotonic() >= self._retry_at:
             again = sorted(self._retry.intersection(self.wanted()))
             self._retry.clear()

@@ -35,9 +35,9 @@ from edgefleet.protocol import (
 )
 from edgefleet.rollout.release import (
     DEFAULT_CHUNK,
-    chunk,
     describe_variant,
     load_private_key,
+    pieces,
     sign,
 )
 
@@ -189,13 +189,16 @@ def build_release(
     key_path: Path,
     key_id: str,
     expires_in_s: float,
-    chunk_size: int = DEFAULT_CHUNK,
+    chunk_size: int | None = None,
     min_agent_version: str = "0.1.0",
     rollback: bool = False,
     expected_top1: str | None = None,
     shadow: ShadowSpec | None = None,
 ) -> tuple[Manifest, dict[str, bytes]]:
-    """Sign a manifest for the given variant files; also returns each variant's bytes."""
+    """Sign a manifest for the given variant files; also returns each variant's bytes.
+
+    Content-defined chunks (shared between releases: a retrained head costs the bytes that
+    changed) unless ``chunk_size`` asks for fixed chunks, which agents before them need."""
     variants: list[VariantSpec] = []
     blobs: dict[str, bytes] = {}
     for kind, path in models.items():
@@ -211,7 +214,13 @@ def build_release(
             spec, classes = _input_spec(path)
         variants.append(
             describe_variant(
-                kind, data, spec, chunk_size, labels=classes, expected_top1=expected_top1
+                kind,
+                data,
+                spec,
+                chunk_size or DEFAULT_CHUNK,
+                labels=classes,
+                expected_top1=expected_top1,
+                content_defined=chunk_size is None,
             )
         )
         blobs[kind] = data
@@ -254,7 +263,7 @@ def publish_decision(
         names = [topics.decision(target) for target in targets]
     except ValueError as exc:
         raise UserError(f"--target: {exc}") from None
-    body = decision.model_dump_json().encode()
+    body = decision.wire()
     for topic in names:
         broker.publish(topic, body).wait_for_publish(30)
     return decision
@@ -298,19 +307,29 @@ def publish_release(
     prefix: str = DEFAULT_PREFIX,
     progress: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Chunks first (retained), the release index, then each target's desired manifest."""
+    """Chunks first (retained), the release index, then each target's desired manifest.
+
+    A content-defined chunk is published once under its hash: those that a release already
+    on the broker lists are there (``rollout clear`` keeps a chunk while any release uses it).
+    """
     infos = []
     topics = FleetTopics(prefix)
+    there = shared_chunks_in(published_releases(broker, prefix))
     for variant in manifest.variants:
-        pieces = chunk(blobs[variant.kind], variant.chunk_size)
-        for index, piece in enumerate(pieces):
-            topic = topics.chunk(manifest.name, manifest.version, variant.kind, index)
+        for index, (digest, piece) in enumerate(pieces(variant, blobs[variant.kind])):
+            if variant.cdc is None:
+                topic = topics.chunk(manifest.name, manifest.version, variant.kind, index)
+            elif digest in there:
+                continue
+            else:
+                there.add(digest)
+                topic = topics.shared_chunk(digest)
             infos.append(broker.publish(topic, piece))
     for done, info in enumerate(infos, 1):
         info.wait_for_publish(30)
         if progress is not None:
             progress(done, len(infos))
-    body = manifest.model_dump_json().encode()
+    body = manifest.wire()
     broker.publish(topics.release(manifest.name, manifest.version), body).wait_for_publish(30)
     for target in targets:
         broker.publish(desired_topic(prefix, target), body).wait_for_publish(30)
@@ -357,9 +376,34 @@ def clear_release(
             continue
         if isinstance(body, dict) and (body.get("name"), body.get("version")) == (name, version):
             stale.append(topic)
-    chunks = broker.collect(topics.release_chunks(name, version), 2.0)
+    chunks = list(broker.collect(topics.release_chunks(name, version), 2.0))
+    releases = published_releases(broker, prefix)
+    mine = releases.pop(topics.release(name, version), None)
+    if mine is not None:  # its shared chunks that no other release on the broker lists
+        unused = shared_chunks_in({"": mine}) - shared_chunks_in(releases)
+        chunks += [topics.shared_chunk(digest) for digest in sorted(unused)]
     clear = [*stale, *chunks, topics.release(name, version)]
     infos = [broker.publish(topic, b"") for topic in clear]
     for info in infos:
         info.wait_for_publish(30)
     return len(chunks), len(stale)
+
+
+def published_releases(broker: Broker, prefix: str = DEFAULT_PREFIX) -> dict[str, Manifest]:
+    """Every release index retained on the broker, by topic (unreadable ones left out)."""
+    found = {}
+    for topic, payload in broker.collect(FleetTopics(prefix).every_release(), 1.5).items():
+        with contextlib.suppress(ValueError):  # ValidationError is a ValueError
+            found[topic] = Manifest.model_validate(loads(payload))
+    return found
+
+
+def shared_chunks_in(releases: dict[str, Manifest]) -> set[str]:
+    """The hashes of the content-defined chunks these releases use."""
+    return {
+        digest
+        for manifest in releases.values()
+        for variant in manifest.variants
+        if variant.cdc is not None
+        for digest in variant.chunks
+    }

@@ -113,7 +113,7 @@ def run_waves(
     order = wave_order(known_devices(broker, prefix, group))
     if not order:
         raise UserError("no devices known from their status topics")
-    body = manifest.model_dump_json().encode()
+    body = manifest.wire()
     started: set[str] = set()
     for percent in waves:
         wave = order[: max(1, math.ceil(len(order) * percent / 100))]
@@ -150,6 +150,15 @@ def shadow_text(state: dict[str, Any]) -> str:
     return f"{shadow.get('samples', 0)}/{target} agree {agree}{waiting}"
 
 
+def sent_text(state: dict[str, Any]) -> str:
+    """What a device's download took from the broker beside the model's size, e.g.
+    ``"0.4% of 18.7 MB"`` (the rest it had, or copied from its own models)."""
+    size, fetched = state.get("size"), state.get("fetched_bytes")
+    if not isinstance(size, int) or not isinstance(fetched, int) or size <= 0:
+        return ""
+    return f"{100 * fetched / size:.1f}% of {size / 1e6:.1f} MB"
+
+
 def fleet_view(
     broker: Broker, prefix: str = DEFAULT_PREFIX, seconds: float = 1.5
 ) -> list[dict[str, Any]]:
@@ -182,6 +191,7 @@ def fleet_view(
                 "state": ro.get("state", ""),
                 "progress": shadow_text(ro) or ro.get("progress", ""),
                 "reason": ro.get("reason", ""),
+                "sent": sent_text(ro),
                 "age_s": round(now - ts, 1) if ts else None,
             }
         )

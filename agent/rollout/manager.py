@@ -5,7 +5,9 @@ active; or failed (reason) / rolled_back (reason) / rejected (shadow figures, re
 state is published retained on ``{prefix}/devices/{id}/rollout``. The desired manifest
 arrives retained on ``{prefix}/devices/{id}/model/desired`` or
 ``{prefix}/groups/{group}/model/desired`` (a device-level manifest wins over its groups');
-chunks arrive retained on ``{prefix}/models/{name}/{version}/{variant}/{index}``.
+chunks arrive retained on ``{prefix}/models/_chunks/{sha256}`` (content-defined, shared by
+releases; those this device holds in its own models are copied instead) or, for a release cut
+in fixed sizes, on ``{prefix}/models/{name}/{version}/{variant}/{index}``.
 
 Every check that needs no download (signature, expiry, version, size, variant) runs first;
 chunks are verified as they arrive (``rollout.download``: an interrupted download resumes);
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import queue
 import threading
 import time
@@ -31,11 +32,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgefleet import __version__
 from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import UserError
+from edgefleet.factory import factory_model_path
 from edgefleet.mqtt.link import Incoming
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, ShadowSpec, Topics, VariantSpec
+from edgefleet.rollout.chunks import LocalChunks
 from edgefleet.rollout.download import Download, disk_reason
 from edgefleet.rollout.phases import Candidate, HealthWindow, ShadowPhase
-from edgefleet.rollout.ports import BoundedMemo, LinkPort, ServingPort
+from edgefleet.rollout.ports import BoundedMemo, LinkPort, Retries, ServingPort
 from edgefleet.rollout.preflight import preflight
 from edgefleet.rollout.release import (
     ReleaseError,
@@ -44,6 +47,7 @@ from edgefleet.rollout.release import (
     parse_manifest,
     verify_signature,
 )
+from edgefleet.rollout.report import StateReport
 from edgefleet.rollout.settings import RolloutSettings
 from edgefleet.rollout.shadow import Sampler, ShadowRun
 from edgefleet.rollout.store import ActiveModel, ModelStore
@@ -82,22 +86,21 @@ class RolloutManager:
         self.group_desired = [topics.group_desired(g) for g in groups]
         self.decision_topics = [topics.decision, *(topics.group_decision(g) for g in groups)]
         self.sampler = sampler
-        self.state_topic = topics.rollout
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
         self._desired: dict[str, bytes] = {}
         self._download: Download | None = None
+        self.local_chunks = LocalChunks()
         self._health: HealthWindow | None = None
         self._shadow: ShadowPhase | None = None
         self._decisions: dict[str, bytes] = {}
         # Only authenticated releases are remembered by rollout_id; payloads that did not
         # parse or verify are remembered by their own hash, so they can never shadow a
         # genuine release that reuses their rollout_id. Both memories are bounded.
-        self._failed: BoundedMemo[float] = BoundedMemo()  # rollout_id -> retry not before
-        self._attempts: BoundedMemo[int] = BoundedMemo()  # rollout_id -> retries so far
+        self.retries = Retries(settings.retry_min_s, settings.retry_max_s)
         self._rejected: BoundedMemo[str] = BoundedMemo()  # payload sha256 -> reason
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
-        self.state: dict[str, Any] = {}
+        self.report = StateReport(link, topics.rollout, topics.device, state_dir)
 
     @property
     def subscriptions(self) -> list[str]:
@@ -125,24 +128,12 @@ class RolloutManager:
 
     # -- state --------------------------------------------------------------------------------
     def announce(self) -> list[tuple[str, bytes]]:
-        """The last state again, retained, after each (re)connection: one reached while the
-        link was down would otherwise never reach the fleet."""
-        state = self.state
-        return [(self.state_topic, json.dumps(state).encode())] if state else []
+        return self.report.announce()
 
-    def _publish(self, state: str, manifest: Manifest | None, **fields: Any) -> None:
-        body: dict[str, Any] = {"state": state, "device": self.device, "ts": time.time()}
-        if manifest is not None:
-            body.update(
-                rollout_id=manifest.rollout_id, name=manifest.name, version=manifest.version
-            )
-        body.update(fields)
-        if isinstance(body.get("reason"), str):
-            # Paths in reasons are the device's own business: report them within the store.
-            body["reason"] = body["reason"].replace(f"{self.state_dir}/", "")
-        self.state = body
-        self.link.publish_now(self.state_topic, json.dumps(body).encode(), retain=True)
-        log.info("rollout", **{k: v for k, v in body.items() if k not in ("device", "ts")})
+    @property
+    def state(self) -> dict[str, Any]:
+        """The last rollout state published."""
+        return self.report.state
 
     # -- worker -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -165,7 +156,7 @@ class RolloutManager:
         elif incoming.topic in self.subscriptions:
             self._desired[incoming.topic] = incoming.payload
             self._consider_desired()
-        elif self._download is not None and incoming.topic.startswith(self._download.topic[:-1]):
+        elif self._download is not None and self._download.owns(incoming.topic):
             self._take_chunk(incoming)
 
     def _effective_desired(self) -> bytes | None:
@@ -184,7 +175,7 @@ class RolloutManager:
         if wanted is None:
             return
         digest, manifest = wanted
-        if self._failed.get(manifest.rollout_id, 0) > time.monotonic():
+        if self.retries.waiting(manifest.rollout_id):
             return  # failed before; retried when its backoff ends (never, if final)
         try:
             variant = check_manifest(
@@ -198,7 +189,7 @@ class RolloutManager:
         except ReleaseError as exc:
             self._fail(manifest, str(exc), retry=False)
             return
-        self._publish(Rollout.RECEIVED, manifest, variant=variant.kind)
+        self.report.publish(Rollout.RECEIVED, manifest, variant=variant.kind)
         self._begin_download(digest, manifest, variant)
 
     def _wanted(self) -> tuple[str, Manifest] | None:
@@ -218,7 +209,7 @@ class RolloutManager:
             if download is not None:
                 self._abandon(download, "the desired release is the active one again")
             if self.state.get("rollout_id") != manifest.rollout_id:
-                self._publish(Rollout.ACTIVE, manifest, note="the desired release is active")
+                self.report.publish(Rollout.ACTIVE, manifest, note="the desired release is active")
             return None
         superseded = download is None or self._supersede(download, manifest, digest)
         if not superseded or not self._shadow_gives_way(manifest):
@@ -245,7 +236,7 @@ class RolloutManager:
             self._rejected[digest] = str(exc)
             log.warning("desired release refused", reason=str(exc), sha256=digest[:16])
             if self._download is None:  # never hide a genuine download's progress
-                self._publish(Rollout.FAILED, None, reason=str(exc))
+                self.report.publish(Rollout.FAILED, None, reason=str(exc))
             return None
         return manifest
 
@@ -259,7 +250,8 @@ class RolloutManager:
 
     def _end_download(self, download: Download) -> None:
         """No more chunks for ``download``: unsubscribed, its partial file closed."""
-        self.link.unsubscribe(download.topic)
+        for topic in download.wanted_topics():
+            self.link.unsubscribe(topic)
         download.close()
         self._download = None
 
@@ -269,9 +261,9 @@ class RolloutManager:
         log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
 
     def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
-        topic = self.fleet_topics.chunks(manifest.name, manifest.version, variant.kind)
         try:
-            download = Download.open(self.downloads, digest, manifest, variant, topic)
+            download = Download.open(self.downloads, digest, manifest, variant, self.fleet_topics)
+            download.copy_local(self.local_chunks, self._local_models())
         except OSError as exc:
             self._fail(manifest, disk_reason(exc), retry=True, backoff=False)
             return
@@ -279,16 +271,26 @@ class RolloutManager:
         if download.complete:
             self._finish_download()
             return
-        resumed = len(download.have)
-        self._publish(Rollout.DOWNLOADING, manifest, progress=download.percent(), resumed=resumed)
-        self.link.subscribe(topic)
+        self.report.publish(
+            Rollout.DOWNLOADING,
+            manifest,
+            progress=download.percent(),
+            resumed=download.resumed,
+            **download.figures(),
+        )
+        for topic in download.wanted_topics():
+            self.link.subscribe(topic)
+
+    def _local_models(self) -> list[Path]:
+        """The models on this device whose chunks a new release may share."""
+        return [*sorted(self.store.root.glob("*.tflite")), factory_model_path()]
 
     def _take_chunk(self, incoming: Incoming) -> None:
         download = self._download
         if download is None:
             return
         try:
-            taken, index = download.take(incoming.topic, incoming.payload)
+            taken, indices = download.take(incoming.topic, incoming.payload)
         except OSError as exc:
             # A full state directory: stop, keep the verified chunks, try again (at the
             # first retry delay, not a growing one) until space returns.
@@ -296,11 +298,19 @@ class RolloutManager:
             return
         if taken == "bad":
             # Never stored; fetched again on the retry (the publisher may have fixed it).
-            self._abort(f"chunk {index} does not match its hash", retry=True)
-        elif taken == "complete":
+            self._abort(f"chunk {indices[0]} does not match its hash", retry=True)
+            return
+        if taken != "ignored" and download.shared:
+            self.link.unsubscribe(incoming.topic)  # had: a reconnect does not ask for it again
+        if taken == "complete":
             self._finish_download()
         elif taken == "kept" and len(download.have) % 8 == 0:
-            self._publish(Rollout.DOWNLOADING, download.manifest, progress=download.percent())
+            self.report.publish(
+                Rollout.DOWNLOADING,
+                download.manifest,
+                progress=download.percent(),
+                **download.figures(),
+            )
 
     def _abort(self, reason: str, retry: bool = False, backoff: bool = True) -> None:
         download = self._download
@@ -312,16 +322,10 @@ class RolloutManager:
         self._fail(download.manifest, reason, retry=retry, backoff=backoff)
 
     def _fail(self, manifest: Manifest, reason: str, retry: bool, backoff: bool = True) -> None:
-        delay = float("inf")
-        if retry and not backoff:
-            delay = self.settings.retry_min_s
-        elif retry:
-            # Exponential backoff per release, from retry_min_s up to retry_max_s.
-            attempt = self._attempts.get(manifest.rollout_id, 0)
-            self._attempts[manifest.rollout_id] = attempt + 1
-            delay = min(self.settings.retry_max_s, self.settings.retry_min_s * 2**attempt)
-        self._failed[manifest.rollout_id] = time.monotonic() + delay
-        self._publish(Rollout.FAILED, manifest, reason=reason, retry_in_s=delay if retry else None)
+        delay = self.retries.failed(manifest.rollout_id, retry, backoff)
+        self.report.publish(
+            Rollout.FAILED, manifest, reason=reason, retry_in_s=delay if retry else None
+        )
         if not retry:
             self.store.gc()  # a model that failed preflight does not stay beside the active one
 
@@ -330,8 +334,11 @@ class RolloutManager:
         if download is None:
             return
         manifest, variant = download.manifest, download.variant
-        self._publish(
-            Rollout.VERIFYING, manifest, download_s=round(time.monotonic() - download.started, 2)
+        self.report.figures = manifest.rollout_id, download.figures()
+        self.report.publish(
+            Rollout.VERIFYING,
+            manifest,
+            download_s=round(time.monotonic() - download.started, 2),
         )
         data = download.assembled()
         self._end_download(download)
@@ -347,7 +354,7 @@ class RolloutManager:
         self._preflight_and_activate(manifest, variant, path)
 
     def _preflight_and_activate(self, manifest: Manifest, variant: VariantSpec, path: Path) -> None:
-        self._publish(Rollout.PREFLIGHT, manifest)
+        self.report.publish(Rollout.PREFLIGHT, manifest)
         try:
             classifier, latency = preflight(self.serving, variant, path)
         except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
@@ -363,7 +370,7 @@ class RolloutManager:
         manifest, variant, classifier = candidate.manifest, candidate.variant, candidate.classifier
         info = dataclasses.replace(classifier.info, name=manifest.name, version=manifest.version)
         latency_ms = round(candidate.latency, 2)
-        self._publish(Rollout.ACTIVATING, manifest, latency_ms=latency_ms, **fields)
+        self.report.publish(Rollout.ACTIVATING, manifest, latency_ms=latency_ms, **fields)
         previous_record = self.store.active()
         previous = self.serving.activate(ServedModel(candidate.path, info), classifier)
         self.store.activate(
@@ -398,7 +405,7 @@ class RolloutManager:
         shadow = self._shadow = ShadowPhase(
             candidate, ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
         )
-        self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
+        self.report.publish(Rollout.SHADOW, manifest, shadow=shadow.report())
         self._take_decision()  # one may be waiting already (retained)
 
     def shadow_figures(self) -> dict[str, Any] | None:
@@ -412,11 +419,11 @@ class RolloutManager:
         step, why = shadow.advance()
         manifest = shadow.candidate.manifest
         if step == "progress":
-            self._publish(Rollout.SHADOW, manifest, shadow=shadow.report())
+            self.report.publish(Rollout.SHADOW, manifest, shadow=shadow.report())
         elif step == "awaiting":
             rules_met = not shadow.run.verdict()
             report = shadow.report()
-            self._publish(
+            self.report.publish(
                 Rollout.SHADOW, manifest, shadow=report, awaiting_decision=True, rules_met=rules_met
             )
         elif step == "reject":
@@ -431,8 +438,10 @@ class RolloutManager:
     def _reject(self, shadow: ShadowPhase, reason: str) -> None:
         self._shadow = None
         manifest = shadow.candidate.manifest
-        self._failed[manifest.rollout_id] = float("inf")
-        self._publish(Rollout.REJECTED, manifest, reason=reason, shadow=shadow.run.figures.report())
+        self.retries.never(manifest.rollout_id)
+        self.report.publish(
+            Rollout.REJECTED, manifest, reason=reason, shadow=shadow.run.figures.report()
+        )
         self.store.gc()  # the candidate never served: its file goes
         self._consider_desired()
 
@@ -465,16 +474,8 @@ class RolloutManager:
         if shadow is not None:
             self._shadow_step(shadow)
         idle = self._download is None and self._health is None and self._shadow is None
-        if idle and self._retry_due():
+        if idle and self.retries.due():
             self._consider_desired()
-
-    def _retry_due(self) -> bool:
-        """Whether a failed release's backoff ended (then it no longer blocks a retry)."""
-        now = time.monotonic()
-        due = [key for key, not_before in self._failed.items() if not_before <= now]
-        for key in due:
-            del self._failed[key]
-        return bool(due)
 
     def _check_health(self, health: HealthWindow) -> None:
         outcome, count = health.verdict(self.stats, self.settings, time.monotonic())
@@ -487,12 +488,12 @@ class RolloutManager:
                 self.store.activate(health.previous_record)
             else:
                 self.store.pointer.unlink(missing_ok=True)
-            self._failed[health.manifest.rollout_id] = float("inf")
+            self.retries.never(health.manifest.rollout_id)
             reason = f"{count} inference errors in the health window"
-            self._publish(Rollout.ROLLED_BACK, health.manifest, reason=reason)
+            self.report.publish(Rollout.ROLLED_BACK, health.manifest, reason=reason)
             self.store.gc()
         else:
             removed = self.store.gc()
             gc = [p.name for p in removed]
-            self._publish(Rollout.ACTIVE, health.manifest, frames_checked=count, gc=gc)
+            self.report.publish(Rollout.ACTIVE, health.manifest, frames_checked=count, gc=gc)
         self._consider_desired()  # a change that came during the window

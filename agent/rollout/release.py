@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,8 +23,13 @@ from pydantic import ValidationError
 from edgefleet.errors import UserError
 from edgefleet.fsutil import atomic_write_bytes
 from edgefleet.protocol import Decision, InputSpecRef, Manifest, VariantSpec, loads
+from edgefleet.rollout import chunks
+from edgefleet.rollout.chunks import layout_error
 
-MAX_MANIFEST_BYTES = 64 * 1024
+# A content-defined variant lists a chunk per 20 KB or so (lite4 float: about 2,600); the
+# shipped broker takes messages up to 1 MiB.
+MAX_MANIFEST_BYTES = 1_000_000
+MAX_DECISION_BYTES = 64 * 1024
 DEFAULT_CHUNK = 128 * 1024
 PARTIAL = "model.partial"  # a download in progress: each chunk at index * chunk_size
 
@@ -104,21 +108,25 @@ def parse_manifest(payload: bytes) -> Manifest:
     except (UnicodeDecodeError, ValueError) as exc:
         raise ReleaseError(f"manifest is not JSON: {exc}") from None
     try:
-        return Manifest.model_validate(data)
+        manifest = Manifest.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "manifest"
         raise ReleaseError(f"malformed manifest: {loc}: {first['msg']}") from None
+    manifest.received(payload)
+    return manifest
 
 
 def parse_decision(payload: bytes) -> Decision:
     """An operator's decision on a shadow phase; ReleaseError when it is not one."""
-    if len(payload) > MAX_MANIFEST_BYTES:
-        raise ReleaseError(f"decision of {len(payload)} bytes exceeds {MAX_MANIFEST_BYTES}")
+    if len(payload) > MAX_DECISION_BYTES:
+        raise ReleaseError(f"decision of {len(payload)} bytes exceeds {MAX_DECISION_BYTES}")
     try:
-        return Decision.model_validate(loads(payload))
+        decision = Decision.model_validate(loads(payload))
     except (UnicodeDecodeError, ValueError) as exc:  # ValidationError is a ValueError
         raise ReleaseError(f"malformed decision: {str(exc).splitlines()[0]}") from None
+    decision.received(payload)
+    return decision
 
 
 def verify_signature(manifest: Manifest | Decision, trusted: dict[str, Ed25519PublicKey]) -> None:
@@ -129,9 +137,15 @@ def verify_signature(manifest: Manifest | Decision, trusted: dict[str, Ed25519Pu
         raise ReleaseError(f"signed by unknown key {manifest.key_id!r}")
     try:
         signature = base64.b64decode(manifest.signature, validate=True)
-        key.verify(signature, manifest.canonical())
-    except (ValueError, InvalidSignature):
+    except ValueError:
         raise ReleaseError("bad signature") from None
+    for signed in manifest.signed_forms():
+        try:
+            key.verify(signature, signed)
+        except InvalidSignature:
+            continue
+        return
+    raise ReleaseError("bad signature")
 
 
 def check_manifest(
@@ -160,9 +174,9 @@ def check_manifest(
         raise ReleaseError(f"no variant for this device's delegates {kinds} (release has {have})")
     if variant.size > max_bytes:
         raise ReleaseError(f"model of {variant.size} bytes exceeds the cap of {max_bytes}")
-    expected_chunks = -(-variant.size // variant.chunk_size)
-    if len(variant.chunks) != expected_chunks:
-        raise ReleaseError(f"{len(variant.chunks)} chunk hashes for {expected_chunks} chunks")
+    wrong = layout_error(variant)
+    if wrong is not None:
+        raise ReleaseError(wrong)
     return variant
 
 
@@ -178,18 +192,6 @@ def chunk(data: bytes, size: int = DEFAULT_CHUNK) -> list[bytes]:
     return [data[i : i + size] for i in range(0, len(data), size)]
 
 
-def chunks_on_disk(fd: int, variant: VariantSpec) -> set[int]:
-    """The chunks of ``variant`` that the partial file ``fd`` already holds, each checked
-    against its hash (a hole or a torn write reads as a chunk still missing)."""
-    have = set()
-    for index, expected in enumerate(variant.chunks):
-        offset = index * variant.chunk_size
-        length = min(variant.chunk_size, variant.size - offset)
-        if hashlib.sha256(os.pread(fd, length, offset)).hexdigest() == expected:
-            have.add(index)
-    return have
-
-
 def describe_variant(
     kind: str,
     data: bytes,
@@ -198,15 +200,34 @@ def describe_variant(
     labels: int | None = None,
     expected_top1: str | None = None,
     latency_budget_ms: float | None = None,
+    content_defined: bool = False,
 ) -> VariantSpec:
+    """A variant of ``data`` in ``chunk_size`` chunks (what the first agents expect), or,
+    ``content_defined``, in content-defined chunks fetched by hash and shared by releases."""
+    cdc = None
+    if content_defined:
+        cdc, hashes = chunks.content_defined(data)
+        chunk_size = max(cdc.lengths)
+    else:
+        hashes = [hashlib.sha256(c).hexdigest() for c in chunk(data, chunk_size)]
     return VariantSpec(
         kind=kind,
         size=len(data),
         sha256=hashlib.sha256(data).hexdigest(),
         chunk_size=chunk_size,
-        chunks=[hashlib.sha256(c).hexdigest() for c in chunk(data, chunk_size)],
+        chunks=hashes,
+        cdc=cdc,
         input=InputSpecRef.model_validate(input_spec),
         labels=labels,
         expected_top1=expected_top1,
         latency_budget_ms=latency_budget_ms,
     )
+
+
+def pieces(variant: VariantSpec, data: bytes) -> list[tuple[str, bytes]]:
+    """``data`` cut as ``variant`` says, each piece with its sha256."""
+    view = memoryview(data)
+    return [
+        (span.sha256, bytes(view[span.offset : span.offset + span.length]))
+        for span in chunks.spans(variant)
+    ]

@@ -351,34 +351,52 @@ class Device:
     def _variant(self) -> protocol.VariantSpec | None:
         return self.rollout.variant_for(["cpu"]) if self.rollout else None
 
-    def _subscribe_chunks(self) -> None:
+    def _chunk_topics(self) -> list[str]:
+        """A fixed-size release's chunk filter, or one topic per content-defined chunk still
+        missing (a simulated device holds no models to copy chunks from)."""
         variant = self._variant()
         if self.rollout is None or variant is None:
-            return
-        filter_ = FleetTopics(self.sim.s.prefix).chunks(
-            self.rollout.name, self.rollout.version, variant.kind
-        )
-        self.client.subscribe(filter_, qos=1)
+            return []
+        topics = FleetTopics(self.sim.s.prefix)
+        if variant.cdc is None:
+            return [topics.chunks(self.rollout.name, self.rollout.version, variant.kind)]
+        have = {variant.chunks[i] for i in self.chunks}
+        return sorted({topics.shared_chunk(h) for h in variant.chunks if h not in have})
+
+    def _subscribe_chunks(self) -> None:
+        topics = self._chunk_topics()
+        if topics:
+            self.client.subscribe([(t, 1) for t in topics])
 
     def _downloaded(self) -> bool:
         variant = self._variant()
         return variant is not None and len(self.chunks) == len(variant.chunks)
 
+    def _chunk_indices(self, topic: str, variant: protocol.VariantSpec) -> list[int]:
+        if variant.cdc is None:
+            return [int(topic.rsplit("/", 1)[1])]
+        digest = FleetTopics.chunk_hash_of(topic)
+        return [i for i, h in enumerate(variant.chunks) if h == digest]
+
     def _on_chunk(self, topic: str, payload: bytes) -> None:
         variant = self._variant()
         if self.rollout is None or variant is None or self._downloaded():
             return
-        index = int(topic.rsplit("/", 1)[1])
-        if hashlib.sha256(payload).hexdigest() != variant.chunks[index]:
+        indices = self._chunk_indices(topic, variant)
+        if not indices:
+            return
+        if hashlib.sha256(payload).hexdigest() != variant.chunks[indices[0]]:
             self.sim.stats.chunk_errors += 1
             return
-        self.chunks[index] = payload
+        for index in indices:
+            self.chunks[index] = payload
         if self._downloaded():
-            self.client.unsubscribe(
-                FleetTopics(self.sim.s.prefix).chunks(
-                    self.rollout.name, self.rollout.version, variant.kind
+            if variant.cdc is None:
+                self.client.unsubscribe(self._chunk_topics())
+            else:
+                self.client.unsubscribe(
+                    sorted(set(map(FleetTopics(self.sim.s.prefix).shared_chunk, variant.chunks)))
                 )
-            )
             whole = b"".join(self.chunks[i] for i in range(len(variant.chunks)))
             self._state(Rollout.VERIFYING)
             if hashlib.sha256(whole).hexdigest() != variant.sha256:

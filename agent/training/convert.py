@@ -120,6 +120,49 @@ def channel_last_probabilities(net: Any) -> Any:
     return litert_torch.to_channel_last_io(Probabilities(net).eval(), args=[0])
 
 
+# The photos the base int8 models are calibrated on: public-domain / CC0 images bundled with
+# scikit-image, none of them an ImageNet sample.
+CALIBRATION_PHOTOS = (
+    "astronaut.png",
+    "chelsea.png",
+    "coffee.png",
+    "rocket.jpg",
+    "hubble_deep_field.jpg",
+    "retina.jpg",
+    "ihc.png",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+)
+
+
+def calibration_images(size: int, count: int, seed: int = 0) -> Iterator[np.ndarray]:
+    """Deterministic random crops (scale, aspect, flip) of bundled public-domain photos."""
+    cv2 = require("cv2", "opencv-python-headless")
+    skimage_data = require("skimage.data", "scikit-image")
+    folder = Path(skimage_data.__file__).parent
+    photos = []
+    for name in CALIBRATION_PHOTOS:
+        bgr = cv2.imread(str(folder / name), cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise UserError(f"calibration photo {name} missing from scikit-image")
+        photos.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        img = photos[i % len(photos)]
+        h, w = img.shape[:2]
+        area = rng.uniform(0.3, 1.0) * h * w
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        cw = int(min(w, np.sqrt(area * aspect)))
+        ch = int(min(h, np.sqrt(area / aspect)))
+        x = int(rng.integers(0, w - cw + 1))
+        y = int(rng.integers(0, h - ch + 1))
+        crop = cv2.resize(img[y : y + ch, x : x + cw], (size, size), interpolation=cv2.INTER_AREA)
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        yield np.ascontiguousarray(crop)
+
+
 def convert_fp32(model: Any, size: int) -> bytes:
     """A float ``.tflite`` of an NHWC PyTorch module taking ``size`` x ``size`` RGB."""
     torch = require("torch", "torch==2.13.0")

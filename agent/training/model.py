@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from edgefleet.training.convert import (
     MEAN,
     SIZES,
     STD,
+    calibration_images,
     channel_last_probabilities,
     check_ops,
     convert_fp32,
@@ -42,6 +43,7 @@ from edgefleet.training.head import Head, train_head
 
 AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
 CALIBRATION_IMAGES = 200
+Calibration = Literal["data", "base"]
 Stage = Callable[[str, int, int], None]  # (stage name, done, total)
 
 
@@ -76,9 +78,19 @@ class TrainedModel:
         return score(self.labels, found.targets, self.head.predict(found.features))
 
     def export(
-        self, out: Path | str, name: str = "model", stage: Stage | None = None, version: int = 1
+        self,
+        out: Path | str,
+        name: str = "model",
+        stage: Stage | None = None,
+        version: int = 1,
+        calibration: Calibration = "data",
     ) -> Exported:
-        """``out/<name>-fp32.tflite`` and ``out/<name>-int8.tflite``, labels inside."""
+        """``out/<name>-fp32.tflite`` and ``out/<name>-int8.tflite``, labels inside.
+
+        ``calibration``: the int8 ranges from up to 200 training photos ("data"), or from
+        the photos the base int8 model was calibrated on ("base"): then head-only retrains
+        keep the backbone's bytes equal between them, and a rollout from one to the next
+        sends little more than the head (docs/rollouts.md)."""
         out = Path(out)
         output_folder(out)
         seconds = {}
@@ -89,7 +101,10 @@ class TrainedModel:
         _report(stage, "convert fp32", 1, 1)
         seconds["convert_fp32"] = time.perf_counter() - started
         started = time.perf_counter()
-        int8 = quantize_int8(fp32, self._calibration(stage))
+        crops = self._calibration(stage)
+        if calibration == "base":
+            crops = calibration_images(SIZES[self.level], CALIBRATION_IMAGES)
+        int8 = quantize_int8(fp32, crops)
         check_ops(int8, "int8")
         seconds["quantize_int8"] = time.perf_counter() - started
         paths = {}

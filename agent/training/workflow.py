@@ -24,7 +24,7 @@ from edgefleet.inference.classifier import sha256_file
 from edgefleet.training.dataset import Dataset, image_folder
 from edgefleet.training.evaluate import predict_file, score
 from edgefleet.training.gates import judge
-from edgefleet.training.model import Stage, train
+from edgefleet.training.model import Calibration, Stage, train
 
 REPORT_NAME = "report.json"
 
@@ -46,6 +46,7 @@ class Plan:
     cache: Path | None = None
     min_accuracy: float | None = None  # the int8 file's least test top-1, when set
     force: bool = False  # offer the deploy line even when a gate refused the model
+    calibration: Calibration = "data"  # int8 ranges from the training photos, or the base's
 
 
 def split(data: Dataset, plan: Plan) -> tuple[Dataset, Dataset | None, Dataset | None]:
@@ -80,7 +81,9 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         stage=stage,
         fine_tune_epochs=plan.fine_tune,
     )
-    exported = model.export(plan.out, plan.name, stage, version=plan.version)
+    exported = model.export(
+        plan.out, plan.name, stage, version=plan.version, calibration=plan.calibration
+    )
     seconds = {**model.seconds, **exported.seconds}
     report: dict[str, Any] = {
         "name": plan.name,
@@ -93,6 +96,7 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         "test_split": plan.test_split,
         "augment": plan.augment,
         "fine_tune": plan.fine_tune,
+        "calibration": plan.calibration,
         "splits": {
             "train": train_data.counts(),
             "validation": validation.counts() if validation else {},
