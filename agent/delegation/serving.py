@@ -144,6 +144,14 @@ class Serving:
         """``path`` loaded and test-run on the delegate serving right now (preflight)."""
         return self._load(path, self.delegate)
 
+    def load_beside(self, path: Path) -> Classifier:
+        """``path`` loaded on this device's CPU delegate, beside the serving one: the cpu twin
+        of an EdgeTPU candidate in a shadow phase. RuntimeError without a CPU delegate."""
+        cpu = next((c.delegate for c in self._candidates if c.delegate.kind == "cpu"), None)
+        if cpu is None:
+            raise RuntimeError("no CPU delegate on this device to run the cpu variant on")
+        return self._load(path, cpu)
+
     def activate(self, model: ServedModel, classifier: Classifier) -> ServingState:
         """Serve ``classifier`` (made by ``load``) for ``model``; returns what served before."""
         classifier.info = model.info

@@ -201,17 +201,22 @@ def build_release(
     changed) unless ``chunk_size`` asks for fixed chunks, which agents before them need."""
     variants: list[VariantSpec] = []
     blobs: dict[str, bytes] = {}
-    for kind, path in models.items():
+    # An EdgeTPU model cannot be loaded without the TPU: it takes the input and classes of
+    # the release's cpu variant (the network it was compiled from), which devices check.
+    ordered = sorted(models.items(), key=lambda item: item[0] == "edgetpu")
+    specs: dict[str, tuple[dict[str, Any], int | None]] = {}
+    for kind, path in ordered:
         try:
             data = path.read_bytes()
         except OSError as exc:
             raise UserError(f"cannot read {path}: {exc.strerror}") from None
         if not is_tflite(data[:8]):
             raise UserError(f"{path} is not a TFLite model")
-        spec: dict[str, Any] = {"height": 1, "width": 1, "dtype": "uint8"}
-        classes = None
-        if kind != "edgetpu":  # an EdgeTPU model cannot be loaded without the TPU
-            spec, classes = _input_spec(path)
+        if kind != "edgetpu":
+            specs[kind] = _input_spec(path)
+        elif "cpu" not in specs:
+            raise UserError("an edgetpu variant needs the cpu variant it was compiled from")
+        spec, classes = specs.get(kind) or specs["cpu"]
         variants.append(
             describe_variant(
                 kind,

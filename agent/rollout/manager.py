@@ -32,14 +32,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from edgefleet import __version__
 from edgefleet.delegation.serving import ServedModel
 from edgefleet.errors import UserError
-from edgefleet.factory import factory_model_path
 from edgefleet.mqtt.link import Incoming
 from edgefleet.protocol import FleetTopics, Manifest, Rollout, ShadowSpec, Topics, VariantSpec
-from edgefleet.rollout.chunks import LocalChunks
-from edgefleet.rollout.download import Download, disk_reason
+from edgefleet.rollout.download import Download
+from edgefleet.rollout.fetching import Fetching
 from edgefleet.rollout.phases import Candidate, HealthWindow, ShadowPhase
 from edgefleet.rollout.ports import BoundedMemo, LinkPort, Retries, ServingPort
-from edgefleet.rollout.preflight import preflight
+from edgefleet.rollout.preflight import Beside, preflight
 from edgefleet.rollout.release import (
     ReleaseError,
     check_manifest,
@@ -88,8 +87,6 @@ class RolloutManager:
         self.sampler = sampler
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
         self._desired: dict[str, bytes] = {}
-        self._download: Download | None = None
-        self.local_chunks = LocalChunks()
         self._health: HealthWindow | None = None
         self._shadow: ShadowPhase | None = None
         self._decisions: dict[str, bytes] = {}
@@ -101,6 +98,16 @@ class RolloutManager:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rollout", daemon=True)
         self.report = StateReport(link, topics.rollout, topics.device, state_dir)
+        self.fetch = Fetching(
+            link,
+            self.report,
+            self.store,
+            state_dir / "downloads",
+            self.fleet_topics,
+            self._fail,
+            self._stored,
+        )
+        self._twin_of: Candidate | None = None  # an EdgeTPU candidate whose cpu twin downloads
 
     @property
     def subscriptions(self) -> list[str]:
@@ -156,8 +163,8 @@ class RolloutManager:
         elif incoming.topic in self.subscriptions:
             self._desired[incoming.topic] = incoming.payload
             self._consider_desired()
-        elif self._download is not None and self._download.owns(incoming.topic):
-            self._take_chunk(incoming)
+        elif self.fetch.owns(incoming.topic):
+            self.fetch.take(incoming)
 
     def _effective_desired(self) -> bytes | None:
         device = self._desired.get(self.device_desired)
@@ -190,7 +197,8 @@ class RolloutManager:
             self._fail(manifest, str(exc), retry=False)
             return
         self.report.publish(Rollout.RECEIVED, manifest, variant=variant.kind)
-        self._begin_download(digest, manifest, variant)
+        self._twin_of = None
+        self.fetch.begin(digest, manifest, variant)
 
     def _wanted(self) -> tuple[str, Manifest] | None:
         """The authenticated desired release to act on now, if there is one."""
@@ -198,7 +206,7 @@ class RolloutManager:
         if payload is None or self._health is not None:
             return None  # during a health window: taken up when the window ends
         digest = hashlib.sha256(payload).hexdigest()
-        download = self._download
+        download = self.fetch.current
         if (download is not None and download.digest == digest) or digest in self._rejected:
             return None
         manifest = self._authenticated(payload, digest)
@@ -207,7 +215,7 @@ class RolloutManager:
         record = self.store.active()
         if record is not None and record.rollout_id == manifest.rollout_id:
             if download is not None:
-                self._abandon(download, "the desired release is the active one again")
+                self.fetch.abandon("the desired release is the active one again")
             if self.state.get("rollout_id") != manifest.rollout_id:
                 self.report.publish(Rollout.ACTIVE, manifest, note="the desired release is active")
             return None
@@ -235,7 +243,7 @@ class RolloutManager:
         except ReleaseError as exc:
             self._rejected[digest] = str(exc)
             log.warning("desired release refused", reason=str(exc), sha256=digest[:16])
-            if self._download is None:  # never hide a genuine download's progress
+            if self.fetch.current is None:  # never hide a genuine download's progress
                 self.report.publish(Rollout.FAILED, None, reason=str(exc))
             return None
         return manifest
@@ -245,81 +253,8 @@ class RolloutManager:
         if download.manifest.rollout_id == manifest.rollout_id:
             download.digest = digest  # the same release published again: carry on
             return False
-        self._abandon(download, f"superseded by {manifest.name} v{manifest.version}")
+        self.fetch.abandon(f"superseded by {manifest.name} v{manifest.version}")
         return True
-
-    def _end_download(self, download: Download) -> None:
-        """No more chunks for ``download``: unsubscribed, its partial file closed."""
-        for topic in download.wanted_topics():
-            self.link.unsubscribe(topic)
-        download.close()
-        self._download = None
-
-    def _abandon(self, download: Download, reason: str) -> None:
-        """Stop a download the desired state no longer asks for; its verified parts stay."""
-        self._end_download(download)
-        log.info("rollout download abandoned", rollout_id=download.manifest.rollout_id, why=reason)
-
-    def _begin_download(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
-        try:
-            download = Download.open(self.downloads, digest, manifest, variant, self.fleet_topics)
-            download.copy_local(self.local_chunks, self._local_models())
-        except OSError as exc:
-            self._fail(manifest, disk_reason(exc), retry=True, backoff=False)
-            return
-        self._download = download
-        if download.complete:
-            self._finish_download()
-            return
-        self.report.publish(
-            Rollout.DOWNLOADING,
-            manifest,
-            progress=download.percent(),
-            resumed=download.resumed,
-            **download.figures(),
-        )
-        for topic in download.wanted_topics():
-            self.link.subscribe(topic)
-
-    def _local_models(self) -> list[Path]:
-        """The models on this device whose chunks a new release may share."""
-        return [*sorted(self.store.root.glob("*.tflite")), factory_model_path()]
-
-    def _take_chunk(self, incoming: Incoming) -> None:
-        download = self._download
-        if download is None:
-            return
-        try:
-            taken, indices = download.take(incoming.topic, incoming.payload)
-        except OSError as exc:
-            # A full state directory: stop, keep the verified chunks, try again (at the
-            # first retry delay, not a growing one) until space returns.
-            self._abort(disk_reason(exc), retry=True, backoff=False)
-            return
-        if taken == "bad":
-            # Never stored; fetched again on the retry (the publisher may have fixed it).
-            self._abort(f"chunk {indices[0]} does not match its hash", retry=True)
-            return
-        if taken != "ignored" and download.shared:
-            self.link.unsubscribe(incoming.topic)  # had: a reconnect does not ask for it again
-        if taken == "complete":
-            self._finish_download()
-        elif taken == "kept" and len(download.have) % 8 == 0:
-            self.report.publish(
-                Rollout.DOWNLOADING,
-                download.manifest,
-                progress=download.percent(),
-                **download.figures(),
-            )
-
-    def _abort(self, reason: str, retry: bool = False, backoff: bool = True) -> None:
-        download = self._download
-        if download is None:
-            return
-        self._end_download(download)
-        if not retry:
-            download.discard()
-        self._fail(download.manifest, reason, retry=retry, backoff=backoff)
 
     def _fail(self, manifest: Manifest, reason: str, retry: bool, backoff: bool = True) -> None:
         delay = self.retries.failed(manifest.rollout_id, retry, backoff)
@@ -329,31 +264,18 @@ class RolloutManager:
         if not retry:
             self.store.gc()  # a model that failed preflight does not stay beside the active one
 
-    def _finish_download(self) -> None:
-        download = self._download
-        if download is None:
+    def _stored(self, download: Download, path: Path) -> None:
+        """A variant verified and in the store: the serving one goes to preflight; the cpu
+        twin of an EdgeTPU candidate starts that candidate's shadow phase."""
+        twin_of, self._twin_of = self._twin_of, None
+        if twin_of is not None and twin_of.manifest.rollout_id == download.manifest.rollout_id:
+            self._shadow_with_twin(twin_of, download.variant, path)
             return
-        manifest, variant = download.manifest, download.variant
-        self.report.figures = manifest.rollout_id, download.figures()
-        self.report.publish(
-            Rollout.VERIFYING,
-            manifest,
-            download_s=round(time.monotonic() - download.started, 2),
-        )
-        data = download.assembled()
-        self._end_download(download)
-        try:
-            path = self.store.put_checked(data, variant.size, variant.sha256)
-        except OSError as exc:  # the verified chunks stay for the retry
-            self._fail(manifest, disk_reason(exc), retry=True, backoff=False)
-            return
-        download.discard()  # in the store now, or worthless
-        if path is None:
-            self._fail(manifest, "assembled model does not match its size/sha256", retry=False)
-            return
-        self._preflight_and_activate(manifest, variant, path)
+        self._preflight_and_activate(download.digest, download.manifest, download.variant, path)
 
-    def _preflight_and_activate(self, manifest: Manifest, variant: VariantSpec, path: Path) -> None:
+    def _preflight_and_activate(
+        self, digest: str, manifest: Manifest, variant: VariantSpec, path: Path
+    ) -> None:
         self.report.publish(Rollout.PREFLIGHT, manifest)
         try:
             classifier, latency = preflight(self.serving, variant, path)
@@ -362,7 +284,7 @@ class RolloutManager:
             return
         candidate = Candidate(manifest, variant, path, classifier, latency)
         if manifest.shadow is not None:
-            self._begin_shadow(candidate, manifest.shadow)
+            self._begin_shadow(candidate, manifest.shadow, digest)
             return
         self._activate(candidate)
 
@@ -393,19 +315,42 @@ class RolloutManager:
         )
 
     # -- shadow phase ---------------------------------------------------------------------------
-    def _begin_shadow(self, candidate: Candidate, spec: ShadowSpec) -> None:
+    def _begin_shadow(self, candidate: Candidate, spec: ShadowSpec, digest: str) -> None:
         manifest = candidate.manifest
         if self.sampler is None:
             self._fail(manifest, "shadow phase asked for, but this agent cannot sample", False)
             return
         if self.serving.kinds()[0] == "edgetpu":
-            # Two models on one EdgeTPU evict each other's parameters from its memory.
-            self._fail(manifest, "shadow phases are not supported on an EdgeTPU yet", False)
+            # Two models on one EdgeTPU evict each other's parameters from its memory: the
+            # release's cpu variant (the same network, not compiled for the TPU) is shadowed
+            # on the CPU instead, and the EdgeTPU candidate serves if it is promoted.
+            twin = next((v for v in manifest.variants if v.kind == "cpu"), None)
+            if twin is None:
+                reason = "a shadow phase on an EdgeTPU needs the release to carry a cpu variant"
+                self._fail(manifest, reason, False)
+                return
+            self._twin_of = candidate
+            self.fetch.begin(digest, manifest, twin)
             return
-        shadow = self._shadow = ShadowPhase(
-            candidate, ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
-        )
-        self.report.publish(Rollout.SHADOW, manifest, shadow=shadow.report())
+        run = ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
+        self._start_shadow(candidate, run)
+
+    def _shadow_with_twin(self, candidate: Candidate, variant: VariantSpec, path: Path) -> None:
+        manifest, spec = candidate.manifest, candidate.manifest.shadow
+        if spec is None or self.sampler is None:
+            return
+        self.report.publish(Rollout.PREFLIGHT, manifest, twin=variant.kind)
+        try:
+            twin, _ = preflight(Beside(self.serving), variant, path)
+        except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
+            self._fail(manifest, f"preflight of the {variant.kind} twin: {exc}", retry=False)
+            return
+        run = ShadowRun(spec, twin, self.sampler, quiet=self.serving.quiet, twin=variant.kind)
+        self._start_shadow(candidate, run)
+
+    def _start_shadow(self, candidate: Candidate, run: ShadowRun) -> None:
+        shadow = self._shadow = ShadowPhase(candidate, run)
+        self.report.publish(Rollout.SHADOW, candidate.manifest, shadow=shadow.report())
         self._take_decision()  # one may be waiting already (retained)
 
     def shadow_figures(self) -> dict[str, Any] | None:
@@ -458,22 +403,14 @@ class RolloutManager:
             self._reject(shadow, why)
 
     def _tick(self) -> None:
-        download = self._download
-        if (
-            download is not None
-            and time.monotonic() - download.last_chunk > self.settings.stall_timeout_s
-        ):
-            self._abort(
-                f"download stalled ({len(download.have)}/{len(download.variant.chunks)} chunks)",
-                retry=True,
-            )
+        self.fetch.check_stall(self.settings.stall_timeout_s)
         health = self._health
         if health is not None:
             self._check_health(health)
         shadow = self._shadow
         if shadow is not None:
             self._shadow_step(shadow)
-        idle = self._download is None and self._health is None and self._shadow is None
+        idle = self.fetch.current is None and self._health is None and self._shadow is None
         if idle and self.retries.due():
             self._consider_desired()
 

@@ -47,7 +47,10 @@ class ShadowPhase:
     def report(self) -> dict[str, Any]:
         """The figures so far, with the phase's target and mode."""
         spec = self.run.spec
-        return {**self.run.figures.report(), "target": spec.samples, "mode": spec.mode}
+        report = {**self.run.figures.report(), "target": spec.samples, "mode": spec.mode}
+        if self.run.twin is not None:  # the figures are the twin's, its latency not judged
+            report["twin"] = self.run.twin
+        return report
 
     def advance(self) -> tuple[Step, str]:
         """One step of the phase (a sample when due) and what it asks of the manager."""

@@ -15,12 +15,14 @@ T = TypeVar("T")
 
 
 class ServingPort(Protocol):
-    """What rollouts need from ``Serving``: load on the serving delegate, test-run in the
-    loop's quiet moments, swap, swap back."""
+    """What rollouts need from ``Serving``: load on the serving delegate (or on the CPU beside
+    it, for a shadow twin), test-run in the loop's quiet moments, swap, swap back."""
 
     def kinds(self) -> list[str]: ...
 
     def load(self, path: Path) -> Classifier: ...
+
+    def load_beside(self, path: Path) -> Classifier: ...
 
     def quiet(self) -> AbstractContextManager[None]: ...
 

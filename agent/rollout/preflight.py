@@ -30,12 +30,33 @@ TIMED_INVOKES_NO_BUDGET = 3
 
 
 class Loader(Protocol):
-    """Loads a model on the delegate serving now (``Serving.load``); ``quiet`` is the
+    """Loads a model on the delegate serving now (``Serving.load``; ``Beside``: on the CPU
+    beside it); ``quiet`` is the
     serving loop's idle moment, for each test inference (``Serving.quiet``)."""
 
     def load(self, path: Path) -> Classifier: ...
 
     def quiet(self) -> AbstractContextManager[None]: ...
+
+
+class _LoadsBeside(Protocol):
+    def load_beside(self, path: Path) -> Classifier: ...
+
+    def quiet(self) -> AbstractContextManager[None]: ...
+
+
+class Beside:
+    """A ``Loader`` on the CPU beside the serving delegate (``Serving.load_beside``): for the
+    cpu twin of an EdgeTPU candidate."""
+
+    def __init__(self, serving: _LoadsBeside) -> None:
+        self.serving = serving
+
+    def load(self, path: Path) -> Classifier:
+        return self.serving.load_beside(path)
+
+    def quiet(self) -> AbstractContextManager[None]:
+        return self.serving.quiet()
 
 
 def preflight(loader: Loader, variant: VariantSpec, path: Path) -> tuple[Classifier, float]:
