@@ -20,6 +20,7 @@ from types import ModuleType
 
 import pytest
 
+from edgefleet.mqtt.link import Incoming
 from edgefleet.operator.releases import Broker as Operator
 from edgefleet.operator.releases import (
     build_release,
@@ -379,3 +380,54 @@ def test_an_older_agent_refuses_a_content_defined_release_and_verifies_a_fixed_o
     key = load_public_key(keys[1].read_text())
     assert isinstance(key, Ed25519PublicKey)
     key.verify(base64.b64decode(parsed.signature), parsed.canonical())  # raises if not
+
+
+class _Link:
+    """The link at its port: subscriptions held now, and every publish."""
+
+    def __init__(self) -> None:
+        self.held: set[str] = set()
+        self.most = 0
+        self.published: list[tuple[str, bytes]] = []
+
+    def publish_now(
+        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
+    ) -> None:
+        self.published.append((topic, payload))
+
+    def subscribe(self, topic: str) -> None:
+        self.held.add(topic)
+        self.most = max(self.most, len(self.held))
+
+    def unsubscribe(self, topic: str) -> None:
+        self.held.discard(topic)
+
+
+def test_a_large_download_asks_for_a_window_of_chunks_at_a_time(tmp_path: Path) -> None:
+    """A stock mosquitto drops a client's queued messages past 1000: never ask for them all."""
+    from edgefleet.rollout.fetching import WINDOW, Fetching
+    from edgefleet.rollout.report import StateReport
+    from edgefleet.rollout.store import ModelStore
+
+    data = _noise(6_000_000, 8)
+    download = _variant_download(tmp_path, data)
+    manifest, variant = download.manifest, download.variant
+    download.close()
+    assert len(variant.chunks) > 2 * WINDOW
+    link = _Link()
+    report = StateReport(link, "edgefleet/v1/devices/dev-1/rollout", "dev-1", tmp_path)
+    stored: list[Path] = []
+    failures: list[str] = []
+    fetching = Fetching(
+        link, report, ModelStore(tmp_path), tmp_path / "downloads", TOPICS,
+        lambda _m, reason, _r, _b: failures.append(reason), lambda _d, path: stored.append(path),
+    )  # fmt: skip
+    fetching.begin("d", manifest, variant)
+    by_topic = {TOPICS.shared_chunk(h): p for h, p in pieces(variant, data)}
+    while link.held and not stored:
+        topic = min(link.held)
+        fetching.take(Incoming(topic, by_topic[topic], None, None))
+    assert failures == []
+    assert stored == [tmp_path / "models" / f"{variant.sha256}.tflite"]
+    assert link.most == WINDOW
+    assert link.held == set()  # every chunk topic given back

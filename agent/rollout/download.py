@@ -107,12 +107,13 @@ class Download:
         return copied
 
     def wanted_topics(self) -> list[str]:
-        """The topics still to subscribe: one per missing hash, or the variant's filter."""
+        """The topics still to subscribe: one per missing hash in file order (the order a
+        publisher sends them), or the variant's filter."""
         if not self.shared:
             name, version, kind = self.manifest.name, self.manifest.version, self.variant.kind
             return [self.topics.chunks(name, version, kind)]
-        missing = {s.sha256 for s in self.spans if s.index not in self.have}
-        return [self.topics.shared_chunk(digest) for digest in sorted(missing)]
+        missing = dict.fromkeys(s.sha256 for s in self.spans if s.index not in self.have)
+        return [self.topics.shared_chunk(digest) for digest in missing]
 
     def owns(self, topic: str) -> bool:
         if self.shared:

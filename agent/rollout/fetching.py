@@ -30,6 +30,10 @@ Failed = Callable[[Manifest, str, bool, bool], None]  # manifest, reason, retry,
 Stored = Callable[[Download, Path], None]
 
 PROGRESS_EVERY = 8  # chunks between two retained progress reports
+# Chunk topics subscribed at once: each subscription makes the broker queue its retained
+# chunk for this device, and a stock mosquitto drops past 1000 queued messages (silently);
+# 128 chunks of about 20 KB keep a device's share of the broker's memory near 2.5 MB.
+WINDOW = 128
 
 
 class Fetching:
@@ -54,6 +58,8 @@ class Fetching:
         self.stored = stored
         self.local = LocalChunks()
         self.current: Download | None = None
+        self._asked: set[str] = set()  # the chunk topics subscribed for ``current``
+        self._queue: list[str] = []  # those still to subscribe, last first
 
     def begin(self, digest: str, manifest: Manifest, variant: VariantSpec) -> None:
         """Start (or resume) ``variant``'s download; what this device holds is used first."""
@@ -74,7 +80,14 @@ class Fetching:
             resumed=download.resumed,
             **download.figures(),
         )
-        for topic in download.wanted_topics():
+        self._queue = download.wanted_topics()[::-1]
+        self._ask_more()
+
+    def _ask_more(self) -> None:
+        """Subscribe to missing chunks until ``WINDOW`` are asked for."""
+        while self._queue and len(self._asked) < WINDOW:
+            topic = self._queue.pop()
+            self._asked.add(topic)
             self.link.subscribe(topic)
 
     def owns(self, topic: str) -> bool:
@@ -98,6 +111,8 @@ class Fetching:
             return
         if taken != "ignored" and download.shared:
             self.link.unsubscribe(incoming.topic)  # had: a reconnect does not ask for it again
+            self._asked.discard(incoming.topic)
+            self._ask_more()
         if taken == "complete":
             self._finish()
         elif taken == "kept" and len(download.have) % PROGRESS_EVERY == 0:
@@ -134,8 +149,10 @@ class Fetching:
 
     def _end(self, download: Download) -> None:
         """No more chunks for ``download``: unsubscribed, its partial file closed."""
-        for topic in download.wanted_topics():
+        for topic in sorted(self._asked):
             self.link.unsubscribe(topic)
+        self._asked.clear()
+        self._queue.clear()
         download.close()
         self.current = None
 
