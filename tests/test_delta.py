@@ -36,6 +36,7 @@ from edgefleet.rollout.download import Download
 from edgefleet.rollout.release import ReleaseError, check_manifest, describe_variant, pieces
 
 from .conftest import REPO
+from .fakes import RecordingLink
 from .mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
 
 FP32 = REPO / "models" / "efficientnet-lite0-fp32.tflite"
@@ -382,27 +383,6 @@ def test_an_older_agent_refuses_a_content_defined_release_and_verifies_a_fixed_o
     key.verify(base64.b64decode(parsed.signature), parsed.canonical())  # raises if not
 
 
-class _Link:
-    """The link at its port: subscriptions held now, and every publish."""
-
-    def __init__(self) -> None:
-        self.held: set[str] = set()
-        self.most = 0
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish_now(
-        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
-    ) -> None:
-        self.published.append((topic, payload))
-
-    def subscribe(self, topic: str) -> None:
-        self.held.add(topic)
-        self.most = max(self.most, len(self.held))
-
-    def unsubscribe(self, topic: str) -> None:
-        self.held.discard(topic)
-
-
 def test_a_large_download_asks_for_a_window_of_chunks_at_a_time(tmp_path: Path) -> None:
     """A stock mosquitto drops a client's queued messages past 1000: never ask for them all."""
     from edgefleet.rollout.fetching import WINDOW, Fetching
@@ -414,7 +394,7 @@ def test_a_large_download_asks_for_a_window_of_chunks_at_a_time(tmp_path: Path) 
     manifest, variant = download.manifest, download.variant
     download.close()
     assert len(variant.chunks) > 2 * WINDOW
-    link = _Link()
+    link = RecordingLink()
     report = StateReport(link, "edgefleet/v1/devices/dev-1/rollout", "dev-1", tmp_path)
     stored: list[Path] = []
     failures: list[str] = []

@@ -31,6 +31,8 @@ from edgefleet.rollout.settings import RolloutSettings
 from edgefleet.runtime.pipeline import LoopSettings
 from edgefleet.runtime.stats import LoopStats
 
+from .fakes import RecordingLink
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),
     lambda inner: (
@@ -194,29 +196,13 @@ def test_commands_answer_hostile_input_once(name: str, payload: bytes) -> None:
     json.dumps(reply)  # the reply itself is always sendable
 
 
-class _Link:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-
-    def publish_now(
-        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
-    ) -> None:
-        self.published.append((topic, payload))
-
-    def subscribe(self, topic: str) -> None:
-        pass
-
-    def unsubscribe(self, topic: str) -> None:
-        pass
-
-
 @settings(max_examples=200, deadline=None)
 @given(payload=hostile, chunk_index=st.text(max_size=8))
 def test_rollout_handler_records_a_state_for_hostile_input(
     payload: bytes, chunk_index: str
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        link = _Link()
+        link = RecordingLink()
         topics = FleetTopics().device("dev-1")
         manager = RolloutManager(
             cast("ServingPort", object()),  # never reached: nothing hostile gets that far
@@ -230,7 +216,7 @@ def test_rollout_handler_records_a_state_for_hostile_input(
         manager._handle(Incoming(topics.desired, payload, None, None))
         manager._handle(Incoming(f"edgefleet/v1/models/m/1/cpu/{chunk_index}", payload, None, None))
         manager._tick()
-        states = [json.loads(body) for topic, body in link.published if topic == topics.rollout]
+        states = link.states(topics.rollout)
         assert states
         assert states[-1]["state"] == "failed"
         assert states[-1]["reason"]

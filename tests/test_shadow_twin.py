@@ -9,7 +9,6 @@ records what it is asked; the store, downloads, chunks, preflight and shadow run
 from __future__ import annotations
 
 import contextlib
-import json
 import zipfile
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from edgefleet.runtime.stats import LoopStats
 from edgefleet.samples import sample_dir
 from edgefleet_plugins.delegates.cpu import CpuConfig, CpuDelegate
 
+from .fakes import RecordingLink
 from .mqtt_helpers import wait_for
 
 TOPICS = FleetTopics().device("dev-1")
@@ -68,26 +68,6 @@ class EdgeTpuServing:
         pass
 
 
-class Link:
-    def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.subscribed: list[str] = []
-
-    def publish_now(
-        self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
-    ) -> None:
-        self.published.append((topic, payload))
-
-    def subscribe(self, topic: str) -> None:
-        self.subscribed.append(topic)
-
-    def unsubscribe(self, topic: str) -> None:
-        pass
-
-    def states(self) -> list[dict[str, object]]:
-        return [json.loads(body) for topic, body in self.published if topic == TOPICS.rollout]
-
-
 class ActiveModel:
     """The loop's newest frame and the active model's result for it (the sampler)."""
 
@@ -120,8 +100,8 @@ def _compiled_stand_in(out: Path) -> Path:
 
 
 @pytest.fixture
-def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[RolloutManager, Link]:
-    link = Link()
+def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[RolloutManager, RecordingLink]:
+    link = RecordingLink()
     settings = RolloutSettings(
         trusted_keys={"release": keys[1].read_text()}, health_frames=1, health_timeout_s=0.1
     )
@@ -132,7 +112,9 @@ def device(tmp_path: Path, keys: tuple[Path, Path]) -> tuple[RolloutManager, Lin
     return manager, link
 
 
-def _deliver(manager: RolloutManager, link: Link, blobs: dict[str, bytes], release: object) -> None:
+def _deliver(
+    manager: RolloutManager, link: RecordingLink, blobs: dict[str, bytes], release: object
+) -> None:
     """Every chunk the device subscribed to so far, as the broker would hand it over."""
     from edgefleet.protocol import Manifest
 
@@ -145,7 +127,9 @@ def _deliver(manager: RolloutManager, link: Link, blobs: dict[str, bytes], relea
                 manager._handle(Incoming(topic, piece, None, None))
 
 
-def _step(manager: RolloutManager, link: Link, blobs: dict[str, bytes], release: object) -> bool:
+def _step(
+    manager: RolloutManager, link: RecordingLink, blobs: dict[str, bytes], release: object
+) -> bool:
     """One turn of the rollout thread with what the broker holds; True once activated."""
     _deliver(manager, link, blobs, release)
     manager._tick()
@@ -154,7 +138,7 @@ def _step(manager: RolloutManager, link: Link, blobs: dict[str, bytes], release:
 
 
 def test_an_edgetpu_device_shadows_the_cpu_variant_and_serves_the_edgetpu_one(
-    tmp_path: Path, keys: tuple[Path, Path], device: tuple[RolloutManager, Link]
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple[RolloutManager, RecordingLink]
 ) -> None:
     manager, link = device
     serving = manager.serving
@@ -179,7 +163,7 @@ def test_an_edgetpu_device_shadows_the_cpu_variant_and_serves_the_edgetpu_one(
     assert serving.activated == [store / f"{edgetpu.sha256}.tflite"]
     assert ("edgetpu", store / f"{edgetpu.sha256}.tflite") in serving.loaded
     assert ("cpu", store / f"{cpu.sha256}.tflite") in serving.loaded
-    states = link.states()
+    states = link.states(TOPICS.rollout)
     shadowing = [s for s in states if s["state"] == "shadow"]
     assert shadowing
     assert all(s["shadow"]["twin"] == "cpu" for s in shadowing)  # type: ignore[index]
@@ -191,7 +175,7 @@ def test_an_edgetpu_device_shadows_the_cpu_variant_and_serves_the_edgetpu_one(
 
 
 def test_an_edgetpu_release_without_a_cpu_variant_cannot_be_shadowed(
-    tmp_path: Path, keys: tuple[Path, Path], device: tuple[RolloutManager, Link]
+    tmp_path: Path, keys: tuple[Path, Path], device: tuple[RolloutManager, RecordingLink]
 ) -> None:
     from edgefleet.rollout.release import chunk, describe_variant, load_private_key, sign
 
@@ -214,5 +198,5 @@ def test_an_edgetpu_release_without_a_cpu_variant_cannot_be_shadowed(
         manager._handle(
             Incoming(FleetTopics().chunk("tpu", 1, "edgetpu", index), piece, None, None)
         )
-    reasons = [s.get("reason") for s in link.states() if s["state"] == "failed"]
+    reasons = [s.get("reason") for s in link.states(TOPICS.rollout) if s["state"] == "failed"]
     assert reasons == ["a shadow phase on an EdgeTPU needs the release to carry a cpu variant"]

@@ -286,8 +286,17 @@ def _status_table(rows: list[dict[str, Any]]) -> RenderableType:
     from rich.table import Table
 
     table = Table(title=f"fleet: {len(rows)} devices")
-    columns = ["device", "presence", "active", "desired", "state", "progress", "sent", "reason"]
-    columns.append("age")
+    columns = [
+        "device",
+        "presence",
+        "active",
+        "desired",
+        "state",
+        "progress",
+        "sent",
+        "reason",
+        "age",
+    ]
     for column in columns:
         table.add_column(column)
     for row in rows:
