@@ -14,14 +14,16 @@ class RecordingLink:
         self.subscribed: list[str] = []
         self.held: set[str] = set()
         self.most = 0
+        self.qos: dict[str, int] = {}
 
     def publish_now(
         self, topic: str, payload: bytes, qos: int = 1, *, retain: bool = False
     ) -> None:
         self.published.append((topic, payload))
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str, qos: int = 1) -> None:
         self.subscribed.append(topic)
+        self.qos[topic] = qos
         self.held.add(topic)
         self.most = max(self.most, len(self.held))
 

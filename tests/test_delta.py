@@ -410,4 +410,5 @@ def test_a_large_download_asks_for_a_window_of_chunks_at_a_time(tmp_path: Path) 
     assert failures == []
     assert stored == [tmp_path / "models" / f"{variant.sha256}.tflite"]
     assert link.most == WINDOW
+    assert set(link.qos.values()) == {0}  # retained, hashed, asked again: no QoS 1 needed
     assert link.held == set()  # every chunk topic given back

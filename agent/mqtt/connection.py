@@ -151,9 +151,9 @@ class Connection:
         if self.online.is_set():
             self.send(Send(None, topic, payload, qos, retain, properties))
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every reconnect (model chunks)."""
-        self.subscriptions.want(topic)
+        self.subscriptions.want(topic, qos)
         self.wake()
 
     def unsubscribe(self, topic: str) -> None:

@@ -191,9 +191,9 @@ class MqttLink:
         """Publish outside the outbox (replies, retained states); dropped when offline."""
         self.net.publish_now(topic, payload, qos, properties, retain)
 
-    def subscribe(self, topic: str) -> None:
+    def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every reconnect (model chunks)."""
-        self.net.subscribe(topic)
+        self.net.subscribe(topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         self.net.unsubscribe(topic)

@@ -43,8 +43,9 @@ class Subscriptions:
         self.groups = groups
         self.v5 = v5
         self._static: list[str] = []
-        self._dynamic: set[str] = set()
-        self._requests: collections.deque[tuple[str, bool]] = collections.deque()
+        self._dynamic: dict[str, int] = {}  # topic -> QoS
+        # (topic, subscribe or not, QoS): made by the network thread in this order.
+        self._requests: collections.deque[tuple[str, bool, int]] = collections.deque()
         self._first_mid: int | None = None
         # Every SUBSCRIBE in flight (mid -> topics), and those a broker refused.
         self._in_flight: dict[int, list[str]] = {}
@@ -57,14 +58,14 @@ class Subscriptions:
         """Subscribe to ``topic`` on every connection (before the link starts)."""
         self._static.append(topic)
 
-    def want(self, topic: str) -> None:
+    def want(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every reconnect (model chunks)."""
-        self._dynamic.add(topic)
-        self._requests.append((topic, True))
+        self._dynamic[topic] = qos
+        self._requests.append((topic, True, qos))
 
     def unwant(self, topic: str) -> None:
-        self._dynamic.discard(topic)
-        self._requests.append((topic, False))
+        self._dynamic.pop(topic, None)
+        self._requests.append((topic, False, 1))
 
     def wanted(self) -> list[str]:
         """Every topic subscribed to on each connection, in a stable order."""
@@ -81,13 +82,20 @@ class Subscriptions:
         self._retry_delay = SUB_RETRY_MIN_S
         self._first_mid = self._subscribe(client, self.wanted())
 
-    def _subscribe(self, client: Subscriber, topics: list[str]) -> int | None:
-        """One SUBSCRIBE for ``topics`` at QoS 1; its mid, remembered until the SUBACK."""
+    def _subscribe(
+        self, client: Subscriber, topics: list[str], qos: dict[str, int] | None = None
+    ) -> int | None:
+        """One SUBSCRIBE for ``topics`` (QoS 1 unless one was asked for at 0); its mid,
+        remembered until the SUBACK."""
         subs: list[tuple[str, Any]]
+        levels = [(qos or self._dynamic).get(t, 1) for t in topics]
         if self.v5:
-            subs = [(t, SubscribeOptions(qos=1, noLocal=True)) for t in topics]
+            subs = [
+                (t, SubscribeOptions(qos=q, noLocal=True))
+                for t, q in zip(topics, levels, strict=True)
+            ]
         else:
-            subs = [(t, 1) for t in topics]
+            subs = list(zip(topics, levels, strict=True))
         result, mid = client.subscribe(subs)
         if result != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             return None
@@ -100,14 +108,15 @@ class Subscriptions:
             # A download by hash asks for hundreds of topics at once: runs of the same kind
             # go in one packet each (up to BATCH topics), in the order they were asked for.
             wanted = self._requests[0][1]
-            batch: list[str] = []
+            batch: dict[str, int] = {}  # topic -> QoS, as asked for
             while self._requests and self._requests[0][1] == wanted and len(batch) < BATCH:
-                batch.append(self._requests.popleft()[0])
+                topic, _, qos = self._requests.popleft()
+                batch[topic] = qos
             if wanted:
-                self._subscribe(client, batch)
+                self._subscribe(client, list(batch), batch)
             else:
                 self._retry.difference_update(batch)
-                client.unsubscribe(batch)
+                client.unsubscribe(list(batch))
         if self._retry and time.monotonic() >= self._retry_at:
             again = sorted(self._retry.intersection(self.wanted()))
             self._retry.clear()
