@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,10 @@ def _online_ports(agent: AgentProcess) -> list[int]:
 def _states(sub: Subscriber, rollout_id: str) -> list[str]:
     bodies = [m.json() for m in sub.on("/rollout") if m.payload]
     return [str(b["state"]) for b in bodies if b.get("rollout_id") == rollout_id]
+
+
+def _active(sub: Subscriber, rollout_id: str) -> bool:
+    return "active" in _states(sub, rollout_id)
 
 
 def _progress(agent: AgentProcess) -> float:
@@ -150,5 +155,53 @@ def test_agent_collector_and_rollout_survive_the_loss_of_a_nats_node(
             watcher.stop()
         if collector is not None:
             collector.stop()
+        cluster.stop()
+        shutil.rmtree(tmp_path / "state", ignore_errors=True)
+
+
+def test_a_content_defined_release_and_its_delta_reach_a_device_on_a_nats_cluster(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """Chunks fetched by hash on NATS: one subscription per chunk (QoS 0; at QoS 1 NATS makes
+    a JetStream consumer for each and the download stalled), then a retrain that shares all
+    but its head and labels."""
+    from edgefleet.operator.releases import publish_release
+
+    from .test_delta import FP32, _relabelled
+
+    cluster = NatsCluster(tmp_path).start()
+    pem = keys[1].read_text().replace("\n", "\\n")
+    config = agent_config(
+        tmp_path,
+        cluster.nodes[0].url,
+        fps=10,
+        mqtt_extra="protocol: '3.1.1'\nkeepalive_s: 15\n",
+        extra=f'rollout:\n  trusted_keys: {{release: "{pem}"}}\n  health_frames: 3\n',
+    )
+    watcher: Subscriber | None = None
+    try:
+        watcher = Subscriber(
+            cluster.nodes[1].mqtt_port,
+            ["edgefleet/v1/devices/+/rollout"],
+            protocol=MQTTProtocolVersion.MQTTv311,
+        ).start()
+        relabelled = _relabelled(FP32, tmp_path / "relabelled.tflite")
+        with running(config) as agent:
+            wait_for(lambda: _online_ports(agent), 60, "the agent online")
+            for version, model in ((1, FP32), (2, relabelled)):
+                manifest, blobs = build_release(
+                    {"cpu": model}, "cdc", version, keys[0], "release", 3600
+                )
+                assert manifest.variants[0].cdc is not None
+                with Operator(cluster.nodes[2].url) as operator:
+                    publish_release(operator, manifest, blobs, ["device:dev-1"])
+                wait_for(partial(_active, watcher, manifest.rollout_id), 120, f"v{version} active")
+            final = [m.json() for m in watcher.on("/rollout") if m.payload][-1]
+            assert final["version"] == 2
+            assert final["fetched_bytes"] < 0.01 * final["size"]
+            agent.terminate()
+    finally:
+        if watcher is not None:
+            watcher.stop()
         cluster.stop()
         shutil.rmtree(tmp_path / "state", ignore_errors=True)
