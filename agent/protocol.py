@@ -92,7 +92,7 @@ RolloutState = Literal[
 ]  # fmt: skip
 
 
-SPOOLED_KINDS: Final = ("predictions", "metrics", "events")
+SPOOLED_KINDS: Final = ("predictions", "metrics", "events", "samples")
 
 # Upper bounds (ms) of the latency histogram buckets in the metrics message, +Inf implied.
 # Fixed fleet-wide so that counts from every device add up: an EdgeTPU invoke (~3 ms) and a
@@ -180,6 +180,47 @@ class Predictions(Spooled):
     """``devices/{id}/predictions``: one or more results (batched by the report policy)."""
 
     results: list[ResultMessage]
+
+
+# Samples (the data flywheel): frames a device kept for labelling, sent in pieces.
+SAMPLE_TRIGGERS: Final = ("low_score", "small_margin", "watched", "shadow_disagrees", "random")
+MAX_SAMPLE_BYTES: Final = 4 * 1024 * 1024  # one encoded frame; the collector refuses more
+SAMPLE_PIECE_BYTES: Final = 24 * 1024  # raw bytes per message (base64 makes it ~32 KiB)
+
+
+class SampleShadow(_Message):
+    """What the shadow candidate answered for the same frame."""
+
+    model: str
+    version: int
+    top: list[TopLabel] = Field(max_length=10)
+
+
+class SampleMeta(_Message):
+    """Why and with what model a frame was kept (the first piece carries it)."""
+
+    ts: float
+    model: str = Field(min_length=1, max_length=128)
+    model_version: int = Field(ge=0)
+    top: list[TopLabel] = Field(max_length=10)
+    triggers: list[str] = Field(min_length=1, max_length=len(SAMPLE_TRIGGERS))
+    shadow: SampleShadow | None = None
+    encoding: Literal["jpeg"] = "jpeg"
+    width: int = Field(ge=1, le=65535)
+    height: int = Field(ge=1, le=65535)
+    full_frame: bool = False
+
+
+class SamplePiece(Spooled):
+    """``devices/{id}/samples``: one piece of a kept frame; the collector joins the pieces,
+    checks the whole file's sha256 and acknowledges each piece like any spooled message."""
+
+    sample: str = Field(pattern=HEX64, description="sha256 of the whole encoded file")
+    piece: int = Field(ge=0)
+    pieces: int = Field(ge=1, le=MAX_SAMPLE_BYTES // SAMPLE_PIECE_BYTES + 1)
+    size: int = Field(ge=1, le=MAX_SAMPLE_BYTES)
+    data: str = Field(max_length=(SAMPLE_PIECE_BYTES * 4) // 3 + 4, description="base64")
+    meta: SampleMeta | None = None
 
 
 class LatencyHistogram(_Message):
@@ -420,6 +461,7 @@ MESSAGE_MODELS: dict[str, type[BaseModel]] = {
     "Reply": Reply,
     "RolloutStatus": RolloutStatus,
     "Ack": Ack,
+    "SamplePiece": SamplePiece,
     "Manifest": Manifest,
     "Decision": Decision,
 }

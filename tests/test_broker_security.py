@@ -255,6 +255,7 @@ def test_acl_matrix(password_broker: Env) -> None:
 
     denied = [
         "edgefleet/v1/devices/dev-b/predictions",  # another device's data
+        "edgefleet/v1/devices/dev-b/samples",  # a frame sent in another device's name
         "edgefleet/v1/devices/dev-b/status",
         "edgefleet/v1/devices/dev-a/model/desired",  # its own desired state: operator only
         "edgefleet/v1/models/lite0/1/cpu/0",  # model chunks: operator only
@@ -264,9 +265,13 @@ def test_acl_matrix(password_broker: Env) -> None:
     for topic in denied:
         assert dev_a.publish(topic) == NOT_AUTHORIZED, topic
     assert dev_a.publish("edgefleet/v1/devices/dev-a/predictions") == 0
-    wait_for(lambda: "edgefleet/v1/devices/dev-a/predictions" in op.got, 5, "allowed publish")
+    assert dev_a.publish("edgefleet/v1/devices/dev-a/samples") == 0
+    wait_for(lambda: "edgefleet/v1/devices/dev-a/samples" in op.got, 5, "allowed publish")
     time.sleep(0.3)
-    assert op.got == ["edgefleet/v1/devices/dev-a/predictions"]
+    assert op.got == [
+        "edgefleet/v1/devices/dev-a/predictions",
+        "edgefleet/v1/devices/dev-a/samples",
+    ]
 
     # mosquitto 2.0 grants every SUBACK and enforces "read" when it delivers, so the
     # subscription denials are proven by what arrives (and by 0x87 where a broker sends it).
@@ -291,6 +296,9 @@ def test_acl_matrix(password_broker: Env) -> None:
 
     collector = Client(env, "collector-1", env.passwords["collector-1"], port=env.fleet_port)
     assert collector.subscribe("$share/c/edgefleet/v1/devices/+/predictions") == [1]
+    assert collector.subscribe("$share/c/edgefleet/v1/devices/+/samples") == [1]
+    assert dev_a.publish("edgefleet/v1/devices/dev-a/samples") == 0
+    wait_for(lambda: "edgefleet/v1/devices/dev-a/samples" in collector.got, 5, "a sample read")
     assert collector.publish("edgefleet/v1/devices/dev-a/ack") < 0x80
     assert collector.publish("edgefleet/v1/devices/dev-a/cmd/ping") == NOT_AUTHORIZED
     for client in (op, dev_a, dev_b, collector):

@@ -59,6 +59,11 @@ CONTRACTS: list[tuple[str, tuple[str, ...], str]] = [
         ("edgefleet.mqtt", "edgefleet.rollout", "edgefleet.config", *ABOVE_THE_DEVICE),
         "plugins see the agent through small ports only",
     ),
+    (
+        "edgefleet.capture",
+        ("edgefleet.mqtt", "edgefleet.rollout", "edgefleet.config", *ABOVE_THE_DEVICE),
+        "capture hands samples to a link port; it never knows the link or rollouts",
+    ),
     ("edgefleet.config", ("edgefleet.runtime", *ABOVE_THE_DEVICE), "config is data"),
     (
         "edgefleet.dashboard",
@@ -124,6 +129,7 @@ FLOORS: list[tuple[str, ...]] = [
         "plugin",
         *("hookspecs", "registry", "sourceoffers", "sources", "sinks", "frames", "results"),
         "delegates",
+        "capture",
     ),
     ("delegation",),
     ("mqtt",),

@@ -21,7 +21,7 @@ def _examples() -> list[tuple[str, str]]:
 
 def test_every_message_kind_has_an_example() -> None:
     kinds = {kind for kind, _ in _examples()}
-    assert kinds == {"Status", "Predictions", "Metrics", "Reply", "Ack", "Decision"}
+    assert kinds == {"Status", "Predictions", "Metrics", "Reply", "Ack", "Decision", "SamplePiece"}
 
 
 @pytest.mark.parametrize(("kind", "text"), _examples())

@@ -31,6 +31,7 @@ from edgefleet.runtime.sdnotify import Notifier, Watchdog
 from edgefleet.runtime.sinks import Sink
 
 if TYPE_CHECKING:
+    from edgefleet.capture import Capture
     from edgefleet.mqtt.fleetlink import FleetLink
     from edgefleet.rollout.manager import RolloutManager
 
@@ -59,6 +60,7 @@ class Daemon:
         self.agent = Agent(config, plugins, extra_sinks)
         self.fleet: FleetLink | None = None
         self.rollout: RolloutManager | None = None
+        self.capture: Capture | None = None
         self.notifier = Notifier()
         self.stop_requested = threading.Event()
         self.reload_requested = threading.Event()
@@ -83,6 +85,14 @@ class Daemon:
             )
             agent.extra_sinks.append(self.fleet.reporter)
             fleet = self.fleet
+            if core.capture.enabled:
+                from edgefleet.capture import Capture
+
+                self.capture = Capture(
+                    core.capture, lambda: agent.pipeline, fleet.link, core.state_dir
+                )
+                agent.extra_sinks.append(self.capture)
+                fleet.extras["capture"] = self.capture.figures
             agent.on_reload.append(lambda fresh: fleet.apply_config(fresh.fleet))
         agent.start()
         if self.fleet is None:
@@ -106,6 +116,8 @@ class Daemon:
                 sampler=loop_sampler(pipeline),
             )
             self.fleet.extras["shadow"] = self.rollout.shadow_figures
+            if self.capture is not None:
+                self.rollout.disagreement_listeners.append(self.capture.on_shadow_disagreement)
             self.fleet.announcers.append(self.rollout.announce)
             for topic in self.rollout.subscriptions:
                 link.route(topic, self.rollout.on_message)

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from edgefleet import __version__, logs
-from edgefleet.cli import device, fleet, models, rollout, simulate, top
+from edgefleet.cli import device, fleet, models, rollout, samples, simulate, top
 from edgefleet.cli.args import int_between, positive_float
 from edgefleet.cli.device import DEFAULT_CONFIG
 from edgefleet.errors import ConfigError, UserError
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_rollout_commands(sub)
     top.add_top_command(sub)
     models.add_models_commands(sub)
+    samples.add_samples_commands(sub)
     simulate.add_simulate_command(sub)
 
     schema = sub.add_parser("schema", help="print the config JSON schema")

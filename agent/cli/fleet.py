@@ -20,10 +20,13 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from edgefleet.collector import Collector, CollectorSettings
+    from edgefleet.collector import Collector, CollectorSettings, SampleSettings
     from edgefleet.dashboard import FleetView
 
     password = read_secret(args.password_file)
+    samples_dir = Path(args.samples)
+    if not samples_dir.parent.is_dir():
+        raise UserError(f"--samples {samples_dir}: folder {samples_dir.parent} does not exist")
     settings = CollectorSettings(
         broker=args.broker,
         db=args.db,
@@ -35,6 +38,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
         ca=args.ca,
         cert=args.cert,
         key=args.key,
+        samples=SampleSettings(samples_dir, args.samples_max_age_days, args.samples_max_mib),
     )
     if args.alert_label and args.alert_webhook is None:
         raise UserError("--alert-label needs --alert-webhook URL")
@@ -62,6 +66,10 @@ def cmd_collect(args: argparse.Namespace) -> int:
         say=lambda text: print(text, flush=True),
         view=view,
     )
+    if dashboard is not None:
+        from edgefleet.collector import SampleCatalog
+
+        dashboard.samples = SampleCatalog(args.db, samples_dir)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, lambda *_: done.set())
@@ -225,6 +233,22 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     collect.add_argument("--cert", type=Path)
     collect.add_argument("--key", type=Path)
     collect.add_argument("--print", action="store_true", help="print predictions as they come")
+    kept = collect.add_argument_group("samples (docs/flywheel.md)")
+    kept.add_argument(
+        "--samples",
+        default="edgefleet-samples",
+        metavar="DIR",
+        help="where devices' kept frames are stored (default ./edgefleet-samples)",
+    )
+    kept.add_argument(
+        "--samples-max-age-days", type=positive_float, default=90.0, help="default 90"
+    )
+    kept.add_argument(
+        "--samples-max-mib",
+        type=positive_float,
+        default=10240.0,
+        help="oldest unlabelled go first past this total (default 10240)",
+    )
     web = collect.add_argument_group("dashboard (docs/dashboard.md)")
     web.add_argument(
         "--http", metavar="HOST:PORT", help="serve the dashboard, its API and /metrics here"

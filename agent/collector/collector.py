@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from edgefleet.collector.samples import SampleIntake, SampleSettings
 from edgefleet.collector.store import Cursor, Store, Stored, json_object, lenient_object, place
 from edgefleet.dashboard.feed import feed
 from edgefleet.dashboard.view import FleetView
@@ -62,6 +63,7 @@ class CollectorSettings:
     ca: Path | None = None
     cert: Path | None = None
     key: Path | None = None
+    samples: SampleSettings = field(default_factory=SampleSettings)
 
 
 class Collector:
@@ -83,6 +85,7 @@ class Collector:
         # reconnection moves to the next after a failure. Checked before the database opens.
         self.brokers = parse_urls(settings.broker)
         self.store = Store(settings.db)
+        self.samples = SampleIntake(self.store, settings.samples)
         self._broker = random.randrange(len(self.brokers))  # noqa: S311 - load spreading
         self.host, self.port, self.tls = self.brokers[self._broker]
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=100_000)
@@ -219,6 +222,12 @@ class Collector:
     def _run(self) -> None:
         while not self._stop.is_set() or not self._inbox.empty():
             batch = self._drain()
+            if self.samples.prune_due():
+                try:
+                    self.samples.prune()
+                except Exception:
+                    log.exception("sample retention failed; tried again in a minute")
+                    self.store.rollback()
             if batch:
                 try:
                     self._store_batch(batch)
@@ -235,7 +244,12 @@ class Collector:
             self.store.save_status(cur, device, body)
             stored.append((kind, device, body))
             return None
-        boot_id, _, floor = place(body)
+        boot_id, mseq, floor = place(body)
+        if kind == "samples":
+            # The piece's bytes live with the sample; the message row keeps its place only.
+            if not self.store.has_message(cur, boot_id, mseq):
+                self.samples.take(cur, device, body)
+            body = {k: v for k, v in body.items() if k not in ("data", "meta")}
         self.store.save_message(cur, kind, device, body)
         stored.append((kind, device, body))
         # The newest floor is the highest: the device only ever lets go of old messages.

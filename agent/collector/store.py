@@ -194,6 +194,13 @@ class Store:
                 ),
             )
 
+    def has_message(self, cur: Cursor, boot_id: str, mseq: int) -> bool:
+        """Stored before (a resend): what it carried must not count twice."""
+        cur.execute(
+            self._q("SELECT 1 FROM messages WHERE boot_id = ? AND mseq = ?"), (boot_id, mseq)
+        )
+        return cur.fetchone() is not None
+
     def save_rejected(self, cur: Cursor, device: str, boot_id: str, mseq: int, error: str) -> None:
         cur.execute(
             self._q(

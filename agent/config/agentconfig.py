@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgefleet.capture.settings import CaptureSettings
 from edgefleet.config.yamlsource import Loc, Located, apply_env_overrides, load_yaml, parse_yaml
 from edgefleet.delegation.policies import POLICY_MODELS, DelegatePolicy
 from edgefleet.errors import ConfigError
@@ -109,6 +110,9 @@ class FileConfig(_Strict):
     fleet: FleetConfig | None = Field(default=None, description="the MQTT link to the fleet")
     rollout: RolloutSettings | None = Field(
         default=None, description="model rollouts (needs fleet)"
+    )
+    capture: CaptureSettings = Field(
+        default_factory=CaptureSettings, description="frames kept for labelling (needs fleet)"
     )
     loop: LoopConfig = Field(default_factory=LoopConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
@@ -269,6 +273,8 @@ def validate(located: Located, registries: Registries) -> AgentConfig:
         raise ConfigError(["internal: validation failed without a problem"])
     if core.rollout is not None and core.fleet is None:
         raise ConfigError([f"{located.where(('rollout',))}: rollout: needs a `fleet:` section"])
+    if core.capture.enabled and core.fleet is None:
+        raise ConfigError([f"{located.where(('capture',))}: capture: needs a `fleet:` section"])
     return AgentConfig(
         core=core,
         source=source,

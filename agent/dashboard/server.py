@@ -29,7 +29,9 @@ from urllib.parse import unquote, urlsplit
 
 import structlog
 
+from edgefleet.dashboard import samplesapi
 from edgefleet.dashboard.promexport import exposition
+from edgefleet.dashboard.samplesapi import SampleBook
 from edgefleet.dashboard.view import FleetView
 from edgefleet.errors import UserError
 
@@ -40,8 +42,9 @@ STATIC = {
     "fleet.js": "text/javascript; charset=utf-8",
     "device.js": "text/javascript; charset=utf-8",
     "common.js": "text/javascript; charset=utf-8",
+    "samples.js": "text/javascript; charset=utf-8",
 }
-PAGES = {"fleet": "index.html", "device": "device.html"}
+PAGES = {"fleet": "index.html", "device": "device.html", "samples": "samples.html"}
 TICK_S = 1.0
 HEARTBEAT_S = 5.0
 MAX_CLIENTS = 64
@@ -166,7 +169,9 @@ class Dashboard:
         token: str | None = None,
         counters: Callable[[], dict[str, int]] = dict,
         device_histograms: bool = False,
+        samples: SampleBook | None = None,
     ) -> None:
+        self.samples = samples
         try:
             host, port = parse_bind(bind)
         except ValueError as exc:
@@ -223,6 +228,17 @@ class Dashboard:
             return False
         return hmac.compare_digest(offered.encode(), self.token.encode())
 
+    def user(self, header: str | None) -> str:
+        """Who sent an authorized request: basic auth's user name, else how they came."""
+        if self.token is None:
+            return "local"
+        scheme, _, value = (header or "").partition(" ")
+        if scheme.lower() == "basic":
+            with contextlib.suppress(ValueError, UnicodeDecodeError):
+                name = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+                return name or "operator"
+        return "token"
+
 
 class _Handler(BaseHTTPRequestHandler):
     dashboard: Dashboard
@@ -232,22 +248,54 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib's name
         log.debug("dashboard request", line=format % args)
 
+    def _refused(self) -> bool:
+        if self.dashboard.authorized(self.headers.get("Authorization")):
+            return False
+        self._send(
+            HTTPStatus.UNAUTHORIZED,
+            b"authentication required\n",
+            "text/plain; charset=utf-8",
+            {"WWW-Authenticate": 'Basic realm="edgefleet", charset="UTF-8"'},
+        )
+        return True
+
     def do_GET(self) -> None:
-        if not self.dashboard.authorized(self.headers.get("Authorization")):
-            self._send(
-                HTTPStatus.UNAUTHORIZED,
-                b"authentication required\n",
-                "text/plain; charset=utf-8",
-                {"WWW-Authenticate": 'Basic realm="edgefleet", charset="UTF-8"'},
-            )
+        if self._refused():
             return
-        path = urlsplit(self.path).path
+        parts = urlsplit(self.path)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the page went away
-            self._route(path)
+            answer = samplesapi.get(self.dashboard.samples, parts.path, parts.query)
+            if answer is not None:
+                self._send(*answer)
+            else:
+                self._route(parts.path)
+
+    def do_POST(self) -> None:
+        if self._refused():
+            return
+        text = self.headers.get("Content-Length") or "0"
+        length = int(text) if text.isdigit() else -1
+        if not 0 <= length <= samplesapi.MAX_BODY:
+            self._json({"error": "body too large"}, HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+            self.close_connection = True
+            return
+        body = self.rfile.read(length)
+        user = self.dashboard.user(self.headers.get("Authorization"))
+        answer = samplesapi.post(
+            self.dashboard.samples,
+            urlsplit(self.path).path,
+            self.headers.get("Content-Type") or "",
+            body,
+            user,
+        )
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self._send(*answer)
 
     def _route(self, path: str) -> None:
         view = self.dashboard.view
-        if path in ("/", "/index.html"):
+        if path == "/samples":
+            self._send(HTTPStatus.OK, _asset(PAGES["samples"]), "text/html; charset=utf-8")
+        elif path in ("/", "/index.html"):
             self._send(HTTPStatus.OK, _asset(PAGES["fleet"]), "text/html; charset=utf-8")
         elif path.startswith("/device/"):
             self._send(HTTPStatus.OK, _asset(PAGES["device"]), "text/html; charset=utf-8")

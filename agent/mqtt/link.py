@@ -106,6 +106,8 @@ class MqttLink:
             on_disk_change=self._disk_changed,
         )
         self._outq: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # Bytes the outbox holds per watched kind (samples), refreshed once a second.
+        self._pending: dict[str, int] = {}
         self._seen_epoch = 0
         self._threads: list[threading.Thread] = []
 
@@ -191,6 +193,12 @@ class MqttLink:
         """Publish outside the outbox (replies, retained states); dropped when offline."""
         self.net.publish_now(topic, payload, qos, properties, retain)
 
+    def pending_bytes(self, kind: str) -> int:
+        """Bytes of ``kind`` the outbox holds unacknowledged, as of at most a second ago
+        (what was queued since is the caller's to add); asking once makes the outbox thread
+        keep the figure from then on."""
+        return self._pending.setdefault(kind, 0)
+
     def subscribe(self, topic: str, qos: int = 1) -> None:
         """Add a subscription now and on every reconnect (model chunks)."""
         self.net.subscribe(topic, qos)
@@ -226,6 +234,7 @@ class MqttLink:
     def _run_out(self) -> None:
         last_resend = time.monotonic()
         next_metrics = time.monotonic() + self.metrics_interval_s
+        next_pending = time.monotonic()
         while True:
             self._wake.wait(OUTBOX_EVERY_S)
             self._wake.clear()
@@ -237,6 +246,10 @@ class MqttLink:
                     self.tick()
                 self._store_queued()
                 self._apply_acks()
+                if self._pending and time.monotonic() >= next_pending:
+                    next_pending = time.monotonic() + 1.0
+                    for kind in list(self._pending):
+                        self._pending[kind] = self.outbox.bytes_of(self.topics.spooled(kind))
                 if self.online.is_set():
                     if self._seen_epoch != self.net.epoch:
                         # A new connection: whatever was sent and not acked goes again.

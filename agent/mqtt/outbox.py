@@ -337,6 +337,12 @@ class Outbox:
     def depth(self) -> int:
         return len(self._memory) + self._disk_rows
 
+    def bytes_of(self, topic: str) -> int:
+        """Payload bytes held for one topic, in memory and on disk (one query: call it
+        seldom, as the link does once a second for the kinds someone watches)."""
+        held = sum(len(m.payload) for m, _ in self._memory.values() if m.topic == topic)
+        return held + (self.spool.bytes_of(topic) if self._disk_rows else 0)
+
     @property
     def bytes(self) -> int:
         return self._memory_bytes + self.spool.bytes

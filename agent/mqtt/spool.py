@@ -258,6 +258,13 @@ class Spool:
     def depth(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM outbox").fetchone()[0])
 
+    def bytes_of(self, topic: str) -> int:
+        """Payload bytes of the rows on one topic (acknowledged ones awaiting deletion too)."""
+        row = self.db.execute(
+            "SELECT coalesce(sum(length(payload)), 0) FROM outbox WHERE topic = ?", (topic,)
+        ).fetchone()
+        return int(row[0])
+
     @property
     def bytes(self) -> int:
         return self._bytes

@@ -77,7 +77,15 @@ def role_rights(role: str, prefix: str) -> list[str]:
         ]
     if role == "collector":
         # rollout and model/desired: read only, for the dashboard's rollout and desired columns
-        leaves = ("status", "predictions", "metrics", "events", "rollout", "model/desired")
+        leaves = (
+            "status",
+            "predictions",
+            "metrics",
+            "events",
+            "samples",
+            "rollout",
+            "model/desired",
+        )
         return [
             *(f"topic read {topics.every_device(leaf)}" for leaf in leaves),
             f"topic read {topics.every_group('model/desired')}",

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import structlog
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -48,8 +49,9 @@ from edgefleet.rollout.release import (
 )
 from edgefleet.rollout.report import StateReport
 from edgefleet.rollout.settings import RolloutSettings
-from edgefleet.rollout.shadow import Sampler, ShadowRun
+from edgefleet.rollout.shadow import Disagreement, Sampler, ShadowRun
 from edgefleet.rollout.store import ActiveModel, ModelStore
+from edgefleet.runtime.results import Result
 from edgefleet.runtime.stats import LoopStats
 
 log = structlog.get_logger(__name__)
@@ -85,6 +87,8 @@ class RolloutManager:
         self.group_desired = [topics.group_desired(g) for g in groups]
         self.decision_topics = [topics.decision, *(topics.group_decision(g) for g in groups)]
         self.sampler = sampler
+        # Told of each sampled frame a shadow candidate disagrees on (data capture).
+        self.disagreement_listeners: list[Disagreement] = []
         self._inbox: queue.Queue[Incoming] = queue.Queue(maxsize=10_000)
         self._desired: dict[str, bytes] = {}
         self._health: HealthWindow | None = None
@@ -332,7 +336,13 @@ class RolloutManager:
             self._twin_of = candidate
             self.fetch.begin(digest, manifest, twin)
             return
-        run = ShadowRun(spec, candidate.classifier, self.sampler, quiet=self.serving.quiet)
+        run = ShadowRun(
+            spec,
+            candidate.classifier,
+            self.sampler,
+            quiet=self.serving.quiet,
+            on_disagree=self._disagreed,
+        )
         self._start_shadow(candidate, run)
 
     def _shadow_with_twin(self, candidate: Candidate, variant: VariantSpec, path: Path) -> None:
@@ -345,8 +355,21 @@ class RolloutManager:
         except (ReleaseError, UserError, ValueError, RuntimeError) as exc:
             self._fail(manifest, f"preflight of the {variant.kind} twin: {exc}", retry=False)
             return
-        run = ShadowRun(spec, twin, self.sampler, quiet=self.serving.quiet, twin=variant.kind)
+        run = ShadowRun(
+            spec,
+            twin,
+            self.sampler,
+            quiet=self.serving.quiet,
+            twin=variant.kind,
+            on_disagree=self._disagreed,
+        )
         self._start_shadow(candidate, run)
+
+    def _disagreed(
+        self, image: np.ndarray, active: Result, candidate: tuple[str, int, list[Any]]
+    ) -> None:
+        for listener in list(self.disagreement_listeners):
+            listener(image, active, candidate)
 
     def _start_shadow(self, candidate: Candidate, run: ShadowRun) -> None:
         shadow = self._shadow = ShadowPhase(candidate, run)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import structlog
 
 from edgefleet.inference.classifier import Classifier
 from edgefleet.protocol import ShadowSpec
@@ -33,7 +34,11 @@ from edgefleet.runtime.results import Result
 # The newest frame the loop classified and the active model's result for that frame.
 Sample = tuple[np.ndarray, Result]
 Sampler = Callable[[], Sample | None]
+# Told of a frame on which the candidate's top-1 differs: the frame, the active model's
+# result, and (candidate name, version, its top labels). Data capture keeps such frames.
+Disagreement = Callable[[np.ndarray, Result, tuple[str, int, list[Any]]], None]
 KEPT_DISAGREEMENTS = 5
+log = structlog.get_logger(__name__)
 
 
 class ClassifiedFrames(Protocol):
@@ -115,8 +120,10 @@ class ShadowRun:
         clock: Callable[[], float] = time.monotonic,
         quiet: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext,
         twin: str | None = None,
+        on_disagree: Disagreement | None = None,
     ) -> None:
         self.spec = spec
+        self.on_disagree = on_disagree
         # The kind of the variant run in the candidate's place (an EdgeTPU candidate's cpu
         # variant): its latency says nothing of the candidate's, so it is not judged.
         self.twin = twin
@@ -165,10 +172,16 @@ class ShadowRun:
         if not top or not np.all(np.isfinite(scores)):
             figures.errors += 1
             return False
-        self._compare(active, top, elapsed_ms)
+        if not self._compare(active, top, elapsed_ms) and self.on_disagree is not None:
+            info = self.candidate.info
+            try:
+                self.on_disagree(image, active, (info.name, info.version, top))
+            except Exception:  # a listener's fault never costs the phase
+                log.exception("shadow disagreement listener failed")
         return True
 
-    def _compare(self, active: Result, top: list[Any], elapsed_ms: float) -> None:
+    def _compare(self, active: Result, top: list[Any], elapsed_ms: float) -> bool:
+        """Count one sample; True when both models agree on the top-1."""
         figures = self.figures
         figures.samples += 1
         mine = [label.label for label in top]
@@ -181,14 +194,15 @@ class ShadowRun:
             figures.active_ms.append(inference)
         if mine[0] == theirs[0]:
             figures.agree += 1
-        else:
-            figures.disagreements.append(
-                {
-                    "frame": active.frame,
-                    "active": {"label": theirs[0], "score": round(active.top[0].score, 4)},
-                    "candidate": {"label": mine[0], "score": round(top[0].score, 4)},
-                }
-            )
+            return True
+        figures.disagreements.append(
+            {
+                "frame": active.frame,
+                "active": {"label": theirs[0], "score": round(active.top[0].score, 4)},
+                "candidate": {"label": mine[0], "score": round(top[0].score, 4)},
+            }
+        )
+        return False
 
     def verdict(self) -> list[str]:
         """Why the candidate must not serve; empty when the release's rules are met."""
