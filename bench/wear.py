@@ -1,6 +1,7 @@
 """SD-card wear: bytes the agent process writes, per hour (a benchmark: prints only).
 
     .venv/bin/python bench/wear.py [--seconds 60] [--fps 10] [--ack-mode broker] [--flush-after S]
+                                   [--capture PER_HOUR]
 
 Runs `edgefleet run` (synthetic 640x480 frames at ``--fps``, every result reported over MQTT,
 metrics every 10 s, its state directory on this machine's disk, not a tmpfs: a tmpfs does no
@@ -14,7 +15,8 @@ block I/O and would read 0) against a private mosquitto, and reads the process's
 ``write_bytes`` is what the process made the kernel send to the storage layer (pages it
 dirtied: the SQLite file and its WAL, the model store, anything else), ``wchar`` the bytes its
 write calls passed. Each is printed as MiB per hour. Target (issue 28): <= 10 MiB/hour of
-write_bytes with the link up at 10 fps.
+write_bytes with the link up at 10 fps. ``--capture N`` turns data capture on (every frame a
+trigger, at most N samples an hour, 1 s apart at least): what the samples add (issue 31).
 """
 
 from __future__ import annotations
@@ -44,10 +46,16 @@ def io_counters(pid: int) -> dict[str, int]:
 
 
 def config_text(
-    port: int, state: Path, fps: float, ack_mode: str, flush_after: float | None
-) -> str:
+    port: int, state: Path, fps: float, ack_mode: str, flush_after: float | None,
+    capture: int | None = None,
+) -> str:  # fmt: skip
     spool = f"    flush_after_s: {flush_after}\n" if flush_after is not None else ""
-    return (
+    kept = (
+        f"capture: {{enabled: true, below_score: 1.0, min_interval_s: 1, per_hour: {capture}}}\n"
+        if capture
+        else ""
+    )
+    return kept + (
         "device: {id: wear-1}\n"
         f"source: {{type: synthetic, fps: {fps}, width: 640, height: 480}}\n"
         "delegate: {type: cpu, threads: 1}\n"
@@ -77,6 +85,7 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=10.0)
     parser.add_argument("--ack-mode", choices=["broker", "collector"], default="broker")
     parser.add_argument("--flush-after", type=float, default=None, help="fleet.spool.flush_after_s")
+    parser.add_argument("--capture", type=int, default=None, metavar="PER_HOUR")
     parser.add_argument(
         "--dir",
         type=Path,
@@ -133,7 +142,9 @@ def run(binary: str, work: Path, args: argparse.Namespace) -> int:
     broker.start()
     config = work / "agent.yaml"
     config.write_text(
-        config_text(broker.port, work / "state", args.fps, args.ack_mode, args.flush_after)
+        config_text(
+            broker.port, work / "state", args.fps, args.ack_mode, args.flush_after, args.capture
+        )
     )
     agent = subprocess.Popen(
         [sys.executable, "-m", "edgefleet", "run", "-c", str(config)],
@@ -154,7 +165,8 @@ def run(binary: str, work: Path, args: argparse.Namespace) -> int:
     print(
         f"edgefleet run, {args.fps:g} fps, ack mode {args.ack_mode}, flush_after_s "
         f"{args.flush_after if args.flush_after is not None else 'default'}, "
-        f"{args.seconds:g} s per phase, state directory under {args.dir}"
+        f"{args.seconds:g} s per phase, state directory under {args.dir}, "
+        f"capture {f'{args.capture}/h' if args.capture else 'off'}"
     )
     for name, figures in (("link up", up), ("link down", down), ("back up", back)):
         print(
