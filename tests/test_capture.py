@@ -123,6 +123,10 @@ def test_budgets_hold_per_hour_spacing_and_per_day_across_a_restart(tmp_path: Pa
     assert not budget.fits_today(49)
     budget.spend(100)
     assert budget.refusal() == "per_day"
+    # Saved at most every ten minutes: the first spend was written, the second waits.
+    crashed = Budget(settings, tmp_path / "b.json", clock=clock, day=lambda: "2026-12-07")
+    assert crashed.day_bytes == 1000
+    budget.save()  # a graceful stop
     again = Budget(settings, tmp_path / "b.json", clock=clock, day=lambda: "2026-12-07")
     assert again.day_bytes == 1100
     assert again.refusal() == "per_day"

@@ -27,8 +27,12 @@ from edgefleet.collector import Collector, CollectorSettings, SampleCatalog, Sam
 from edgefleet.collector.samples import sample_path
 from edgefleet.dashboard import Dashboard, FleetView
 from edgefleet.factory import factory_model_path
-from edgefleet.protocol import SAMPLE_PIECE_BYTES
-from tests.mqtt_helpers import Broker, agent_config, running, wait_for
+from edgefleet.inference.images import decode_image
+from edgefleet.operator.releases import Broker as Operator
+from edgefleet.operator.releases import build_release, publish_release
+from edgefleet.protocol import SAMPLE_PIECE_BYTES, Rollout, ShadowSpec
+from tests.conftest import needs_train
+from tests.mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOPIC = "edgefleet/v1/devices/{}/samples"
@@ -381,3 +385,88 @@ def test_the_sweep_completes_pieces_stored_apart_and_retention_removes_the_oldes
     catalog.close()
     other.store.close()
     store.close()
+
+
+@pytest.mark.export
+@needs_train
+def test_the_loop_kept_frames_labelled_trained_shadowed_and_promoted(
+    tmp_path: Path, broker: Broker, keys: tuple[Path, Path], samples: Path, classifier: Any
+) -> None:
+    """Devices keep frames -> the collector stores them -> labelled -> exported -> trained ->
+    published with a shadow phase -> promoted on the device, which then serves it and keeps
+    the frames the candidate disagreed on."""
+    from edgefleet.training import ImageFolder, train
+
+    photos = sorted(samples.glob("*.JPEG"))
+    groups = {"animal": photos[:4], "thing": photos[-4:]}  # fish and sharks; fungi, paper
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    group_of: dict[str, str] = {}
+    for group, members in groups.items():
+        for photo in members:
+            shutil.copy(photo, folder / photo.name)
+            top = classifier.top(classifier.classify(decode_image(photo)), 1)[0].label
+            group_of[top] = group
+    assert len(group_of) == 8  # each photo has its own top-1: a sample names its photo
+    collector = _collector(tmp_path, broker.url)
+    collector.start()
+    catalog = SampleCatalog(collector.s.db, collector.s.samples.folder)
+    sub = Subscriber(broker.port, ["edgefleet/v1/devices/#"]).start()
+    pem = keys[1].read_text().replace("\n", "\\n")
+    loop_capture = CAPTURE.replace("min_interval_s: 0.3", "min_interval_s: 0.25")
+    config = agent_config(
+        tmp_path, broker.url, fps=None, mqtt_extra="ack_mode: collector\n",
+        extra=f'rollout:\n  trusted_keys: {{release: "{pem}"}}\n  health_frames: 5\n'
+        + loop_capture,
+        jsonl=False,
+    )  # fmt: skip
+    config.write_text(
+        config.read_text().replace(
+            "source: {type: synthetic, fps: null, width: 160, height: 120}",
+            f"source: {{type: images, path: '{folder}', fps: 10}}",
+        )
+    )
+    try:
+        with running(config) as agent:
+            wait_for(lambda: catalog.facets()["total"] == 8, 120, "a sample of every photo")
+            catalog.set_classes("efficientnet-lite0", ["animal", "thing"])
+            for sample in catalog.find(limit=500):
+                catalog.label(sample["sample"], group_of[sample["predicted"]], "test")
+            assert catalog.export(tmp_path / "data") == {"animal": 4, "thing": 4}
+            model = train(ImageFolder(tmp_path / "data"), base="lite0", cache=tmp_path / "c")
+            exported = model.export(tmp_path / "model", "animals")
+            spec = ShadowSpec(samples=5, interval_s=0.2, max_duration_s=60)
+            manifest, blobs = build_release(
+                {"cpu": exported.int8}, "animals", 1, keys[0], "release", 3600, shadow=spec
+            )
+            with Operator(broker.url) as operator:
+                publish_release(operator, manifest, blobs, ["device:dev-1"])
+
+            def final() -> dict[str, Any] | None:
+                states = [m.json() for m in sub.on("/rollout") if m.payload]
+                done = [s for s in states if s.get("name") == "animals"
+                        and s["state"] in Rollout.TERMINAL]  # fmt: skip
+                return done[-1] if done else None
+
+            wait_for(lambda: final() is not None, 120, "the shadow phase decided")
+            assert final()["state"] == "active", final()  # type: ignore[index]
+
+            def served() -> set[str]:
+                return {r["model"] for m in sub.on("/predictions") for r in m.json()["results"]}
+
+            wait_for(lambda: "animals" in served(), 30, "the new model serving")
+
+            # The candidate (two classes) disagreed with the serving model on its frames: the
+            # device kept those frames too (the collector holds each of these 8 pictures
+            # once, so it counts them as duplicates of what it has).
+            def disagreements() -> int:
+                figures = [m.json().get("capture", {}) for m in sub.on("/metrics")]
+                return max((f.get("by_trigger", {}).get("shadow_disagrees", 0) for f in figures),
+                           default=0)  # fmt: skip
+
+            wait_for(lambda: disagreements() >= 1, 30, "disagreements kept")
+            assert agent.terminate() == 0
+    finally:
+        sub.stop()
+        catalog.close()
+        collector.stop()

@@ -157,13 +157,19 @@ class Capture(Sink):
             return
         name, version, top = candidate
         shadow = {"model": name, "version": version, "top": _labels(top)}
-        self._offer(image, active, ["shadow_disagrees"], shadow)
+        # The shadow phase spaces its samples itself: only the hour and day budgets apply.
+        self._offer(image, active, ["shadow_disagrees"], shadow, spaced=False)
 
     def _offer(
-        self, image: np.ndarray, result: Result, fired: list[str], shadow: dict[str, Any] | None
+        self,
+        image: np.ndarray,
+        result: Result,
+        fired: list[str],
+        shadow: dict[str, Any] | None,
+        spaced: bool = True,
     ) -> None:
         with self._lock:
-            refusal = self.budget.refusal()
+            refusal = self.budget.refusal(spaced)
             if refusal is None and len(self._waiting) >= WAITING_MAX:
                 refusal = "busy"
             if refusal is not None:
@@ -270,5 +276,7 @@ class Capture(Sink):
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(2.0)
+        with self._lock:
+            self.budget.save()
         if self._opened:
             log.info("capture stopped", **self.figures())
