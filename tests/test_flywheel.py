@@ -25,6 +25,7 @@ import pytest
 
 from edgefleet.collector import Collector, CollectorSettings, SampleCatalog, SampleSettings
 from edgefleet.collector.samples import sample_path
+from edgefleet.collector.store import Store
 from edgefleet.dashboard import Dashboard, FleetView
 from edgefleet.factory import factory_model_path
 from edgefleet.inference.images import decode_image
@@ -33,6 +34,7 @@ from edgefleet.operator.releases import build_release, publish_release
 from edgefleet.protocol import SAMPLE_PIECE_BYTES, Rollout, ShadowSpec
 from tests.conftest import needs_train
 from tests.mqtt_helpers import Broker, Subscriber, agent_config, running, wait_for
+from tests.test_collector import PG_URL, _pg_available
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 TOPIC = "edgefleet/v1/devices/{}/samples"
@@ -76,20 +78,37 @@ def _pieces(
     return out
 
 
-def _collector(tmp_path: Path, broker: str = "mqtt://127.0.0.1:1") -> Collector:
+def _collector(
+    tmp_path: Path, broker: str = "mqtt://127.0.0.1:1", db: str | None = None
+) -> Collector:
     return Collector(
         CollectorSettings(
             broker=broker,
-            db=f"sqlite:///{tmp_path / 'fleet.db'}",
+            db=db or f"sqlite:///{tmp_path / 'fleet.db'}",
             samples=SampleSettings(tmp_path / "samples"),
         )
     )
 
 
+def _fresh_postgresql() -> str:
+    """The suite's PostgreSQL database without the sample tables of an earlier run."""
+    if not _pg_available():
+        pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+    store = Store(PG_URL)
+    store.cursor().execute(
+        "DROP TABLE IF EXISTS sample_pieces, samples, sample_counts, sample_classes"
+    )
+    store.commit()
+    store.close()
+    return PG_URL
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_the_collector_checks_each_sample_and_one_bad_costs_no_other(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    collector = _collector(tmp_path)
+    db = _fresh_postgresql() if backend == "postgresql" else None
+    collector = _collector(tmp_path, db=db)
     acks: list[dict[str, Any]] = []
     monkeypatch.setattr(
         collector.client, "publish", lambda _t, body, qos: acks.append(json.loads(body))
@@ -145,10 +164,12 @@ def test_the_collector_checks_each_sample_and_one_bad_costs_no_other(
     collector.store.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_labels_must_be_classes_of_the_model_and_export_makes_a_training_folder(
-    tmp_path: Path,
+    backend: str, tmp_path: Path
 ) -> None:
-    collector = _collector(tmp_path)
+    db = _fresh_postgresql() if backend == "postgresql" else None
+    collector = _collector(tmp_path, db=db)
     boot = uuid.uuid4().hex
     pictures = [_jpeg(i) for i in range(4)]
     batch = [
@@ -392,9 +413,10 @@ def test_the_sweep_completes_pieces_stored_apart_and_retention_removes_the_oldes
 def test_the_loop_kept_frames_labelled_trained_shadowed_and_promoted(
     tmp_path: Path, broker: Broker, keys: tuple[Path, Path], samples: Path, classifier: Any
 ) -> None:
-    """Devices keep frames -> the collector stores them -> labelled -> exported -> trained ->
-    published with a shadow phase -> promoted on the device, which then serves it and keeps
-    the frames the candidate disagreed on."""
+    """Devices keep frames -> the collector stores them, across a broker restart ->
+    labelled through the page's API -> exported -> trained -> published with a shadow phase
+    -> promoted on the device, which then serves it and keeps the frames the candidate
+    disagreed on."""
     from edgefleet.training import ImageFolder, train
 
     photos = sorted(samples.glob("*.JPEG"))
@@ -426,12 +448,22 @@ def test_the_loop_kept_frames_labelled_trained_shadowed_and_promoted(
             f"source: {{type: images, path: '{folder}', fps: 10}}",
         )
     )
+    dashboard = Dashboard(FleetView(), "127.0.0.1:0", samples=catalog)
+    dashboard.start()
     try:
         with running(config) as agent:
+            wait_for(lambda: catalog.facets()["total"] >= 2, 120, "the first samples")
+            broker.restart()  # what was in flight is sent again from the device's outbox
             wait_for(lambda: catalog.facets()["total"] == 8, 120, "a sample of every photo")
             catalog.set_classes("efficientnet-lite0", ["animal", "thing"])
-            for sample in catalog.find(limit=500):
-                catalog.label(sample["sample"], group_of[sample["predicted"]], "test")
+            # Labelled as an operator does it: through the page's API.
+            listing = dashboard.url + "api/samples?limit=500"
+            with urllib.request.urlopen(listing, timeout=10) as answer:
+                waiting = json.loads(answer.read())["samples"]
+            for sample in waiting:
+                body = json.dumps({"label": group_of[sample["predicted"]]}).encode()
+                status, _ = _post(dashboard.url + f"api/samples/{sample['sample']}/label", body)
+                assert status == 200
             assert catalog.export(tmp_path / "data") == {"animal": 4, "thing": 4}
             model = train(ImageFolder(tmp_path / "data"), base="lite0", cache=tmp_path / "c")
             exported = model.export(tmp_path / "model", "animals")
@@ -467,6 +499,7 @@ def test_the_loop_kept_frames_labelled_trained_shadowed_and_promoted(
             wait_for(lambda: disagreements() >= 1, 30, "disagreements kept")
             assert agent.terminate() == 0
     finally:
+        dashboard.stop()
         sub.stop()
         catalog.close()
         collector.stop()
