@@ -33,7 +33,7 @@ import structlog
 from edgefleet.capture.rules import Budget, new_draw, triggers
 from edgefleet.capture.settings import CaptureSettings
 from edgefleet.inference.classifier import Classifier
-from edgefleet.inference.labels import Label
+from edgefleet.inference.labels import Label, label_dicts
 from edgefleet.inference.preprocess import Preprocessor
 from edgefleet.protocol import MAX_SAMPLE_BYTES, SAMPLE_PIECE_BYTES
 from edgefleet.runtime.frames import Frame
@@ -70,10 +70,6 @@ class _Kept:
     triggers: list[str]
     view: Preprocessor
     shadow: dict[str, Any] | None
-
-
-def _labels(top: list[Label]) -> list[dict[str, Any]]:
-    return [{"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in top[:5]]
 
 
 def model_view(image: np.ndarray, view: Preprocessor) -> np.ndarray:
@@ -156,7 +152,7 @@ class Capture(Sink):
         if not self.settings.shadow_disagrees:
             return
         name, version, top = candidate
-        shadow = {"model": name, "version": version, "top": _labels(top)}
+        shadow = {"model": name, "version": version, "top": label_dicts(top[:5])}
         # The shadow phase spaces its samples itself: only the hour and day budgets apply.
         self._offer(image, active, ["shadow_disagrees"], shadow, spaced=False)
 
@@ -232,7 +228,7 @@ class Capture(Sink):
             "ts": round(result.ts, 3),
             "model": result.model,
             "model_version": result.model_version,
-            "top": _labels(result.top),
+            "top": label_dicts(result.top[:5]),
             "triggers": kept.triggers,
             "shadow": kept.shadow,
             "encoding": "jpeg",

@@ -214,6 +214,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from edgefleet.inference.classifier import load_classifier
     from edgefleet.inference.delegate import Delegate
     from edgefleet.inference.images import DEFAULT_MAX_PIXELS, decode_image
+    from edgefleet.inference.labels import label_dicts
     from edgefleet.plugin.manager import make_plugin_manager
 
     max_pixels = args.max_pixels or DEFAULT_MAX_PIXELS
@@ -233,9 +234,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         started = time.perf_counter()
         scores = classifier.classify(image)
         top = classifier.top(scores, args.top_k)
-        record["top"] = [
-            {"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in top
-        ]
+        record["top"] = label_dicts(top)
         record["ms"] = round((time.perf_counter() - started) * 1e3, 3)
         print(json.dumps(record, ensure_ascii=False), flush=True)
 

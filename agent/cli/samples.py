@@ -10,21 +10,24 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgefleet.errors import UserError
+
+if TYPE_CHECKING:
+    from edgefleet.collector import SampleCatalog
 
 DEFAULT_DB = "sqlite:///edgefleet-collector.db"
 
 
-def _catalog(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _catalog(args: argparse.Namespace) -> SampleCatalog:
     from edgefleet.collector import SampleCatalog
 
     return SampleCatalog(args.db, Path(args.samples))
 
 
 def cmd_classes(args: argparse.Namespace) -> int:
-    from edgefleet.errors import ModelError
-    from edgefleet.inference.modelfile import read_packed
+    from edgefleet.inference.classifier import read_labels_file, read_model_info
 
     path = Path(args.model)
     if not path.is_file():
@@ -32,18 +35,12 @@ def cmd_classes(args: argparse.Namespace) -> int:
     if path.suffix == ".txt":
         if not args.name:
             raise UserError("a labels file needs --name MODEL (the name devices report)")
-        labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        name = args.name
+        labels, name = read_labels_file(path), args.name
     else:
-        try:
-            packed = read_packed(path)
-        except ModelError as exc:
-            raise UserError(str(exc)) from None
-        if not packed.labels:
+        info = read_model_info(path)
+        if not info.labels:
             raise UserError(f"{path}: no embedded labels (give its labels .txt with --name)")
-        labels = packed.labels
-        name = args.name or (packed.metadata.name if packed.metadata else path.stem)
-    labels = [label for label in labels if label]
+        labels, name = list(info.labels), args.name or info.name
     catalog = _catalog(args)
     try:
         catalog.set_classes(name, labels)
@@ -56,21 +53,20 @@ def cmd_classes(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     catalog = _catalog(args)
     try:
-        try:
-            found = catalog.find(
-                state=args.state,
-                device=args.device,
-                trigger=args.trigger,
-                model=args.model,
-                limit=args.limit,
-            )
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-        for sample in found:
-            print(json.dumps(sample, separators=(",", ":")))
+        found = catalog.find(
+            state=args.state,
+            device=args.device,
+            trigger=args.trigger,
+            model=args.model,
+            limit=args.limit,
+        )
         facets = catalog.facets()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     finally:
         catalog.close()
+    for sample in found:
+        print(json.dumps(sample, separators=(",", ":")))
     print(
         f"# {len(found)} shown; {facets['unlabelled']} unlabelled of {facets['total']}; "
         f"refused {facets['refused'] or 'none'}"

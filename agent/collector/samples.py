@@ -55,12 +55,7 @@ STALE_PIECES_S = 24 * 3600.0
 
 
 def create_tables(store: Store) -> None:
-    cur = store.cursor()
-    if store.ph == "%s":
-        cur.execute("SELECT pg_advisory_xact_lock(%s)", (0x65646765736D70,))  # "edgesmp"
-    for ddl in SAMPLE_TABLES:
-        cur.execute(ddl)
-    store.commit()
+    store.create_tables(SAMPLE_TABLES)
 
 
 def sample_path(folder: Path, sample: str) -> Path:

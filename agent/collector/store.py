@@ -123,13 +123,17 @@ class Store:
             self.ph = "%s"
         else:
             raise UserError(f"database URL {url!r}: use sqlite:///PATH or postgresql://...")
+        self.create_tables(TABLES)
+
+    def create_tables(self, tables: Sequence[str]) -> None:
+        """Run ``CREATE TABLE IF NOT EXISTS`` statements and commit."""
         cur = self.conn.cursor()
         if self.ph == "%s":
             # Collectors started together on an empty database would race: PostgreSQL's
             # CREATE TABLE IF NOT EXISTS is not atomic against a concurrent one (one of them
             # fails on pg_type's unique index). One at a time, for this transaction.
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
-        for ddl in TABLES:
+        for ddl in tables:
             cur.execute(ddl)
         self.conn.commit()
 

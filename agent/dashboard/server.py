@@ -220,10 +220,10 @@ class Dashboard:
         scheme, _, value = header.partition(" ")
         offered = value.strip()
         if scheme.lower() == "basic":
-            try:
-                offered = base64.b64decode(offered, validate=True).decode().partition(":")[2]
-            except (ValueError, UnicodeDecodeError):
+            credentials = _basic(offered)
+            if credentials is None:
                 return False
+            offered = credentials[1]
         elif scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(offered.encode(), self.token.encode())
@@ -233,11 +233,19 @@ class Dashboard:
         if self.token is None:
             return "local"
         scheme, _, value = (header or "").partition(" ")
-        if scheme.lower() == "basic":
-            with contextlib.suppress(ValueError, UnicodeDecodeError):
-                name = base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
-                return name or "operator"
-        return "token"
+        credentials = _basic(value.strip()) if scheme.lower() == "basic" else None
+        if credentials is None:
+            return "token"
+        return credentials[0] or "operator"
+
+
+def _basic(value: str) -> tuple[str, str] | None:
+    """(user, password) of an HTTP basic credential; None when it does not decode."""
+    try:
+        user, _, password = base64.b64decode(value, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return user, password
 
 
 class _Handler(BaseHTTPRequestHandler):

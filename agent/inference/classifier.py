@@ -61,6 +61,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_labels_file(path: Path) -> list[str]:
+    """One class name per line, in index order (blank lines skipped)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ModelError(f"cannot read labels {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ModelError(f"labels {path}: not UTF-8 text") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
 def read_model_info(path: Path, labels_file: Path | None = None) -> ModelInfo:
     """Check the file looks like a model and read its embedded labels and metadata."""
     try:
@@ -75,11 +86,7 @@ def read_model_info(path: Path, labels_file: Path | None = None) -> ModelInfo:
     packed = read_packed(path)
     labels = packed.labels
     if labels_file is not None:
-        try:
-            text = labels_file.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ModelError(f"cannot read labels {labels_file}: {exc.strerror}") from None
-        labels = [line.strip() for line in text.splitlines() if line.strip()]
+        labels = read_labels_file(labels_file)
     meta = packed.metadata
     return ModelInfo(
         path=path,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True)
@@ -12,3 +14,8 @@ class Label:
     label: str
     index: int
     score: float
+
+
+def label_dicts(top: Sequence[Label]) -> list[dict[str, Any]]:
+    """Labels as the wire carries them (results, samples): scores to five decimals."""
+    return [{"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in top]

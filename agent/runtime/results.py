@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgefleet.inference.labels import Label
+from edgefleet.inference.labels import Label, label_dicts
 
 __all__ = ["Label", "Result", "ResultFilter"]
 
@@ -33,9 +33,7 @@ class Result:
             "ts": round(self.ts, 6),
             "model": self.model,
             "model_version": self.model_version,
-            "top": [
-                {"label": t.label, "index": t.index, "score": round(t.score, 5)} for t in self.top
-            ],
+            "top": label_dicts(self.top),
             "timings_ms": {k: round(v, 3) for k, v in self.timings_ms.items()},
             "frame": self.frame,
         }
