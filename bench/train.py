@@ -90,6 +90,7 @@ def show(name: str, report: dict[str, Any], wall: float, rss: float) -> None:
         f" (of {test['fp32']['images']}); int8 agrees with fp32 on {test['int8_agreement']:.1%}"
         " (target >= 98%)"
     )
+    print(f"  head kept: {report['head']['variant']} ({report['head']['why']})")
     ratio = files["int8"]["size"] / files["fp32"]["size"]
     print(
         f"  files: int8 {files['int8']['size']:,} B, fp32 {files['fp32']['size']:,} B,"

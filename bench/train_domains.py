@@ -82,6 +82,8 @@ def run_domains(
             "fp32": test["fp32"]["accuracy"],
             "int8": test["int8"]["accuracy"],
             "agreement": test["int8_agreement"],
+            "firm": test["fp32_noise_agreement"],
+            "variant": report["head"]["variant"],
             "reference": ref,
             "gates": "pass" if report["gates"]["passed"] else "refused",
             "refused": report["gates"]["refused"],
@@ -104,6 +106,10 @@ def show_row(row: dict[str, Any]) -> None:
         f"(fp32 - reference {100 * (row['fp32'] - row['reference']):+.1f} points, "
         f"int8 - fp32 {100 * (row['int8'] - row['fp32']):+.1f})"
     )
+    print(
+        f"  head kept: {row['variant']} ({row['head']['why']}); fp32 keeps {row['firm']:.1%} "
+        "of its answers with +-1 grey level of noise"
+    )
     print(f"  gates: {row['gates']}{': ' + '; '.join(row['refused']) if row['refused'] else ''}")
     print(
         f"  head: L2 {head['l2']:g} chosen on {head['chosen_on']}, {head['iterations']} "
@@ -116,10 +122,14 @@ def show_row(row: dict[str, Any]) -> None:
 
 
 def summary(rows: list[dict[str, Any]]) -> None:
-    print("\n| domain | classes | test images | fp32 | int8 | agreement | reference | gates |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| domain | classes | test images | fp32 | int8 | agreement | fp32 firm | reference "
+        "| head | gates |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['domain']} | {r['classes']} | {r['test_images']} | {r['fp32']:.1%} | "
-            f"{r['int8']:.1%} | {r['agreement']:.1%} | {r['reference']:.1%} | {r['gates']} |"
+            f"{r['int8']:.1%} | {r['agreement']:.1%} | {r['firm']:.1%} | {r['reference']:.1%} "
+            f"| {r['variant']} | {r['gates']} |"
         )

@@ -12,6 +12,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -288,6 +289,12 @@ def test_faces_train_export_and_report(faces_run: dict[str, Any]) -> None:
     test = report["test"]
     assert test["fp32"]["accuracy"] >= 0.9  # chance is 0.5
     assert abs(test["int8"]["accuracy"] - test["fp32"]["accuracy"]) <= 0.02
+    # Photos of faces are far from a decision boundary: noise of one grey level moves none.
+    assert test["fp32_noise_agreement"] >= 0.95
+    head = report["head"]
+    assert head["trials"][0]["variant"] == "plain"  # judged on the validation photos
+    assert head["variant"] in ("plain", "robust")
+    assert head["why"]
     int8 = Path(report["files"]["int8"]["path"])
     fp32 = Path(report["files"]["fp32"]["path"])
     assert int8.name == "faces-int8.tflite"
@@ -360,6 +367,42 @@ def test_five_steps_on_imagenet_super_classes(
     assert fp32_scores.confusion.tolist() == head.confusion.tolist()
     assert abs(int8_scores.accuracy - fp32_scores.accuracy) <= 0.0225  # one image of 45
     assert read_model_info(exported.int8).labels == model.labels
+
+
+@pytest.mark.export
+@needs_train
+def test_the_int8_backbone_sees_what_the_int8_file_holds(
+    grouped_model: tuple[TrainedModel, ImageFolder, ImageFolder], tmp_path: Path, cache: Path
+) -> None:
+    """The robust head learns from an int8 backbone quantized on the export's calibration
+    photos: its features must be exactly the pooled features inside the exported int8 file."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from edgefleet.inference.images import decode_image
+    from edgefleet.training.features import Extractor, model_sized
+    from edgefleet.training.model import calibration_crops
+    from edgefleet.training.robust import int8_backbone
+
+    model, train_data, test_data = grouped_model
+    exported = model.export(tmp_path, "groups")
+    path = int8_backbone(model.extractor, calibration_crops(0, train_data, "data"))
+    assert int8_backbone(model.extractor, calibration_crops(0, train_data, "data")) == path
+    items = list(test_data.items)[:3]
+    features = Extractor(0, cache, backbone=path).extract(items).features
+    with warnings.catch_warnings():  # LiteRT's notice that keeping every tensor is for debugging
+        warnings.simplefilter("ignore", UserWarning)
+        file = Interpreter(model_path=str(exported.int8), experimental_preserve_all_tensors=True)
+    file.allocate_tensors()
+    pooled = next(op for op in file._get_ops_details() if op["op_name"] == "MEAN")["outputs"][0]
+    scale, zero = next(d for d in file.get_tensor_details() if d["index"] == pooled)["quantization"]
+    for row, (photo, _) in zip(features, items, strict=True):
+        file.set_tensor(
+            file.get_input_details()[0]["index"], model_sized(decode_image(photo), 224)[None]
+        )
+        file.invoke()
+        inside = (file.get_tensor(pooled).astype(np.float32).reshape(-1) - zero) * np.float32(scale)
+        np.testing.assert_array_equal(row, inside)
+    assert np.ptp(features) > 0  # real features, not a constant
 
 
 @pytest.mark.export

@@ -226,6 +226,9 @@ def test_a_model_below_its_gates_is_not_offered_unless_forced(tmp_path: Path) ->
     assert not report["gates"]["fp32_instead"]  # fp32 misses --min-accuracy as well
     assert not report["gates"]["passed"]
     assert (tmp_path / "a" / "data-int8.tflite").exists()  # written, for a look
+    assert 0.0 <= report["test"]["fp32_noise_agreement"] <= 1.0
+    assert report["head"]["variant"] in ("plain", "robust")
+    assert "head kept: " in refused.stdout
     forced = subprocess.run(
         cli_command(
             "models", "train", str(tmp_path / "data"), "-o", str(tmp_path / "b"), *common, "--force"
@@ -245,3 +248,89 @@ def test_where_only_int8_failed_the_report_points_at_the_fp32_file() -> None:
     assert judge(_test_section(0.9, 0.8, 0.85), 0.85)["fp32_instead"]
     assert not judge(_test_section(0.8, 0.8, 1.0), 0.85)["fp32_instead"]  # fp32 misses it too
     assert not judge(_test_section(0.9, 0.9, 1.0), None)["fp32_instead"]  # nothing failed
+
+
+class _Backbone:
+    """Features of fake photos ``Path("<n>.png")``: row ``n`` of ``rows`` (the centre view)
+    or of ``noisy`` (``NOISY``), as ``features.Extractor`` would hand them out."""
+
+    def __init__(self, rows: np.ndarray, noisy: np.ndarray) -> None:
+        self.rows, self.noisy = rows, noisy
+
+    def extract(
+        self, items: list[tuple[Path, int]], views: tuple[Any, ...] = (), progress: Any = None
+    ) -> Any:
+        from edgefleet.training.features import CENTRE, NOISY, FeatureSet
+
+        picked: list[np.ndarray] = []
+        targets: list[int] = []
+        for path, target in items:
+            for view in views or (CENTRE,):
+                table = self.noisy if view == NOISY else self.rows
+                picked.append(table[int(path.stem)])
+                targets.append(target)
+        return FeatureSet(np.stack(picked), np.array(targets), [p for p, _ in items])
+
+
+def _blurred_by_int8(rng: np.random.Generator, blur: float) -> tuple[Any, ...]:
+    """Two classes: feature 0 separates them loosely; feature 1 sharply in float, but the
+    'int8 backbone' adds ``blur`` of noise to feature 1 (what a plain head leans on)."""
+    n = 240
+    y = np.arange(n) % 2
+    sign = 2.0 * y - 1.0
+    floats = rng.normal(0.0, 1.0, (n, 8))
+    floats[:, 0] += 1.5 * sign
+    floats[:, 1] = 0.3 * sign + rng.normal(0.0, 0.05, n)
+    ints = floats.copy()
+    ints[:, 1] += rng.normal(0.0, blur, n)
+    noisy = floats + rng.normal(0.0, 0.01, floats.shape)
+    items = [(Path(f"{i}.png"), int(y[i])) for i in range(n)]
+    return items[:180], items[180:], _Backbone(floats, noisy), _Backbone(ints, noisy)
+
+
+@needs_train
+def test_the_robust_head_is_kept_where_int8_would_change_the_plain_heads_answers() -> None:
+    from edgefleet.training.head import train_head
+    from edgefleet.training.robust import choose
+
+    train_items, val_items, floats, ints = _blurred_by_int8(np.random.default_rng(3), 1.0)
+    fit = floats.extract(train_items)
+    held = floats.extract(val_items)
+    plain = train_head(fit.features, fit.targets, 2, (held.features, held.targets))
+    head, choice = choose(plain, fit, train_items, val_items, (), (floats, ints))
+    first, second = choice["trials"]
+    assert first["variant"] == "plain"
+    assert first["validation_agreement"] < MIN_AGREEMENT
+    assert choice["chosen"] == "robust", choice
+    assert head is not plain
+    assert second["validation_agreement"] > first["validation_agreement"]
+    assert second["validation_int8"] >= first["validation_int8"]
+    assert "robust head's" in choice["why"]
+    # Its answers on the int8 features really keep those on the float ones more often.
+    kept = np.mean(head.predict(held.features) == head.predict(ints.extract(val_items).features))
+    assert kept > first["validation_agreement"]
+
+
+@needs_train
+def test_the_plain_head_stays_where_int8_keeps_its_answers() -> None:
+    from edgefleet.training.head import train_head
+    from edgefleet.training.robust import choose
+
+    train_items, val_items, floats, _ = _blurred_by_int8(np.random.default_rng(4), 0.0)
+    fit = floats.extract(train_items)
+    held = floats.extract(val_items)
+    plain = train_head(fit.features, fit.targets, 2, (held.features, held.targets))
+    assert plain.checked is not None  # the fit that never saw the validation photos
+    head, choice = choose(plain, fit, train_items, val_items, (), (floats, floats))
+    assert head is plain
+    assert choice["chosen"] == "plain"
+    assert [t["variant"] for t in choice["trials"]] == ["plain"]
+    assert "not needed" in choice["why"]
+
+
+def test_a_refusal_for_agreement_says_when_the_fp32_file_itself_is_not_firm() -> None:
+    fragile = {**_test_section(0.8, 0.8, 0.9), "fp32_noise_agreement": 0.85}
+    firm = {**_test_section(0.8, 0.8, 0.9), "fp32_noise_agreement": 1.0}
+    said = judge(fragile, None)["refused"][0]
+    assert "keeps only 85.0% of its answers with +-1 grey level" in said
+    assert "not firm" not in judge(firm, None)["refused"][0]

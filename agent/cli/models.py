@@ -223,6 +223,8 @@ def _print_head(console: Console, head: dict[str, Any]) -> None:
         f"class weights {spread} (1.00 when balanced)",
         markup=False,
     )
+    if "variant" in head:
+        console.print(f"head kept: {head['variant']}: {head['why']}", markup=False)
 
 
 def _print_duplicates(console: Console, duplicates: dict[str, Any]) -> None:
@@ -286,7 +288,8 @@ def _print_training(report: dict[str, Any], console: Console) -> None:
         _print_confused(console, test["int8"]["confused"])
         console.print(
             f"test top-1: fp32 {test['fp32']['accuracy']:.1%}, int8 {test['int8']['accuracy']:.1%};"
-            f" int8 agrees with fp32 on {test['int8_agreement']:.1%}"
+            f" int8 agrees with fp32 on {test['int8_agreement']:.1%}; fp32 keeps "
+            f"{test['fp32_noise_agreement']:.1%} of its answers with +-1 grey level of noise"
         )
     _print_gates(console, report)
     _print_skipped(console, report["skipped"])

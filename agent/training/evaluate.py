@@ -131,9 +131,16 @@ def label_map(classifier: Classifier, labels: tuple[str, ...]) -> np.ndarray:
 
 
 def predict_file(
-    path: Path, data: Dataset, threads: int | None = None, progress: Progress | None = None
+    path: Path,
+    data: Dataset,
+    threads: int | None = None,
+    progress: Progress | None = None,
+    noise_seed: int | None = None,
 ) -> FilePredictions:
+    """``noise_seed``: each photo with +-1 grey level of noise added first (a second shot
+    of the same scene), to see how firm the model's answers are."""
     classifier = open_model(path, threads)
+    rng = np.random.default_rng(noise_seed)
     mapping = label_map(classifier, data.labels)
     truth: list[int] = []
     predicted: list[int] = []
@@ -144,6 +151,9 @@ def predict_file(
         except ValueError as exc:
             skipped.append((image_path, str(exc).removeprefix(f"{image_path}: ")))
         else:
+            if noise_seed is not None:
+                step = rng.integers(-1, 2, image.shape)
+                image = np.clip(image.astype(np.int16) + step, 0, 255).astype(np.uint8)
             truth.append(target)
             predicted.append(int(mapping[int(np.argmax(classifier.classify(image)))]))
         if progress is not None:

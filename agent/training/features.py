@@ -106,17 +106,21 @@ def backbone_file(level: int, cache: Path) -> Path:
 
 @dataclass(frozen=True)
 class View:
-    """How one image becomes one backbone input: the centre crop, or a random one."""
+    """How one image becomes one backbone input: the centre crop, or a random one; either
+    with +-1 grey level of noise on top (``noise``: the n-th draw, seeded by content)."""
 
     augment: int  # 0: the agent's own centre crop; n > 0: the n-th random crop of this seed
     seed: int = 0
+    noise: int = 0
 
     @property
     def tag(self) -> str:
-        return "c" if self.augment == 0 else f"a{self.seed}-{self.augment}"
+        tag = "c" if self.augment == 0 else f"a{self.seed}-{self.augment}"
+        return f"{tag}-n{self.noise}" if self.noise else tag
 
 
 CENTRE = View(0)
+NOISY = View(0, noise=1)  # the centre crop as a second shot of the same scene would give it
 
 
 def random_view(image: np.ndarray, view: View, digest: str) -> np.ndarray:
@@ -150,21 +154,32 @@ class FeatureSet:
 class Extractor:
     """Backbone features of image files, from the cache when it holds them."""
 
-    def __init__(self, level: int, cache: Path | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        level: int,
+        cache: Path | None = None,
+        threads: int | None = None,
+        backbone: Path | None = None,
+    ) -> None:
+        """``backbone``: another backbone file than the float one (the int8 backbone of
+        ``robust``: uint8 input, quantized output, both handled as the agent handles them)."""
         self.level = level
-        root = cache_root(cache)
-        self.model_path = backbone_file(level, root)
+        root = self.root = cache_root(cache)
+        self.model_path = backbone or backbone_file(level, root)
         # Features depend on the backbone and on how a photo became its input tensor.
         self.cache_dir = root / "features" / f"{self.model_path.stem}-{PREPROCESSING}"
-        size = SIZES[level]
-        self._centre = Preprocessor(_plan(size, CROP_FRACTION))
-        self._whole = Preprocessor(_plan(size, None))
         self._interpreter = get_runtime().new_interpreter(
             model_path=str(self.model_path), num_threads=threads or os.cpu_count() or 1
         )
         self._interpreter.allocate_tensors()
-        self._in = self._interpreter.get_input_details()[0]["index"]
-        self._out = self._interpreter.get_output_details()[0]["index"]
+        given = self._interpreter.get_input_details()[0]
+        made = self._interpreter.get_output_details()[0]
+        self._in, self._out = given["index"], made["index"]
+        scale, zero = made["quantization"]
+        self._dequantize = (float(scale), int(zero)) if scale else None
+        size = SIZES[level]
+        self._centre = Preprocessor(_plan(size, CROP_FRACTION, given))
+        self._whole = Preprocessor(_plan(size, None, given))
         self.hits = 0
         self.misses = 0
 
@@ -273,6 +288,8 @@ class Extractor:
             self._centre(image, buffer)
         else:
             self._whole(random_view(image, view, digest), buffer)
+        if view.noise:
+            _add_noise(buffer, int(digest[:8], 16) ^ (view.noise * 104_729))
         return buffer
 
     def _run(self, image: np.ndarray, view: View, digest: str) -> np.ndarray:
@@ -280,6 +297,9 @@ class Extractor:
         self._interpreter.set_tensor(self._in, buffer)
         self._interpreter.invoke()
         row: np.ndarray = self._interpreter.get_tensor(self._out).reshape(-1).astype(np.float32)
+        if self._dequantize is not None:
+            scale, zero = self._dequantize
+            row = (row - zero) * np.float32(scale)
         return row
 
     def _entry(self, digest: str, view: View) -> Path:
@@ -307,15 +327,27 @@ def _npy_bytes(row: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _plan(size: int, crop: float | None) -> InputPlan:
+def _add_noise(buffer: np.ndarray, seed: int) -> None:
+    """+-1 grey level, uniformly drawn per value, in the buffer's own units."""
+    step = np.random.default_rng(seed).integers(-1, 2, buffer.shape)
+    if buffer.dtype == np.uint8:
+        buffer[...] = np.clip(buffer.astype(np.int16) + step, 0, 255)
+    else:
+        buffer += (step / STD).astype(buffer.dtype)
+
+
+def _plan(size: int, crop: float | None, given: dict[str, Any]) -> InputPlan:
+    """The agent's preprocessing for the backbone's input (float, or uint8 raw pixels)."""
+    dtype = np.dtype(given["dtype"])
+    scale, zero = given["quantization"] if dtype != np.float32 else (1.0, 0)
     return InputPlan(
         height=size,
         width=size,
-        dtype=np.dtype(np.float32),
+        dtype=dtype,
         mean=MEAN,
         std=STD,
-        scale=1.0,
-        zero_point=0,
+        scale=float(scale),
+        zero_point=int(zero),
         crop_fraction=crop,
     )
 

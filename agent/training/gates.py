@@ -7,6 +7,11 @@ the minimum top-1. A model that fails any is written and reported, but no deploy
 offered and ``models train`` exits non-zero unless ``--force``. Without a test split
 nothing can be checked, and that is a failed gate too. Where only int8 failed, the report
 says that the fp32 file met the rest (``fp32_instead``); publishing it is the user's call.
+
+Where the agreement gate fails and the fp32 file's own answers are not firm (it keeps fewer
+than ``MIN_AGREEMENT`` of them when +-1 grey level of noise is added to each photo), the
+refusal says so: no int8 file can be expected to keep answers that the fp32 one itself
+changes between two shots of a scene.
 """
 
 from __future__ import annotations
@@ -36,6 +41,17 @@ class Check:
         }
 
 
+def _fragile(firmness: float | None) -> str:
+    if firmness is None or firmness >= MIN_AGREEMENT:
+        return ""
+    return (
+        f"; the fp32 file itself keeps only {firmness:.1%} of its answers with +-1 grey level "
+        "of noise on each photo: answers that move under so little are not ones an int8 file "
+        "can be expected to keep (more photos per class, or classes that differ more, make "
+        "them firmer)"
+    )
+
+
 def judge(test: dict[str, Any] | None, min_accuracy: float | None) -> dict[str, Any]:
     """``{"passed": bool, "checks": [...], "refused": [reason, ...]}`` for a report's
     ``test`` section (None: no test split)."""
@@ -51,7 +67,7 @@ def judge(test: dict[str, Any] | None, min_accuracy: float | None) -> dict[str, 
             MIN_AGREEMENT,
             agreement >= MIN_AGREEMENT,
             f"int8 agrees with fp32 on {agreement:.1%} of the test photos "
-            f"(at least {MIN_AGREEMENT:.0%} needed)",
+            f"(at least {MIN_AGREEMENT:.0%} needed){_fragile(test.get('fp32_noise_agreement'))}",
         ),
         Check(
             "int8_loss",

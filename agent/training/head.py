@@ -52,13 +52,16 @@ class Head:
 
     ``history``: one record per fit (the L2 strength, iterations, why it stopped, and the
     validation loss and accuracy for the fits that chose the strength); ``fit`` says how the
-    final one went, ``class_weights`` what each class counted."""
+    final one went, ``class_weights`` what each class counted. ``checked``: with a
+    validation split, the fit on the training split alone at the chosen strength, whose
+    answers on the validation photos are out of sample (``robust`` compares heads by it)."""
 
     weight: np.ndarray  # (classes, features)
     bias: np.ndarray  # (classes,)
     history: list[dict[str, Any]] = field(default_factory=list)
     fit: dict[str, Any] = field(default_factory=dict)
     class_weights: list[float] = field(default_factory=list)
+    checked: Head | None = None
 
     def logits(self, features: np.ndarray) -> np.ndarray:
         out: np.ndarray = features @ self.weight.T + self.bias
@@ -101,10 +104,13 @@ def train_head(
     total = len(L2_GRID) * len(trials) + 1
     done = 0
     history: list[dict[str, Any]] = []
+    checked: dict[float, Head] = {}
     for l2 in L2_GRID:
         losses, hits, seen = 0.0, 0, 0
         for fit_x, fit_y, val_x, val_y in trials:
             head = _fit(fit_x, fit_y, classes, l2, class_weights(fit_y, classes))
+            if have_validation:
+                checked[l2] = head
             losses += _weighted_log_loss(head, val_x, val_y, weights) * len(val_y)
             hits += int(np.sum(head.predict(val_x) == val_y))
             seen += len(val_y)
@@ -128,6 +134,7 @@ def train_head(
     if on_step is not None:
         on_step(total, total)
     final.history = history
+    final.checked = checked.get(best["l2"])
     final.fit = {
         **final.fit,
         "l2": best["l2"],

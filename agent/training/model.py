@@ -37,9 +37,17 @@ from edgefleet.training.convert import (
 )
 from edgefleet.training.dataset import Dataset
 from edgefleet.training.evaluate import Scores, score
-from edgefleet.training.features import CENTRE, Extractor, View, model_sized, parse_base
+from edgefleet.training.features import (
+    CENTRE,
+    Extractor,
+    FeatureSet,
+    View,
+    model_sized,
+    parse_base,
+)
 from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
+from edgefleet.training.robust import choose, int8_backbone
 
 AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
 CALIBRATION_IMAGES = 200
@@ -66,6 +74,9 @@ class TrainedModel:
     skipped: list[tuple[Path, str]]
     seconds: dict[str, float] = field(default_factory=dict)
     tuned: Tuned | None = None  # the layers --fine-tune changed, when it ran
+    calibration: Calibration = "data"
+    # Which head was kept (plain or robust) and why, with both heads' validation figures.
+    choice: dict[str, Any] = field(default_factory=dict)
 
     def evaluate(self, data: Dataset) -> Scores:
         """Top-1 scores of the head on ``data`` (centre crops, the agent's own view)."""
@@ -83,14 +94,15 @@ class TrainedModel:
         name: str = "model",
         stage: Stage | None = None,
         version: int = 1,
-        calibration: Calibration = "data",
+        calibration: Calibration | None = None,
     ) -> Exported:
         """``out/<name>-fp32.tflite`` and ``out/<name>-int8.tflite``, labels inside.
 
         ``calibration``: the int8 ranges from up to 200 training photos ("data"), or from
         the photos the base int8 model was calibrated on ("base"): then head-only retrains
         keep the backbone's bytes equal between them, and a rollout from one to the next
-        sends little more than the head (docs/rollouts.md)."""
+        sends little more than the head (docs/rollouts.md). None: what ``train`` was given
+        (the robust head's int8 backbone was quantized on the same photos)."""
         out = Path(out)
         output_folder(out)
         seconds = {}
@@ -101,9 +113,9 @@ class TrainedModel:
         _report(stage, "convert fp32", 1, 1)
         seconds["convert_fp32"] = time.perf_counter() - started
         started = time.perf_counter()
-        crops = self._calibration(stage)
-        if calibration == "base":
-            crops = calibration_images(SIZES[self.level], CALIBRATION_IMAGES)
+        crops = calibration_crops(
+            self.level, self.train_data, calibration or self.calibration, stage
+        )
         int8 = quantize_int8(fp32, crops)
         check_ops(int8, "int8")
         seconds["quantize_int8"] = time.perf_counter() - started
@@ -152,18 +164,25 @@ class TrainedModel:
             },
         )
 
-    def _calibration(self, stage: Stage | None) -> Iterator[np.ndarray]:
-        """Up to 200 training images, spread over the classes, as the int8 model sees them."""
-        paths = self.train_data.paths
-        step = max(1, len(paths) // CALIBRATION_IMAGES)
-        chosen = paths[::step][:CALIBRATION_IMAGES]
-        for done, path in enumerate(chosen, 1):
-            try:
-                image = decode_image(path)
-            except ValueError:
-                continue  # counted as skipped when features were extracted
-            yield model_sized(image, SIZES[self.level])
-            _report(stage, "calibrate int8", done, len(chosen))
+
+def calibration_crops(
+    level: int, data: Dataset, calibration: Calibration, stage: Stage | None = None
+) -> Iterator[np.ndarray]:
+    """What int8 ranges come from: up to 200 training images spread over the classes, as
+    the int8 model sees them ("data"), or the base int8 model's own photos ("base")."""
+    if calibration == "base":
+        yield from calibration_images(SIZES[level], CALIBRATION_IMAGES)
+        return
+    paths = data.paths
+    step = max(1, len(paths) // CALIBRATION_IMAGES)
+    chosen = paths[::step][:CALIBRATION_IMAGES]
+    for done, path in enumerate(chosen, 1):
+        try:
+            image = decode_image(path)
+        except ValueError:
+            continue  # counted as skipped when features were extracted
+        yield model_sized(image, SIZES[level])
+        _report(stage, "calibrate int8", done, len(chosen))
 
 
 def train(
@@ -175,8 +194,10 @@ def train(
     cache: Path | None = None,
     stage: Stage | None = None,
     fine_tune_epochs: int = 0,
+    calibration: Calibration = "data",
 ) -> TrainedModel:
-    """Extract (or reuse) backbone features, then fit the head on them; with
+    """Extract (or reuse) backbone features, then fit the head on them (the robust head
+    where int8 would not keep the plain one's answers: ``robust``); with
     ``fine_tune_epochs``, then train the last block and head conv too (``finetune``)."""
     level = parse_base(base)
     seconds = {}
@@ -212,6 +233,10 @@ def train(
     )
     seconds["train_head"] = time.perf_counter() - started
     model = TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
+    model.calibration = calibration
+    started = time.perf_counter()
+    model.head, model.choice = _robust(model, found, validation, views, fine_tune_epochs, stage)
+    seconds["robust_head"] = time.perf_counter() - started
     if fine_tune_epochs:
         started = time.perf_counter()
         model.tuned = _fine_tune(model, views, validation, fine_tune_epochs, seed, stage)
@@ -225,6 +250,38 @@ def train(
         )
         seconds["fine_tune"] = time.perf_counter() - started
     return model
+
+
+def _robust(
+    model: TrainedModel,
+    found: FeatureSet,
+    validation: Dataset | None,
+    views: tuple[View, ...],
+    fine_tune_epochs: int,
+    stage: Stage | None,
+) -> tuple[Head, dict[str, Any]]:
+    """The head to keep, plain or robust (``robust.choose``), and why."""
+    if fine_tune_epochs:
+        why = "not tried with --fine-tune (the tuned block is not the int8 backbone's)"
+        return model.head, {"chosen": "plain", "why": why, "trials": []}
+    if validation is None or not len(validation):
+        why = "not tried without a validation split (the heads are compared on it)"
+        return model.head, {"chosen": "plain", "why": why, "trials": []}
+    crops = calibration_crops(model.level, model.train_data, model.calibration)
+    _report(stage, "int8 backbone", 0, 1)
+    quantized = Extractor(
+        model.level, model.extractor.root, backbone=int8_backbone(model.extractor, crops)
+    )
+    _report(stage, "int8 backbone", 1, 1)
+    return choose(
+        model.head,
+        found,
+        list(model.train_data.items),
+        list(validation.items),
+        views,
+        (model.extractor, quantized),
+        stage,
+    )
 
 
 def activations(

@@ -80,10 +80,9 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         cache=plan.cache,
         stage=stage,
         fine_tune_epochs=plan.fine_tune,
+        calibration=plan.calibration,
     )
-    exported = model.export(
-        plan.out, plan.name, stage, version=plan.version, calibration=plan.calibration
-    )
+    exported = model.export(plan.out, plan.name, stage, version=plan.version)
     seconds = {**model.seconds, **exported.seconds}
     report: dict[str, Any] = {
         "name": plan.name,
@@ -107,6 +106,9 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
         "head": {
             **model.head.fit,
             "class_weights": dict(zip(data.labels, model.head.class_weights, strict=True)),
+            "variant": model.choice["chosen"],
+            "why": model.choice["why"],
+            "trials": model.choice["trials"],
         },
         "history": model.head.history,
         "files": {
@@ -133,13 +135,22 @@ def _scores(fp32: Path, int8: Path, test: Dataset, stage: Stage | None) -> dict[
         kind: predict_file(path, test, progress=_stage_progress(stage, f"test {kind}"))
         for kind, path in (("fp32", fp32), ("int8", int8))
     }
+    noisy = predict_file(
+        fp32, test, progress=_stage_progress(stage, "test fp32, noise"), noise_seed=0
+    )
     both = runs["fp32"].predicted, runs["int8"].predicted
     return {
         "fp32": score(test.labels, runs["fp32"].truth, runs["fp32"].predicted).as_dict(),
         "int8": score(test.labels, runs["int8"].truth, runs["int8"].predicted).as_dict(),
-        "int8_agreement": float(np.mean(both[0] == both[1])) if len(both[0]) else 0.0,
+        "int8_agreement": _agreement(*both),
+        # How firm the fp32 file's own answers are: the most int8 can be expected to keep.
+        "fp32_noise_agreement": _agreement(both[0], noisy.predicted),
         "skipped": len(runs["fp32"].skipped),
     }
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(a == b)) if len(a) else 0.0
 
 
 def _duplicates(groups: list[list[tuple[Path, str]]]) -> dict[str, Any]:
