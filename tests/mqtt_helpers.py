@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -69,9 +70,29 @@ def debian_mosquitto_conf() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range. A test that stops its broker
+    must get the port back when it starts it again; from the ephemeral range, any outgoing
+    connection meanwhile (the agent's own reconnects included) may be handed it (CI saw
+    "Address already in use" on a restart)."""
+    low = _ephemeral_low()
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10_000, low)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
+
+
+def _ephemeral_low() -> int:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        return max(11_000, int(text.split()[0]))
+    except (OSError, ValueError, IndexError):
+        return 32_768  # Linux's default start
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str = "condition") -> None:

@@ -288,16 +288,22 @@ def _blurred_by_int8(rng: np.random.Generator, blur: float) -> tuple[Any, ...]:
     return items[:180], items[180:], _Backbone(floats, noisy), _Backbone(ints, noisy)
 
 
-@needs_train
-def test_the_robust_head_is_kept_where_int8_would_change_the_plain_heads_answers() -> None:
+def _choose(seed: int, blur: float) -> tuple[Any, Any, dict[str, Any], np.ndarray, Any]:
+    """(plain head, kept head, choice, validation float features, int8 backbone)."""
     from edgefleet.training.head import train_head
     from edgefleet.training.robust import choose
 
-    train_items, val_items, floats, ints = _blurred_by_int8(np.random.default_rng(3), 1.0)
+    train_items, val_items, floats, ints = _blurred_by_int8(np.random.default_rng(seed), blur)
     fit = floats.extract(train_items)
     held = floats.extract(val_items)
     plain = train_head(fit.features, fit.targets, 2, (held.features, held.targets))
     head, choice = choose(plain, fit, train_items, val_items, (), (floats, ints))
+    return plain, head, choice, held.features, ints.extract(val_items).features
+
+
+@needs_train
+def test_the_robust_head_is_kept_where_int8_would_change_the_plain_heads_answers() -> None:
+    plain, head, choice, floats, ints = _choose(seed=3, blur=1.0)
     first, second = choice["trials"]
     assert first["variant"] == "plain"
     assert first["validation_agreement"] < MIN_AGREEMENT
@@ -307,21 +313,13 @@ def test_the_robust_head_is_kept_where_int8_would_change_the_plain_heads_answers
     assert second["validation_int8"] >= first["validation_int8"]
     assert "robust head's" in choice["why"]
     # Its answers on the int8 features really keep those on the float ones more often.
-    kept = np.mean(head.predict(held.features) == head.predict(ints.extract(val_items).features))
-    assert kept > first["validation_agreement"]
+    assert np.mean(head.predict(floats) == head.predict(ints)) > first["validation_agreement"]
 
 
 @needs_train
 def test_the_plain_head_stays_where_int8_keeps_its_answers() -> None:
-    from edgefleet.training.head import train_head
-    from edgefleet.training.robust import choose
-
-    train_items, val_items, floats, _ = _blurred_by_int8(np.random.default_rng(4), 0.0)
-    fit = floats.extract(train_items)
-    held = floats.extract(val_items)
-    plain = train_head(fit.features, fit.targets, 2, (held.features, held.targets))
+    plain, head, choice, _, _ = _choose(seed=4, blur=0.0)  # int8 features equal the float ones
     assert plain.checked is not None  # the fit that never saw the validation photos
-    head, choice = choose(plain, fit, train_items, val_items, (), (floats, floats))
     assert head is plain
     assert choice["chosen"] == "plain"
     assert [t["variant"] for t in choice["trials"]] == ["plain"]

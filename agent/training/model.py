@@ -9,7 +9,7 @@ with the folder names as labels.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,12 +47,12 @@ from edgefleet.training.features import (
 )
 from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
+from edgefleet.training.progress import Stage, report
 from edgefleet.training.robust import choose, int8_backbone
 
 AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
 CALIBRATION_IMAGES = 200
 Calibration = Literal["data", "base"]
-Stage = Callable[[str, int, int], None]  # (stage name, done, total)
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,10 @@ class TrainedModel:
         output_folder(out)
         seconds = {}
         started = time.perf_counter()
-        _report(stage, "convert fp32", 0, 1)
+        report(stage, "convert fp32", 0, 1)
         fp32 = convert_fp32(channel_last_probabilities(self.network()), SIZES[self.level])
         check_ops(fp32, "fp32")
-        _report(stage, "convert fp32", 1, 1)
+        report(stage, "convert fp32", 1, 1)
         seconds["convert_fp32"] = time.perf_counter() - started
         started = time.perf_counter()
         crops = calibration_crops(
@@ -182,7 +182,7 @@ def calibration_crops(
         except ValueError:
             continue  # counted as skipped when features were extracted
         yield model_sized(image, SIZES[level])
-        _report(stage, "calibrate int8", done, len(chosen))
+        report(stage, "calibrate int8", done, len(chosen))
 
 
 def train(
@@ -202,23 +202,21 @@ def train(
     level = parse_base(base)
     seconds = {}
     started = time.perf_counter()
-    _report(stage, "backbone", 0, 1)
+    report(stage, "backbone", 0, 1)
     extractor = Extractor(level, cache)
-    _report(stage, "backbone", 1, 1)
+    report(stage, "backbone", 1, 1)
     seconds["backbone"] = time.perf_counter() - started
     views = (
         (CENTRE, *(View(n, seed) for n in range(1, AUGMENT_VIEWS + 1))) if augment else (CENTRE,)
     )
     started = time.perf_counter()
-    found = extractor.extract(
-        list(data.items), views, lambda d, t: _report(stage, "features", d, t)
-    )
+    found = extractor.extract(list(data.items), views, lambda d, t: report(stage, "features", d, t))
     held_out = None
     if validation is not None:
         _same_labels(data.labels, validation)
         checked = extractor.extract(
             list(validation.items),
-            progress=lambda d, t: _report(stage, "features (validation)", d, t),
+            progress=lambda d, t: report(stage, "features (validation)", d, t),
         )
         held_out = (checked.features, checked.targets)
     seconds["features"] = time.perf_counter() - started
@@ -229,7 +227,7 @@ def train(
         found.targets,
         len(data.labels),
         held_out,
-        lambda d, t: _report(stage, "train head", d, t),
+        lambda d, t: report(stage, "train head", d, t),
     )
     seconds["train_head"] = time.perf_counter() - started
     model = TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
@@ -268,11 +266,11 @@ def _robust(
         why = "not tried without a validation split (the heads are compared on it)"
         return model.head, {"chosen": "plain", "why": why, "trials": []}
     crops = calibration_crops(model.level, model.train_data, model.calibration)
-    _report(stage, "int8 backbone", 0, 1)
+    report(stage, "int8 backbone", 0, 1)
     quantized = Extractor(
         model.level, model.extractor.root, backbone=int8_backbone(model.extractor, crops)
     )
-    _report(stage, "int8 backbone", 1, 1)
+    report(stage, "int8 backbone", 1, 1)
     return choose(
         model.head,
         found,
@@ -305,12 +303,12 @@ def _fine_tune(
     stage: Stage | None,
 ) -> Tuned:
     net = efficientnet(model.level, pretrained=True)
-    _report(stage, "fine-tune: activations", 0, 1)
+    report(stage, "fine-tune: activations", 0, 1)
     inputs, targets = activations(net, model.extractor, list(model.train_data.items), views)
     held_out = None
     if validation is not None:
         held_out = activations(net, model.extractor, list(validation.items), (CENTRE,))
-    _report(stage, "fine-tune: activations", 1, 1)
+    report(stage, "fine-tune: activations", 1, 1)
     return fine_tune(
         net,
         model.head,
@@ -319,7 +317,7 @@ def _fine_tune(
         epochs,
         seed,
         held_out,
-        lambda e, t, _loss: _report(stage, "fine-tune", e, t),
+        lambda e, t, _loss: report(stage, "fine-tune", e, t),
     )
 
 
@@ -338,8 +336,3 @@ def _same_labels(labels: tuple[str, ...], data: Dataset) -> None:
         raise UserError(
             f"the data's classes {list(data.labels)} differ from the model's {list(labels)}"
         )
-
-
-def _report(stage: Stage | None, name: str, done: int, total: int) -> None:
-    if stage is not None:
-        stage(name, done, total)

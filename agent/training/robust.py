@@ -34,9 +34,9 @@ from edgefleet.training.convert import quantize_int8
 from edgefleet.training.features import NOISY, Extractor, FeatureSet, View
 from edgefleet.training.gates import MIN_AGREEMENT
 from edgefleet.training.head import Head, train_head
+from edgefleet.training.progress import Stage, step_of
 
 Items = list[tuple[Path, int]]
-Progress = Callable[[str, int, int], None]  # (stage name, done, total)
 
 
 class FeatureSource(Protocol):
@@ -114,13 +114,16 @@ def choose(
     validation_items: Items,
     views: tuple[View, ...],
     extractors: tuple[FeatureSource, FeatureSource],
-    stage: Progress | None = None,
+    stage: Stage | None = None,
 ) -> tuple[Head, dict[str, Any]]:
     """The plain head, or the robust one where it keeps the int8 file's answers better
     (module docstring); with ``{"chosen", "why", "trials"}`` for the report."""
     floats, ints = extractors
     val_f = floats.extract(validation_items)
-    val_q = ints.extract(validation_items, progress=_step(stage, "int8 features (validation)"))
+    if not len(val_f.targets):
+        why = "not tried: no validation photo could be read (the heads are compared on them)"
+        return plain, {"chosen": "plain", "why": why, "trials": []}
+    val_q = ints.extract(validation_items, progress=step_of(stage, "int8 features (validation)"))
     first = trial("plain", plain, val_f, val_q)
     if first.agreement >= MIN_AGREEMENT:
         why = (
@@ -128,8 +131,8 @@ def choose(
             f"photos (at least {MIN_AGREEMENT:.0%}): the robust head was not needed"
         )
         return plain, {"chosen": "plain", "why": why, "trials": [first.as_dict()]}
-    q = ints.extract(train_items, views, _step(stage, "int8 features"))
-    n = floats.extract(train_items, (NOISY,), _step(stage, "noisy features"))
+    q = ints.extract(train_items, views, step_of(stage, "int8 features"))
+    n = floats.extract(train_items, (NOISY,), step_of(stage, "noisy features"))
     val_n = floats.extract(validation_items, (NOISY,))
     robust = train_head(
         np.concatenate([fit.features, q.features, n.features]),
@@ -139,7 +142,7 @@ def choose(
             np.concatenate([val_f.features, val_q.features, val_n.features]),
             np.concatenate([val_f.targets, val_q.targets, val_n.targets]),
         ),
-        _step(stage, "train robust head"),
+        step_of(stage, "train robust head"),
     )
     robust.fit["fitted_on"] = plain.fit["fitted_on"]
     robust.fit["rows_per_photo"] = 3
@@ -159,13 +162,3 @@ def choose(
         f"{second.int8:.1%} against {first.int8:.1%})"
     )
     return plain, {"chosen": "plain", "why": why, "trials": trials}
-
-
-def _step(stage: Progress | None, name: str) -> Callable[[int, int], None] | None:
-    if stage is None:
-        return None
-
-    def progress(done: int, total: int) -> None:
-        stage(name, done, total)
-
-    return progress

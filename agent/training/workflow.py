@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,8 @@ from edgefleet.inference.classifier import sha256_file
 from edgefleet.training.dataset import Dataset, image_folder
 from edgefleet.training.evaluate import predict_file, score
 from edgefleet.training.gates import judge
-from edgefleet.training.model import Calibration, Stage, train
+from edgefleet.training.model import Calibration, train
+from edgefleet.training.progress import Stage, step_of
 
 REPORT_NAME = "report.json"
 
@@ -132,12 +132,10 @@ def run(plan: Plan, stage: Stage | None = None) -> dict[str, Any]:
 
 def _scores(fp32: Path, int8: Path, test: Dataset, stage: Stage | None) -> dict[str, Any]:
     runs = {
-        kind: predict_file(path, test, progress=_stage_progress(stage, f"test {kind}"))
+        kind: predict_file(path, test, progress=step_of(stage, f"test {kind}"))
         for kind, path in (("fp32", fp32), ("int8", int8))
     }
-    noisy = predict_file(
-        fp32, test, progress=_stage_progress(stage, "test fp32, noise"), noise_seed=0
-    )
+    noisy = predict_file(fp32, test, progress=step_of(stage, "test fp32, noise"), noise_seed=0)
     both = runs["fp32"].predicted, runs["int8"].predicted
     return {
         "fp32": score(test.labels, runs["fp32"].truth, runs["fp32"].predicted).as_dict(),
@@ -161,16 +159,6 @@ def _duplicates(groups: list[list[tuple[Path, str]]]) -> dict[str, Any]:
         "files": sum(len(g) for g in groups),
         "across_classes": [[{"path": str(p), "class": c} for p, c in g] for g in conflicts],
     }
-
-
-def _stage_progress(stage: Stage | None, name: str) -> Callable[[int, int], None] | None:
-    if stage is None:
-        return None
-
-    def progress(done: int, total: int) -> None:
-        stage(name, done, total)
-
-    return progress
 
 
 def deploy_command(model: Path, name: str, version: int) -> str:
