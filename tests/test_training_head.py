@@ -297,7 +297,7 @@ def _choose(seed: int, blur: float) -> tuple[Any, Any, dict[str, Any], np.ndarra
     fit = floats.extract(train_items)
     held = floats.extract(val_items)
     plain = train_head(fit.features, fit.targets, 2, (held.features, held.targets))
-    head, choice = choose(plain, fit, train_items, val_items, (), (floats, ints))
+    head, choice = choose(plain, fit, held, train_items, (), (floats, ints))
     return plain, head, choice, held.features, ints.extract(val_items).features
 
 

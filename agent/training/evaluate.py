@@ -19,6 +19,7 @@ from edgefleet.inference.classifier import Classifier, read_model_info
 from edgefleet.inference.images import decode_image
 from edgefleet.inference.litert import get_runtime
 from edgefleet.training.dataset import Dataset
+from edgefleet.training.features import grey_noise
 
 Progress = Callable[[int, int], None]
 OTHER = -1  # a prediction of a model label that is no class of the folder
@@ -152,8 +153,7 @@ def predict_file(
             skipped.append((image_path, str(exc).removeprefix(f"{image_path}: ")))
         else:
             if noise_seed is not None:
-                step = rng.integers(-1, 2, image.shape)
-                image = np.clip(image.astype(np.int16) + step, 0, 255).astype(np.uint8)
+                image = grey_noise(image, rng)
             truth.append(target)
             predicted.append(int(mapping[int(np.argmax(classifier.classify(image)))]))
         if progress is not None:

@@ -327,13 +327,20 @@ def _npy_bytes(row: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def grey_noise(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``pixels`` (uint8) with +-1 grey level drawn uniformly per value, kept in 0..255."""
+    step = rng.integers(-1, 2, pixels.shape)
+    noisy: np.ndarray = np.clip(pixels.astype(np.int16) + step, 0, 255).astype(np.uint8)
+    return noisy
+
+
 def _add_noise(buffer: np.ndarray, seed: int) -> None:
-    """+-1 grey level, uniformly drawn per value, in the buffer's own units."""
-    step = np.random.default_rng(seed).integers(-1, 2, buffer.shape)
+    """``grey_noise`` in the buffer's own units (raw pixels, or normalised floats)."""
+    rng = np.random.default_rng(seed)
     if buffer.dtype == np.uint8:
-        buffer[...] = np.clip(buffer.astype(np.int16) + step, 0, 255)
+        buffer[...] = grey_noise(buffer, rng)
     else:
-        buffer += (step / STD).astype(buffer.dtype)
+        buffer += (rng.integers(-1, 2, buffer.shape) / STD).astype(buffer.dtype)
 
 
 def _plan(size: int, crop: float | None, given: dict[str, Any]) -> InputPlan:

@@ -47,7 +47,7 @@ from edgefleet.training.features import (
 )
 from edgefleet.training.finetune import Tuned, fine_tune, predict, trunk
 from edgefleet.training.head import Head, train_head
-from edgefleet.training.progress import Stage, report
+from edgefleet.training.progress import Stage, report, step_of
 from edgefleet.training.robust import choose, int8_backbone
 
 AUGMENT_VIEWS = 2  # random crops per training image on top of the centre crop
@@ -210,15 +210,15 @@ def train(
         (CENTRE, *(View(n, seed) for n in range(1, AUGMENT_VIEWS + 1))) if augment else (CENTRE,)
     )
     started = time.perf_counter()
-    found = extractor.extract(list(data.items), views, lambda d, t: report(stage, "features", d, t))
+    found = extractor.extract(list(data.items), views, step_of(stage, "features"))
+    held: FeatureSet | None = None
     held_out = None
     if validation is not None:
         _same_labels(data.labels, validation)
-        checked = extractor.extract(
-            list(validation.items),
-            progress=lambda d, t: report(stage, "features (validation)", d, t),
+        held = extractor.extract(
+            list(validation.items), progress=step_of(stage, "features (validation)")
         )
-        held_out = (checked.features, checked.targets)
+        held_out = (held.features, held.targets)
     seconds["features"] = time.perf_counter() - started
     _enough(data, found.targets)
     started = time.perf_counter()
@@ -227,13 +227,13 @@ def train(
         found.targets,
         len(data.labels),
         held_out,
-        lambda d, t: report(stage, "train head", d, t),
+        step_of(stage, "train head"),
     )
     seconds["train_head"] = time.perf_counter() - started
     model = TrainedModel(level, data.labels, head, extractor, data, found.skipped, seconds)
     model.calibration = calibration
     started = time.perf_counter()
-    model.head, model.choice = _robust(model, found, validation, views, fine_tune_epochs, stage)
+    model.head, model.choice = _robust(model, found, held, views, fine_tune_epochs, stage)
     seconds["robust_head"] = time.perf_counter() - started
     if fine_tune_epochs:
         started = time.perf_counter()
@@ -253,16 +253,17 @@ def train(
 def _robust(
     model: TrainedModel,
     found: FeatureSet,
-    validation: Dataset | None,
+    held: FeatureSet | None,
     views: tuple[View, ...],
     fine_tune_epochs: int,
     stage: Stage | None,
 ) -> tuple[Head, dict[str, Any]]:
-    """The head to keep, plain or robust (``robust.choose``), and why."""
+    """The head to keep, plain or robust (``robust.choose``), and why; ``held``: the
+    validation photos' float features, as the plain head was checked on them."""
     if fine_tune_epochs:
         why = "not tried with --fine-tune (the tuned block is not the int8 backbone's)"
         return model.head, {"chosen": "plain", "why": why, "trials": []}
-    if validation is None or not len(validation):
+    if held is None:
         why = "not tried without a validation split (the heads are compared on it)"
         return model.head, {"chosen": "plain", "why": why, "trials": []}
     crops = calibration_crops(model.level, model.train_data, model.calibration)
@@ -274,8 +275,8 @@ def _robust(
     return choose(
         model.head,
         found,
+        held,
         list(model.train_data.items),
-        list(validation.items),
         views,
         (model.extractor, quantized),
         stage,

@@ -110,17 +110,18 @@ def trial(variant: str, head: Head, fp32: FeatureSet, int8: FeatureSet) -> Trial
 def choose(
     plain: Head,
     fit: FeatureSet,
+    val_f: FeatureSet,
     train_items: Items,
-    validation_items: Items,
     views: tuple[View, ...],
     extractors: tuple[FeatureSource, FeatureSource],
     stage: Stage | None = None,
 ) -> tuple[Head, dict[str, Any]]:
     """The plain head, or the robust one where it keeps the int8 file's answers better
-    (module docstring); with ``{"chosen", "why", "trials"}`` for the report."""
+    (module docstring); with ``{"chosen", "why", "trials"}`` for the report. ``fit`` and
+    ``val_f``: the float features the plain head was fitted and checked on (centre views)."""
     floats, ints = extractors
-    val_f = floats.extract(validation_items)
-    if not len(val_f.targets):
+    validation_items = [(path, int(t)) for path, t in zip(val_f.paths, val_f.targets, strict=True)]
+    if not validation_items:
         why = "not tried: no validation photo could be read (the heads are compared on them)"
         return plain, {"chosen": "plain", "why": why, "trials": []}
     val_q = ints.extract(validation_items, progress=step_of(stage, "int8 features (validation)"))
