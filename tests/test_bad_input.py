@@ -274,3 +274,22 @@ def test_bad_shadow_options_name_the_option(args: list[str], message: str) -> No
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["collect", "--broker", "mqtt://127.0.0.1:9"],
+        ["rollout", "status", "--broker", "mqtt://127.0.0.1:9"],
+        ["simulate", "--devices", "1", "--broker", "mqtt://127.0.0.1:9"],
+        ["top", "--broker", "mqtt://127.0.0.1:9", "--once"],
+    ],
+)
+def test_every_fleet_command_reads_its_login_alike(command: list[str], tmp_path: Path) -> None:
+    """The login flags are declared and read in one place: the same flags, the same error."""
+    missing = tmp_path / "no-such.secret"
+    proc = _run(*command, "--username", "op", "--password-file", str(missing), "--ca", "ca.pem")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"error: --password-file {missing}: No such file or directory" in last, proc.stderr

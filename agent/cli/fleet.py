@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.cli.args import label_rule, positive_float, read_secret
+from edgefleet.cli.login import add_login_arguments, login_from
 from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
 
@@ -23,7 +24,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     from edgefleet.collector import Collector, CollectorSettings, SampleSettings
     from edgefleet.dashboard import FleetView
 
-    password = read_secret(args.password_file)
+    login = login_from(args)
     samples_dir = Path(args.samples)
     if not samples_dir.parent.is_dir():
         raise UserError(f"--samples {samples_dir}: folder {samples_dir.parent} does not exist")
@@ -33,11 +34,11 @@ def cmd_collect(args: argparse.Namespace) -> int:
         prefix=args.prefix,
         protocol=args.protocol,
         share_group=args.share_group or None,
-        username=args.username,
-        password=password,
-        ca=args.ca,
-        cert=args.cert,
-        key=args.key,
+        username=login.username,
+        password=login.password,
+        ca=login.ca,
+        cert=login.cert,
+        key=login.key,
         samples=SampleSettings(samples_dir, args.samples_max_age_days, args.samples_max_mib),
     )
     if args.alert_label and args.alert_webhook is None:
@@ -227,11 +228,7 @@ def add_fleet_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
         default="edgefleet-collectors",
         help="MQTT 5 shared-subscription group ('' to disable)",
     )
-    collect.add_argument("--username")
-    collect.add_argument("--password-file")
-    collect.add_argument("--ca", type=Path)
-    collect.add_argument("--cert", type=Path)
-    collect.add_argument("--key", type=Path)
+    add_login_arguments(collect, who="the collector's", client_cert=True)
     collect.add_argument("--print", action="store_true", help="print predictions as they come")
     kept = collect.add_argument_group("samples (docs/flywheel.md)")
     kept.add_argument(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import edgefleet.cli.args as argtypes
+from edgefleet.cli.login import add_login_arguments, login_from
 from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX, KIND_PATTERN, Rollout
 
@@ -50,7 +51,8 @@ def _operator(args: argparse.Namespace) -> Broker:
         url = from_env or DEFAULT_BROKER
         origin = f"${BROKER_ENV}" if from_env else f"the default; --broker or ${BROKER_ENV} sets it"
         print(f"broker: {url} ({origin})", file=sys.stderr)
-    return Broker(url, args.username, argtypes.read_secret(args.password_file), args.ca)
+    login = login_from(args)
+    return Broker(url, login.username, login.password, login.ca)
 
 
 # -- publish ----------------------------------------------------------------------------------
@@ -373,9 +375,7 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
         f"(default: ${BROKER_ENV}, else {DEFAULT_BROKER})",
     )
     common.add_argument("--prefix", default=DEFAULT_PREFIX, help="topic prefix")
-    common.add_argument("--username", help="the operator's broker user")
-    common.add_argument("--password-file", help="file holding the operator's password")
-    common.add_argument("--ca", type=Path, help="CA bundle for mqtts://")
+    add_login_arguments(common, who="the operator's")
     pub = rsub.add_parser(
         "publish", parents=[common], help="chunk, sign, publish and watch", formatter_class=fmt
     )
@@ -384,13 +384,7 @@ def add_rollout_commands(sub: Subparsers[argparse.ArgumentParser]) -> None:
     pub.add_argument(
         "--version", required=True, type=argtypes.version, help="release version (>= 1)"
     )
-    pub.add_argument(
-        "--target",
-        required=True,
-        action="append",
-        type=argtypes.target,
-        help="device:ID, group:NAME or fleet (repeatable)",
-    )
+    _add_target_argument(pub, "device:ID, group:NAME or fleet (repeatable)")
     _add_key_arguments(pub)
     pub.add_argument("--variant", action="append", help="KIND=FILE, e.g. edgetpu=m_edgetpu.tflite")
     pub.add_argument(
@@ -477,6 +471,13 @@ def _add_shadow_arguments(pub: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_target_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The devices a signed message is for: publish and decide check targets alike."""
+    parser.add_argument(
+        "--target", required=True, action="append", type=argtypes.target, help=help_text
+    )
+
+
 def _add_decision_commands(
     rsub: Subparsers[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
@@ -487,12 +488,6 @@ def _add_decision_commands(
             help=f"{action} a candidate in its shadow phase (signed, like a release)",
         )
         decide.add_argument("rollout_id", help="the rollout id `rollout publish` printed")
-        decide.add_argument(
-            "--target",
-            required=True,
-            action="append",
-            type=argtypes.target,
-            help="device:ID or group:NAME (repeatable)",
-        )
+        _add_target_argument(decide, "device:ID or group:NAME (repeatable)")
         _add_key_arguments(decide)
         decide.set_defaults(func=cmd_rollout_decide, action=action)

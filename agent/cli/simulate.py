@@ -9,6 +9,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import edgefleet.cli.args as argtypes
+from edgefleet.cli.login import add_login_arguments, login_from
 from edgefleet.protocol import DEFAULT_PREFIX
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def _line(sim: Simulator) -> None:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from edgefleet.simulator import Simulator, settings_from
 
+    login = login_from(args)
     settings = settings_from(
         args.broker,
         devices=args.devices,
@@ -48,9 +50,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         connect_rate=args.connect_rate,
         mqtt5=args.protocol == "5",
         seed=args.seed,
-        username=args.username,
-        password=argtypes.read_secret(args.password_file),
-        ca=str(args.ca) if args.ca else None,
+        username=login.username,
+        password=login.password,
+        ca=str(login.ca) if login.ca else None,
         ack_from_s=args.ack_from,
     )
     sim = Simulator(settings)
@@ -131,8 +133,6 @@ def add_simulate_command(sub: Subparsers[argparse.ArgumentParser]) -> None:
         help="count ack latencies from this many seconds after the start (skip the warm-up)",
     )
     sim.add_argument("--seed", type=argtypes.int_between(0), default=0)
-    sim.add_argument("--username")
-    sim.add_argument("--password-file")
-    sim.add_argument("--ca", help="CA bundle for mqtts://")
+    add_login_arguments(sim, who="the simulated devices'")
     sim.add_argument("--pretty", action="store_true", help="indent the final JSON summary")
     sim.set_defaults(func=cmd_simulate)

@@ -13,10 +13,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgefleet.cli.args import positive_float, read_secret
+from edgefleet.cli.login import add_login_arguments, login_from
 from edgefleet.errors import UserError
 from edgefleet.protocol import DEFAULT_PREFIX
 
@@ -134,13 +134,14 @@ def cmd_top(args: argparse.Namespace) -> int:
         from edgefleet.operator import FleetWatcher
 
         view = FleetView()
+        login = login_from(args)
         watcher = FleetWatcher(
             args.broker,
             view,
             prefix=args.prefix,
-            username=args.username,
-            password=read_secret(args.password_file),
-            ca=args.ca,
+            username=login.username,
+            password=login.password,
+            ca=login.ca,
         )
         watcher.start()
         if not watcher.wait_connected(10):
@@ -185,9 +186,7 @@ def add_top_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     where.add_argument("--collector", help="read a collector's dashboard (http://host:port)")
     top.add_argument("--token-file", help="the collector dashboard's token")
     top.add_argument("--prefix", default=DEFAULT_PREFIX)
-    top.add_argument("--username")
-    top.add_argument("--password-file")
-    top.add_argument("--ca", type=Path, help="CA bundle for mqtts://")
+    add_login_arguments(top, who="the watcher's")
     top.add_argument("--state", help="only devices in this state (online, stale, offline...)")
     top.add_argument("--group", help="only devices of this group")
     top.add_argument("--sort", choices=["worst", *SORTS], default="worst")
