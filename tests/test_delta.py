@@ -412,3 +412,39 @@ def test_a_large_download_asks_for_a_window_of_chunks_at_a_time(tmp_path: Path) 
     assert link.most == WINDOW
     assert set(link.qos.values()) == {0}  # retained, hashed, asked again: no QoS 1 needed
     assert link.held == set()  # every chunk topic given back
+
+
+def test_publish_asks_the_broker_for_shared_chunks_only_when_it_has_some_and_not_for_long(
+    broker: Broker, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fixed-chunk release has nothing to reuse: no lookup (it cost 1.5 s a publish); a
+    content-defined one looks, and the look ends once the broker has gone quiet."""
+    import time
+
+    from edgefleet.factory import factory_model_path
+    from edgefleet.operator.releases import SHARED_LOOKUP_QUIET_S
+    from edgefleet.rollout.release import DEFAULT_CHUNK
+
+    model = factory_model_path()
+    fixed, fixed_blobs = build_release(
+        {"cpu": model}, "fixed", 1, keys[0], "release", 3600, chunk_size=DEFAULT_CHUNK
+    )
+    cdc, cdc_blobs = build_release({"cpu": model}, "cdc", 1, keys[0], "release", 3600)
+    with Operator(broker.url) as operator:
+        looks: list[tuple[str, float | None]] = []
+        collect = operator.collect
+
+        def recording(topic: str, seconds: float, quiet_s: float | None = None) -> dict[str, bytes]:
+            looks.append((topic, quiet_s))
+            return collect(topic, seconds, quiet_s)
+
+        monkeypatch.setattr(operator, "collect", recording)
+        publish_release(operator, fixed, fixed_blobs, ["device:dev-1"])
+        assert looks == []
+        publish_release(operator, cdc, cdc_blobs, ["device:dev-1"])
+        assert looks == [(TOPICS.every_release(), SHARED_LOOKUP_QUIET_S)]
+        started = time.monotonic()
+        found = collect(TOPICS.every_release(), 60.0, quiet_s=SHARED_LOOKUP_QUIET_S)
+        assert time.monotonic() - started < 30  # ended by the quiet, not by the 60 s
+        assert set(found) == {TOPICS.release("fixed", 1), TOPICS.release("cdc", 1)}
+        assert shared_chunks_in(published_releases(operator)) == set(cdc.variants[0].chunks)

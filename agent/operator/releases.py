@@ -42,6 +42,11 @@ from edgefleet.rollout.release import (
 )
 
 SESSION_TAKEN_OVER = 0x8E  # MQTT 5 DISCONNECT reason: a login with the same client id
+COLLECT_STEP_S = 0.02  # how often a collect looks whether the broker went quiet
+RELEASES_WAIT_S = 1.5  # the longest a look for the retained release indexes takes
+# Which shared chunks the broker holds, at publish: done once it sent nothing for this long
+# after the SUBACK (its retained messages come in one burst; a late one costs a resend).
+SHARED_LOOKUP_QUIET_S = 0.3
 
 
 class Broker:
@@ -58,6 +63,8 @@ class Broker:
         random.shuffle(brokers)  # several brokers of one cluster: any that answers
         self.messages: dict[str, bytes] = {}
         self._lock = threading.Lock()
+        self._heard_at = 0.0  # monotonic time of the last message or SUBACK
+        self._subacked: set[int] = set()
         self.username = username
         # Set when the broker closed this session because another client logged in with the
         # same identity (the shipped broker makes the user name the client id).
@@ -94,6 +101,7 @@ class Broker:
         if tls:
             client.tls_set(ca_certs=str(ca) if ca else None)
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect(self, host: str, port: int) -> str | None:
@@ -131,14 +139,32 @@ class Broker:
     def _on_message(self, _c: Any, _u: Any, msg: mqtt.MQTTMessage) -> None:
         with self._lock:
             self.messages[msg.topic] = bytes(msg.payload)
+            self._heard_at = time.monotonic()
+
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, _rc: Any, _p: Any) -> None:
+        with self._lock:
+            self._subacked.add(mid)
+            self._heard_at = time.monotonic()
 
     def publish(self, topic: str, payload: bytes, retain: bool = True) -> mqtt.MQTTMessageInfo:
         return self.client.publish(topic, payload, qos=1, retain=retain)
 
-    def collect(self, topic: str, seconds: float) -> dict[str, bytes]:
-        """Retained messages under ``topic`` (a filter), gathered for ``seconds``."""
-        self.client.subscribe(topic, qos=1)
-        time.sleep(seconds)
+    def collect(self, topic: str, seconds: float, quiet_s: float | None = None) -> dict[str, bytes]:
+        """Retained messages under ``topic`` (a filter), gathered for ``seconds``.
+
+        With ``quiet_s``: done sooner, once the broker acknowledged the subscription and sent
+        nothing for that long. Retained messages come in one burst after the SUBACK, but MQTT
+        never says the burst is over, so only a lookup whose miss costs bytes, not safety,
+        may end early (which shared chunks are on the broker: one missed is sent again).
+        """
+        _, mid = self.client.subscribe(topic, qos=1)
+        deadline = time.monotonic() + seconds
+        while (now := time.monotonic()) < deadline:
+            if quiet_s is not None:
+                with self._lock:
+                    if mid in self._subacked and now - self._heard_at >= quiet_s:
+                        break
+            time.sleep(min(COLLECT_STEP_S, deadline - now))
         self.check()
         self.client.unsubscribe(topic)
         with self._lock:
@@ -319,7 +345,10 @@ def publish_release(
     """
     infos = []
     topics = FleetTopics(prefix)
-    there = shared_chunks_in(published_releases(broker, prefix))
+    there: set[str] = set()
+    if any(variant.cdc is not None for variant in manifest.variants):
+        # Fixed chunks have their release's own topics: nothing on the broker to reuse.
+        there = shared_chunks_in(published_releases(broker, prefix, SHARED_LOOKUP_QUIET_S))
     for variant in manifest.variants:
         for index, (digest, piece) in enumerate(pieces(variant, blobs[variant.kind])):
             if variant.cdc is None:
@@ -394,10 +423,17 @@ def clear_release(
     return len(chunks), len(stale)
 
 
-def published_releases(broker: Broker, prefix: str = DEFAULT_PREFIX) -> dict[str, Manifest]:
-    """Every release index retained on the broker, by topic (unreadable ones left out)."""
+def published_releases(
+    broker: Broker, prefix: str = DEFAULT_PREFIX, quiet_s: float | None = None
+) -> dict[str, Manifest]:
+    """Every release index retained on the broker, by topic (unreadable ones left out).
+
+    ``quiet_s`` (see ``Broker.collect``) only where a release missed costs bytes: never for
+    ``clear_release``, which would delete the chunks a missed release still uses.
+    """
     found = {}
-    for topic, payload in broker.collect(FleetTopics(prefix).every_release(), 1.5).items():
+    topic_filter = FleetTopics(prefix).every_release()
+    for topic, payload in broker.collect(topic_filter, RELEASES_WAIT_S, quiet_s).items():
         with contextlib.suppress(ValueError):  # ValidationError is a ValueError
             found[topic] = Manifest.model_validate(loads(payload))
     return found
